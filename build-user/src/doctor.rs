@@ -1,0 +1,185 @@
+//! Can this machine confine a build? Each check is one line with a verdict and, on
+//! failure, what to do. `run` makes the same checks before it starts anything.
+
+use std::{os::fd::AsRawFd as _, time::Duration};
+
+use buildcage_common::{BuildPolicy, Op};
+
+use crate::{
+    btf::KernelBtf,
+    cgroup::{self, BuildCgroup},
+    event::{Clock, Record},
+    loader::Confinement,
+    sysfs,
+};
+
+/// `AF_UNIX`, `AF_INET` from include/linux/socket.h.
+pub const AF_UNIX: u32 = 1;
+const AF_INET: i32 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    /// What was found; on failure, the error with its `hint:` line.
+    pub detail: String,
+}
+
+impl Check {
+    fn pass(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name,
+            ok: true,
+            detail: detail.into(),
+        }
+    }
+
+    fn fail(name: &'static str, err: impl std::fmt::Display) -> Self {
+        Self {
+            name,
+            ok: false,
+            detail: err.to_string(),
+        }
+    }
+}
+
+/// All checks, in order. The last one loads the real programs into a scratch
+/// build and watches the kernel refuse a socket: the only proof that counts.
+pub fn run_checks() -> Vec<Check> {
+    let mut checks = Vec::new();
+    let root = nix::unistd::geteuid().is_root();
+    checks.push(if root {
+        Check::pass("root", "running as root")
+    } else {
+        Check::fail(
+            "root",
+            "buildcage needs root to create cgroups and load BPF programs\nhint: run it with sudo",
+        )
+    });
+    checks.push(match sysfs::require_bpf_lsm() {
+        Ok(lsms) => Check::pass("bpf-lsm", format!("active LSMs: {}", lsms.join(","))),
+        Err(e) => Check::fail("bpf-lsm", e),
+    });
+    let offsets = KernelBtf::from_sys_fs().and_then(|btf| btf.offsets());
+    checks.push(match &offsets {
+        Ok(o) => Check::pass(
+            "btf",
+            format!(
+                "kernel BTF: task_struct.real_parent at {}, tgid at {}",
+                o.task_real_parent, o.task_tgid
+            ),
+        ),
+        Err(e) => Check::fail("btf", e),
+    });
+    let cgroot = cgroup::mount_point();
+    checks.push(match &cgroot {
+        Ok(p) => Check::pass("cgroup2", format!("cgroup v2 mounted at {}", p.display())),
+        Err(e) => Check::fail("cgroup2", e),
+    });
+    let bpffs = sysfs::bpffs();
+    checks.push(match &bpffs {
+        Ok(p) => Check::pass("bpffs", format!("bpffs mounted at {}", p.display())),
+        Err(e) => Check::fail("bpffs", e),
+    });
+    checks.push(match (root, offsets, cgroot, bpffs) {
+        (true, Ok(offsets), Ok(cgroot), Ok(bpffs)) if checks.iter().all(|c| c.ok) => {
+            match enforcement_probe(&cgroot, offsets, &bpffs) {
+                Ok(detail) => Check::pass("enforce", detail),
+                Err(e) => Check::fail("enforce", e),
+            }
+        }
+        _ => Check::fail(
+            "enforce",
+            "not tried: a check above failed\nhint: fix the failures above, then run `buildcage doctor` again",
+        ),
+    });
+    checks
+}
+
+/// Loads the programs for a scratch build, makes a child in it try
+/// `socket(AF_INET)`, and requires EPERM plus the matching event.
+fn enforcement_probe(
+    cgroot: &std::path::Path,
+    offsets: buildcage_common::Offsets,
+    bpffs: &std::path::Path,
+) -> anyhow::Result<String> {
+    let name = format!("doctor-{}", std::process::id());
+    let cg = BuildCgroup::create(cgroot, &name)?;
+    let result = probe_in(&cg, offsets, bpffs);
+    let killed = cg.kill_all(Duration::from_secs(5));
+    let removed = cg.remove();
+    let detail = result?;
+    killed?;
+    removed?;
+    Ok(detail)
+}
+
+fn probe_in(
+    cg: &BuildCgroup,
+    offsets: buildcage_common::Offsets,
+    bpffs: &std::path::Path,
+) -> anyhow::Result<String> {
+    let policy = BuildPolicy {
+        socket_families: 1 << AF_UNIX,
+        flags: 0,
+        _pad: 0,
+    };
+    let mut confinement = Confinement::attach(cg, policy, offsets, bpffs)?;
+    let mut events = confinement.take_events()?;
+    let procs = cg.procs_for_writing()?;
+    // SAFETY: doctor runs before any other thread exists; the child only makes raw
+    // system calls and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls only.
+        unsafe {
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(100);
+            }
+            let fd = libc::socket(AF_INET, libc::SOCK_STREAM, 0);
+            let code = if fd >= 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::_exit(code);
+        }
+    }
+    anyhow::ensure!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let code = libc::WEXITSTATUS(status);
+    let clock = Clock::now();
+    let mut event = None;
+    while let Some(item) = events.next() {
+        let record = Record::decode(&item, "doctor", &clock)?;
+        if record.op == Op::Socket && i32::try_from(record.pid).ok() == Some(pid) {
+            event = Some(record);
+        }
+    }
+    let released = confinement.release();
+    anyhow::ensure!(
+        code != 100,
+        "could not move a process into the scratch cgroup {}",
+        cg.path().display()
+    );
+    anyhow::ensure!(
+        code == libc::EPERM,
+        "the programs loaded and attached, but socket(AF_INET) in the scratch build {}\nhint: BPF LSM does not enforce here; check `cat /sys/kernel/security/lsm` lists bpf",
+        if code == 0 {
+            "succeeded".to_owned()
+        } else {
+            format!("failed with errno {code}, not EPERM")
+        }
+    );
+    let event = event.ok_or_else(|| {
+        anyhow::anyhow!("socket(AF_INET) was refused, but no event arrived\nhint: please report this")
+    })?;
+    released?;
+    Ok(format!(
+        "socket(AF_INET) in a scratch build got EPERM; event: {} pid {}",
+        event.what(),
+        event.pid
+    ))
+}

@@ -1,0 +1,285 @@
+//! Decoding kernel events into records that printers can show.
+
+use std::time::{Duration, SystemTime};
+
+use buildcage_common::{Action, Event, Op, event::EVENT_FLAG_NO_PPID};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event of {got} bytes, expected {want}: the kernel programs and this binary disagree")]
+    Size { got: usize, want: usize },
+    #[error("event with unknown op {0}")]
+    Op(u32),
+    #[error("event with unknown action {0}")]
+    Action(u32),
+}
+
+/// One decision, as printed and as written to `--events` (one JSON object a line).
+/// The field names are a stable interface: add fields, never rename them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Record {
+    /// Wall-clock time of the decision, RFC 3339 with nanoseconds, UTC.
+    pub time: String,
+    /// The build's name (`--name`).
+    pub build: String,
+    /// Process id (thread group id) of the offender.
+    pub pid: u32,
+    /// Thread id, when it differs from `pid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tid: Option<u32>,
+    /// Parent's process id; absent when the kernel could not read it.
+    pub ppid: Option<u32>,
+    pub uid: u32,
+    pub comm: String,
+    pub op: Op,
+    pub action: Action,
+    /// Socket family, as `inet`, `inet6`, `netlink`... (`socket` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    /// Socket type, as `stream`, `dgram`, `raw`... (`socket` only).
+    #[serde(skip_serializing_if = "Option::is_none", rename = "type")]
+    pub sock_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
+    /// The bpf(2) command number (`bpf` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<u32>,
+    /// The file the operation named (file operations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// Turns the kernel's boot-time clock into wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Wall-clock time at boot-time zero.
+    epoch_at_boot: SystemTime,
+}
+
+impl Clock {
+    /// Reads CLOCK_BOOTTIME and CLOCK_REALTIME back to back.
+    pub fn now() -> Self {
+        let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(Duration::from)
+            .unwrap_or_default();
+        let now = SystemTime::now();
+        Self {
+            epoch_at_boot: now.checked_sub(boot).unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    pub fn wall(&self, boot_ns: u64) -> SystemTime {
+        self.epoch_at_boot + Duration::from_nanos(boot_ns)
+    }
+}
+
+impl Record {
+    pub fn decode(bytes: &[u8], build: &str, clock: &Clock) -> Result<Self, EventError> {
+        let want = size_of::<Event>();
+        if bytes.len() < want {
+            return Err(EventError::Size {
+                got: bytes.len(),
+                want,
+            });
+        }
+        // SAFETY: Event is Pod (plain integers, no padding) and the length is checked;
+        // ring buffer records are 8-byte aligned but read_unaligned does not care.
+        let event: Event = unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() };
+        Self::from_event(&event, build, clock)
+    }
+
+    pub fn from_event(event: &Event, build: &str, clock: &Clock) -> Result<Self, EventError> {
+        let op = Op::try_from(event.op).map_err(EventError::Op)?;
+        let action = Action::try_from(event.action).map_err(EventError::Action)?;
+        let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
+        let comm = String::from_utf8_lossy(&event.comm[..comm_len]).into_owned();
+        let (family, sock_type, protocol, cmd) = match op {
+            Op::Socket => (
+                Some(family_name(event.family)),
+                Some(sock_type_name(event.sock_type)),
+                Some(event.protocol),
+                None,
+            ),
+            Op::Bpf => (None, None, None, Some(event.sock_type)),
+        };
+        Ok(Self {
+            time: humantime::format_rfc3339_nanos(clock.wall(event.time_ns)).to_string(),
+            build: build.to_owned(),
+            pid: event.tgid,
+            tid: (event.pid != event.tgid).then_some(event.pid),
+            ppid: (event.flags & EVENT_FLAG_NO_PPID == 0).then_some(event.ppid),
+            uid: event.uid,
+            comm,
+            op,
+            action,
+            family,
+            sock_type,
+            protocol,
+            cmd,
+            path: None,
+        })
+    }
+
+    /// What the operation was, as shown to a person: `socket(inet6, stream)`.
+    pub fn what(&self) -> String {
+        match self.op {
+            Op::Socket => format!(
+                "socket({}, {})",
+                self.family.as_deref().unwrap_or("?"),
+                self.sock_type.as_deref().unwrap_or("?")
+            ),
+            Op::Bpf => format!("bpf(cmd {})", self.cmd.unwrap_or(0)),
+        }
+    }
+}
+
+/// `AF_*` names, from include/linux/socket.h.
+pub fn family_name(family: u32) -> String {
+    let name = match family {
+        0 => "unspec",
+        1 => "unix",
+        2 => "inet",
+        3 => "ax25",
+        4 => "ipx",
+        5 => "appletalk",
+        6 => "netrom",
+        7 => "bridge",
+        8 => "atmpvc",
+        9 => "x25",
+        10 => "inet6",
+        11 => "rose",
+        12 => "decnet",
+        13 => "netbeui",
+        14 => "security",
+        15 => "key",
+        16 => "netlink",
+        17 => "packet",
+        18 => "ash",
+        19 => "econet",
+        20 => "atmsvc",
+        21 => "rds",
+        22 => "sna",
+        23 => "irda",
+        24 => "pppox",
+        25 => "wanpipe",
+        26 => "llc",
+        27 => "ib",
+        28 => "mpls",
+        29 => "can",
+        30 => "tipc",
+        31 => "bluetooth",
+        32 => "iucv",
+        33 => "rxrpc",
+        34 => "isdn",
+        35 => "phonet",
+        36 => "ieee802154",
+        37 => "caif",
+        38 => "alg",
+        39 => "nfc",
+        40 => "vsock",
+        41 => "kcm",
+        42 => "qipcrtr",
+        43 => "smc",
+        44 => "xdp",
+        45 => "mctp",
+        other => return format!("af{other}"),
+    };
+    name.to_owned()
+}
+
+/// Parses a family name as `family_name` writes it (for policies).
+pub fn family_number(name: &str) -> Option<u32> {
+    (0..64).find(|&n| family_name(n) == name)
+}
+
+/// `SOCK_*` names, from include/linux/net.h.
+pub fn sock_type_name(sock_type: u32) -> String {
+    let name = match sock_type {
+        1 => "stream",
+        2 => "dgram",
+        3 => "raw",
+        4 => "rdm",
+        5 => "seqpacket",
+        6 => "dccp",
+        10 => "packet",
+        other => return format!("type{other}"),
+    };
+    name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(op: Op, action: Action) -> Event {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        Event {
+            time_ns: 1_500_000_000,
+            build: 42,
+            pid: 4243,
+            tgid: 4242,
+            ppid: 4000,
+            uid: 0,
+            op: op as u32,
+            action: action as u32,
+            flags: 0,
+            family: 10,
+            sock_type: 1,
+            protocol: 0,
+            comm,
+        }
+    }
+
+    #[test]
+    fn socket_event_as_json() {
+        let clock = Clock {
+            epoch_at_boot: SystemTime::UNIX_EPOCH,
+        };
+        let rec = Record::from_event(&event(Op::Socket, Action::Deny), "hello", &clock)
+            .expect("decode");
+        assert_eq!(rec.what(), "socket(inet6, stream)");
+        let json = serde_json::to_value(&rec).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "time": "1970-01-01T00:00:01.500000000Z",
+                "build": "hello",
+                "pid": 4242,
+                "tid": 4243,
+                "ppid": 4000,
+                "uid": 0,
+                "comm": "curl",
+                "op": "socket",
+                "action": "deny",
+                "family": "inet6",
+                "type": "stream",
+                "protocol": 0,
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_are_errors() {
+        let clock = Clock::now();
+        let mut e = event(Op::Socket, Action::Deny);
+        e.op = 99;
+        assert_eq!(
+            Record::from_event(&e, "b", &clock).unwrap_err().to_string(),
+            "event with unknown op 99"
+        );
+        let mut e = event(Op::Socket, Action::Deny);
+        e.action = 0;
+        assert!(Record::from_event(&e, "b", &clock).is_err());
+        assert!(Record::decode(&[0u8; 8], "b", &clock).is_err());
+    }
+
+    #[test]
+    fn family_names_round_trip() {
+        for n in [1, 2, 10, 16, 17, 40] {
+            assert_eq!(family_number(&family_name(n)), Some(n));
+        }
+        assert_eq!(family_number("nope"), None);
+    }
+}

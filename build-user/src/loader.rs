@@ -1,0 +1,253 @@
+//! Loading the kernel programs, attaching them to a build's cgroup, and pinning them.
+//!
+//! Each build gets its own instance of the programs and maps: its own ring buffer,
+//! so concurrent builds never read each other's events, and `BPF_LSM_CGROUP`
+//! attachment to its own cgroup, so that processes outside every build never run a
+//! single instruction of ours. The programs still look the policy up by cgroup id,
+//! so one instance can serve many builds when a daemon owns them.
+//!
+//! The links are pinned in bpffs: if buildcage dies, the kernel keeps the build
+//! confined (fail closed) until the pins are removed.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
+    programs::{LsmCgroup, links::FdLink},
+    util::nr_cpus,
+};
+use buildcage_common::{BuildPolicy, BuildStats, Offsets};
+
+use crate::{btf::BtfError, cgroup::BuildCgroup};
+
+/// The object file built from build-ebpf by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/buildcage"));
+
+/// Where buildcage pins its links, below the bpffs mount.
+pub const PIN_DIR: &str = "buildcage";
+
+/// The programs, with the LSM hook each is attached to.
+pub const HOOKS: &[(&str, &str)] = &[("socket_create", "socket_create"), ("bpf", "bpf")];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("cannot parse kernel BTF for attaching LSM programs: {0}\nhint: buildcage needs CONFIG_DEBUG_INFO_BTF=y")]
+    AyaBtf(#[source] aya::BtfError),
+    #[error("cannot create the maps of the kernel programs: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("the kernel refused to load the LSM program `{program}` (EPERM): {source}\nhint: this kernel does not allow BPF trampoline programs (BPF LSM, fentry, fexit), not even to root. Boot a kernel with CONFIG_BPF_LSM=y, CONFIG_BPF_JIT=y and `bpf` in lsm=, or run `cargo xtask demo`, which uses a VM")]
+    LoadPermission {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("the kernel refused the LSM program `{program}`: {source}\nhint: run `buildcage doctor` to see what this kernel lacks")]
+    Load {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot attach `{program}` to cgroup {cgroup}: {source}\nhint: BPF_LSM_CGROUP needs Linux 6.0 or newer")]
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot pin `{program}` at {path}: {source}\nhint: buildcage pins its programs so that a build stays confined if it dies; mount bpffs with `mount -t bpf bpf /sys/fs/bpf`")]
+    Pin {
+        program: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot write the policy of build {build} into the kernel: {source}")]
+    Map {
+        build: u64,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("the kernel object lacks {0}: this binary is broken")]
+    Missing(&'static str),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A loaded, attached and pinned instance of the programs for one build.
+#[derive(Debug)]
+pub struct Confinement {
+    ebpf: Ebpf,
+    build: u64,
+    pins: Vec<PathBuf>,
+    pin_dir: PathBuf,
+}
+
+impl Confinement {
+    /// Loads the programs for `cgroup`, registers `policy` for it, attaches and pins.
+    /// When this returns Ok, every process that enters the cgroup is confined.
+    pub fn attach(
+        cgroup: &BuildCgroup,
+        policy: BuildPolicy,
+        offsets: Offsets,
+        bpffs: &Path,
+    ) -> Result<Self, LoadError> {
+        let level = cgroup.level();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("BUILD_LEVEL", &level, true)
+            .override_global("OFFSETS", &offsets, true)
+            .load(OBJECT)
+            .map_err(LoadError::Object)?;
+        let build = cgroup.id();
+
+        // The policy goes in before any program is attached: a program that finds
+        // no policy denies.
+        {
+            let map = ebpf.map_mut("BUILDS").ok_or(LoadError::Missing("map BUILDS"))?;
+            let mut builds: HashMap<_, u64, BuildPolicy> =
+                HashMap::try_from(map).map_err(|source| LoadError::Map { build, source })?;
+            builds
+                .insert(build, policy, 0)
+                .map_err(|source| LoadError::Map { build, source })?;
+        }
+        {
+            let cpus = nr_cpus().map_err(|(_, e)| LoadError::Io {
+                action: "cannot count",
+                path: PathBuf::from("/sys/devices/system/cpu/possible"),
+                source: e,
+            })?;
+            let map = ebpf.map_mut("STATS").ok_or(LoadError::Missing("map STATS"))?;
+            let mut stats: PerCpuHashMap<_, u64, BuildStats> =
+                PerCpuHashMap::try_from(map).map_err(|source| LoadError::Map { build, source })?;
+            let zero = PerCpuValues::try_from(vec![BuildStats::default(); cpus])
+                .map_err(|e| LoadError::Io {
+                    action: "cannot size per-CPU counters for",
+                    path: PathBuf::from("STATS"),
+                    source: e,
+                })?;
+            stats
+                .insert(build, zero, 0)
+                .map_err(|source| LoadError::Map { build, source })?;
+        }
+
+        let btf = Btf::from_sys_fs().map_err(LoadError::AyaBtf)?;
+        let pin_dir = bpffs.join(PIN_DIR).join(build.to_string());
+        fs::create_dir_all(&pin_dir).map_err(|source| LoadError::Io {
+            action: "cannot create",
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let mut this = Self {
+            ebpf,
+            build,
+            pins: Vec::new(),
+            pin_dir,
+        };
+        let dir = cgroup.dir().map_err(|e| LoadError::Io {
+            action: "cannot open",
+            path: cgroup.path().to_owned(),
+            source: io::Error::other(e),
+        })?;
+        for &(program, hook) in HOOKS {
+            let prog: &mut LsmCgroup = this
+                .ebpf
+                .program_mut(program)
+                .ok_or(LoadError::Missing(program))?
+                .try_into()
+                .map_err(|source| LoadError::Load { program, source })?;
+            prog.load(hook, &btf).map_err(|source| load_error(program, source))?;
+            let link_id = prog.attach(&dir).map_err(|source| LoadError::Attach {
+                program,
+                cgroup: cgroup.path().to_owned(),
+                source,
+            })?;
+            let link = prog
+                .take_link(link_id)
+                .map_err(|source| LoadError::Load { program, source })?;
+            let path = this.pin_dir.join(program);
+            let _ = fs::remove_file(&path);
+            // Dropping the PinnedLink closes our fd; the pin keeps the link alive.
+            FdLink::from(link)
+                .pin(&path)
+                .map_err(|source| LoadError::Pin {
+                    program,
+                    path: path.clone(),
+                    source,
+                })?;
+            this.pins.push(path);
+        }
+        Ok(this)
+    }
+
+    /// The build's cgroup id.
+    pub fn build(&self) -> u64 {
+        self.build
+    }
+
+    /// Takes the ring buffer out, for the event reader.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(LoadError::Missing("map EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| LoadError::Map {
+            build: self.build,
+            source,
+        })
+    }
+
+    /// The build's counters, added up over CPUs.
+    pub fn stats(&self) -> Result<BuildStats, LoadError> {
+        let build = self.build;
+        let map = self.ebpf.map("STATS").ok_or(LoadError::Missing("map STATS"))?;
+        let stats: PerCpuHashMap<_, u64, BuildStats> =
+            PerCpuHashMap::try_from(map).map_err(|source| LoadError::Map { build, source })?;
+        let per_cpu = stats
+            .get(&build, 0)
+            .map_err(|source| LoadError::Map { build, source })?;
+        Ok(per_cpu.iter().fold(BuildStats::default(), |acc, s| BuildStats {
+            denials: acc.denials + s.denials,
+            lost: acc.lost + s.lost,
+            errors: acc.errors + s.errors,
+        }))
+    }
+
+    /// Removes the pins, so the programs detach once this instance is dropped.
+    /// Call only once the build's cgroup is empty.
+    pub fn release(self) -> Result<(), LoadError> {
+        for path in &self.pins {
+            fs::remove_file(path).map_err(|source| LoadError::Io {
+                action: "cannot unpin",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let _ = fs::remove_dir(&self.pin_dir);
+        Ok(())
+    }
+}
+
+fn load_error(program: &'static str, source: aya::programs::ProgramError) -> LoadError {
+    let eperm = match &source {
+        aya::programs::ProgramError::LoadError { io_error, .. } => {
+            io_error.raw_os_error() == Some(libc::EPERM)
+        }
+        aya::programs::ProgramError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::EPERM),
+        _ => false,
+    };
+    if eperm {
+        LoadError::LoadPermission { program, source }
+    } else {
+        LoadError::Load { program, source }
+    }
+}

@@ -1,0 +1,51 @@
+//! `buildcage`: run a package build confined by BPF LSM.
+//!
+//! stdout is the confined command's alone; buildcage writes only to stderr, and
+//! to the events file. Errors end with a `hint:` line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Debug, Parser)]
+#[command(name = "buildcage", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command confined: no network, no writes outside the build tree.
+    Run(cmd::run::RunArgs),
+    /// Check whether this machine can confine builds, and say what to fix.
+    Doctor(cmd::doctor::DoctorArgs),
+}
+
+/// Exit status when buildcage itself fails before or around the command.
+const EXIT_BUILDCAGE_FAILED: u8 = 125;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BUILDCAGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => cmd::run::exec(args),
+        Command::Doctor(args) => cmd::doctor::exec(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("buildcage: error: {err:#}");
+            ExitCode::from(EXIT_BUILDCAGE_FAILED)
+        }
+    }
+}

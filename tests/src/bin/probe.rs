@@ -1,0 +1,143 @@
+//! The hostile half of the integration tests: a program that runs inside a build
+//! and tries things, printing one line per attempt with the errno the kernel gave.
+//!
+//! probe socket FAMILY TYPE [FAMILY TYPE]...   socket(2), e.g. `inet stream`
+//! probe socketpair                            socketpair(AF_UNIX, SOCK_STREAM)
+//! probe pid                                   prints its own pid
+//! probe daemon OUT                            double-forks; the grandchild tries
+//!                                             socket(AF_INET), writes "PID RESULT"
+//!                                             to OUT, and sleeps for an hour
+#![expect(clippy::print_stdout, reason = "the probe's results are its stdout")]
+
+use std::{io::Write as _, process::ExitCode};
+
+fn errno_name(errno: i32) -> String {
+    match errno {
+        0 => "OK".to_owned(),
+        libc::EPERM => "EPERM".to_owned(),
+        libc::EACCES => "EACCES".to_owned(),
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT".to_owned(),
+        libc::EPROTONOSUPPORT => "EPROTONOSUPPORT".to_owned(),
+        other => format!("errno{other}"),
+    }
+}
+
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+}
+
+fn family(name: &str) -> Option<i32> {
+    Some(match name {
+        "unix" => libc::AF_UNIX,
+        "inet" => libc::AF_INET,
+        "inet6" => libc::AF_INET6,
+        "packet" => libc::AF_PACKET,
+        "netlink" => libc::AF_NETLINK,
+        "vsock" => libc::AF_VSOCK,
+        "alg" => libc::AF_ALG,
+        _ => return None,
+    })
+}
+
+fn sock_type(name: &str) -> Option<i32> {
+    Some(match name {
+        "stream" => libc::SOCK_STREAM,
+        "dgram" => libc::SOCK_DGRAM,
+        "raw" => libc::SOCK_RAW,
+        "seqpacket" => libc::SOCK_SEQPACKET,
+        _ => return None,
+    })
+}
+
+/// socket(2), returning "OK" or the errno's name.
+fn try_socket(fam: i32, ty: i32) -> String {
+    // SAFETY: plain system calls on values we own.
+    unsafe {
+        let fd = libc::socket(fam, ty | libc::SOCK_CLOEXEC, 0);
+        if fd >= 0 {
+            libc::close(fd);
+            "OK".to_owned()
+        } else {
+            errno_name(last_errno())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("socket") => {
+            for pair in args[1..].chunks(2) {
+                let [f, t] = pair else {
+                    eprintln!("probe: socket takes FAMILY TYPE pairs");
+                    return ExitCode::from(2);
+                };
+                let (Some(fam), Some(ty)) = (family(f), sock_type(t)) else {
+                    eprintln!("probe: unknown family or type {f} {t}");
+                    return ExitCode::from(2);
+                };
+                println!("socket {f} {t} {}", try_socket(fam, ty));
+            }
+        }
+        Some("socketpair") => {
+            let mut fds = [0; 2];
+            // SAFETY: fds has room for two descriptors.
+            let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+            println!("socketpair {}", if rc == 0 { "OK".to_owned() } else { errno_name(last_errno()) });
+        }
+        Some("pid") => println!("{}", std::process::id()),
+        Some("daemon") => {
+            let Some(out) = args.get(1) else {
+                eprintln!("probe: daemon OUT");
+                return ExitCode::from(2);
+            };
+            return daemon(out);
+        }
+        _ => {
+            eprintln!("probe: usage: probe socket|socketpair|pid|daemon ...");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The classic double fork of a daemon, so that the survivor is reparented away
+/// from the build's process tree. The parent returns only once the grandchild
+/// has written its report, so the test can't race it.
+fn daemon(out: &str) -> ExitCode {
+    let mut pipe = [0; 2];
+    // SAFETY: fork/setsid/pipe in a single-threaded program; the children use
+    // only simple calls before exiting or sleeping.
+    unsafe {
+        if libc::pipe(pipe.as_mut_ptr()) != 0 {
+            return ExitCode::from(3);
+        }
+        match libc::fork() {
+            -1 => return ExitCode::from(3),
+            0 => {
+                libc::setsid();
+                match libc::fork() {
+                    -1 => libc::_exit(3),
+                    0 => {
+                        let result = try_socket(libc::AF_INET, libc::SOCK_STREAM);
+                        let line = format!("{} {}\n", std::process::id(), result);
+                        if let Ok(mut f) = std::fs::File::create(out) {
+                            let _ = f.write_all(line.as_bytes());
+                        }
+                        libc::write(pipe[1], b"x".as_ptr().cast(), 1);
+                        libc::sleep(3600);
+                        libc::_exit(0);
+                    }
+                    _ => libc::_exit(0),
+                }
+            }
+            child => {
+                let mut status = 0;
+                libc::waitpid(child, &mut status, 0);
+                let mut b = [0u8; 1];
+                libc::read(pipe[0], b.as_mut_ptr().cast(), 1);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,85 @@
+//! Developer tasks for buildcage: `cargo xtask setup | vm | vm-test | demo`.
+//!
+//! xtask only orchestrates external tools (apt, rustup, cargo, qemu, virtiofsd);
+//! its output is meant for a human or a CI log, hence the crate-wide allowance.
+#![expect(clippy::print_stdout, reason = "xtask is a CLI whose job is to report to the terminal")]
+
+mod demo;
+mod kernels;
+mod setup;
+mod util;
+mod vm;
+mod vm_test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::kernels::KernelSel;
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "buildcage developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what the build, the tests and the test VMs need (idempotent, quiet when done).
+    Setup,
+    /// Boot a test kernel in QEMU and run a command as root in it, over a read-only view of the host.
+    Vm {
+        /// Which kernel to boot.
+        #[arg(long, value_enum, default_value = "6.12")]
+        kernel: vm::KernelArg,
+        /// Seconds the command may run in the guest before it is killed.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Working directory in the guest (default: the current directory).
+        #[arg(long)]
+        cwd: Option<PathBuf>,
+        /// Command and arguments to run in the guest.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Build the integration tests and run them as root inside each test kernel.
+    VmTest(vm_test::Args),
+    /// Show buildcage denying a "configure" step its network access.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Vm { kernel, timeout, cwd, argv } => {
+            let cwd = match cwd {
+                Some(dir) => std::path::absolute(dir)?,
+                None => std::env::current_dir()?,
+            };
+            let status = vm::run_in_vm(
+                KernelSel::from(kernel),
+                &cwd,
+                &argv,
+                &[],
+                Duration::from_secs(timeout),
+            )?;
+            Ok(util::exit_code(status))
+        }
+        Cmd::VmTest(args) => vm_test::run(&args),
+        Cmd::Demo => demo::run(),
+    }
+}

@@ -1,0 +1,1 @@
+pub(crate) fn run() -> anyhow::Result<std::process::ExitCode> { anyhow::bail!("wip") }

@@ -1,0 +1,437 @@
+//! Runs a command as root in a QEMU guest booted on a test kernel.
+//!
+//! The guest's root is the host's root, exported read-only by virtiofsd from a private mount
+//! namespace and covered in the guest by an overlay on tmpfs: the guest sees the workspace,
+//! toolchains and build outputs at their host paths, and nothing it does reaches the host.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::kernels::{self, KernelSel};
+use crate::util::{cache_dir, is_root, shell_quote, shell_quote_path};
+
+/// Printed by the guest's stage 2 with the command's exit status, right before power-off.
+const EXIT_MARKER: &str = "BUILDCAGE-VM-EXIT=";
+/// Printed by either stage when the guest cannot be set up.
+const INIT_FAILED_MARKER: &str = "BUILDCAGE-VM-INIT-FAILED:";
+/// Time allowed on top of the command's own timeout for boot and power-off under TCG.
+const BOOT_MARGIN: Duration = Duration::from_secs(180);
+const GUEST_MEMORY: &str = "2G";
+/// Every LSM the Debian kernels build, with bpf, which they build but don't enable by default.
+const LSM_LIST: &str = "lockdown,capability,landlock,yama,apparmor,bpf";
+
+/// `--kernel` values of the CLI.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum KernelArg {
+    #[value(name = "6.12")]
+    V6_12,
+    #[value(name = "6.1")]
+    V6_1,
+}
+
+impl From<KernelArg> for KernelSel {
+    fn from(arg: KernelArg) -> Self {
+        match arg {
+            KernelArg::V6_12 => Self::V6_12,
+            KernelArg::V6_1 => Self::V6_1,
+        }
+    }
+}
+
+/// Boots `kernel`, runs `argv` as root in `cwd` with `env` added, and returns its exit status.
+/// The guest console streams to stdout as it comes. Fails when the guest could not run the
+/// command to completion (boot failure, panic, hang past `timeout` plus boot time).
+pub(crate) fn run_in_vm(
+    kernel: KernelSel,
+    cwd: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> Result<i32> {
+    run_in_vm_observed(kernel, cwd, argv, env, timeout, &mut |_| {})
+}
+
+/// [`run_in_vm`], also handing each console line to `on_line` (for callers that summarise).
+pub(crate) fn run_in_vm_observed(
+    kernel: KernelSel,
+    cwd: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<i32> {
+    if !is_root() {
+        bail!("the test VM needs root (virtiofsd exports / from a private mount namespace)");
+    }
+    let virtiofsd = Virtiofsd::find()?;
+    let kernel = kernels::prepare(kernel)?;
+    let runs = cache_dir()?.join("runs");
+    remove_stale_runs(&runs);
+
+    let mut guard = RunGuard::new(&runs)?;
+    let run_dir = guard.run_dir.clone();
+    let cwd = std::path::absolute(cwd)?;
+    fs::write(run_dir.join("stage2.sh"), stage2_script(&cwd, argv, env, timeout)?)?;
+
+    // Mounts other than / that the guest needs (the share is not recursive on purpose:
+    // /proc, /sys and /dev of the host have no business in the guest).
+    let mut needed: Vec<PathBuf> = vec![cwd.clone(), run_dir.clone()];
+    needed.extend(
+        argv.iter()
+            .chain(env.iter().map(|(_, v)| v))
+            .filter(|s| s.starts_with('/'))
+            .map(PathBuf::from)
+            .filter(|p| p.exists()),
+    );
+    let submounts = submounts_of(&needed)?;
+
+    let socket = guard.tmp_dir.join("vfs.sock");
+    let share = guard.tmp_dir.join("root");
+    fs::create_dir(&share)?;
+    let vfs_log = guard.tmp_dir.join("virtiofsd.log");
+    guard.virtiofsd = Some(virtiofsd.spawn(&share, &socket, &submounts, &vfs_log)?);
+    wait_for_socket(&socket, &mut guard, &vfs_log)?;
+
+    let cmdline = format!(
+        "console=ttyS0 quiet loglevel=4 panic=-1 norandmaps lsm={LSM_LIST} rdinit=/init \
+         buildcage.run={}",
+        run_dir.to_str().context("run dir is not UTF-8")?
+    );
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "qemu64", "-smp", "2"])
+        .args(["-m", GUEST_MEMORY, "-object"])
+        .arg(format!("memory-backend-memfd,id=mem,size={GUEST_MEMORY},share=on"))
+        .args(["-numa", "node,memdev=mem", "-chardev"])
+        .arg(format!("socket,id=char0,path={}", socket.display()))
+        .args(["-device", "vhost-user-fs-pci,chardev=char0,tag=hostroot"])
+        // No -nographic: it makes SeaBIOS draw on the serial line, escape codes and all.
+        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&kernel.initramfs)
+        .arg("-append")
+        .arg(&cmdline)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    die_with_parent(&mut qemu);
+    let started = Instant::now();
+    let mut child = qemu.spawn().context("cannot start qemu-system-x86_64 (run `cargo xtask setup`)")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    guard.qemu = Some(child);
+
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || forward_console(stdout, &tx));
+
+    let deadline = started + timeout + BOOT_MARGIN;
+    let mut init_failure: Option<String> = None;
+    let status = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                on_line(&line);
+                if let Some(code) = line.trim().strip_prefix(EXIT_MARKER) {
+                    break code.trim().parse::<i32>().with_context(|| format!("bad exit marker {line:?}"))?;
+                }
+                if let Some(why) = line.trim().strip_prefix(INIT_FAILED_MARKER) {
+                    init_failure = Some(why.trim().to_owned());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!(
+                "the {} guest did not finish within {} s (command timeout {} s + boot margin); killed it",
+                kernel.sel.label(),
+                (timeout + BOOT_MARGIN).as_secs(),
+                timeout.as_secs()
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let qemu_status = guard.qemu.as_mut().map(Child::wait).transpose()?;
+                let how = qemu_status.map_or_else(|| "?".to_owned(), |s| s.to_string());
+                return Err(match init_failure {
+                    Some(why) => anyhow!("the {} guest could not start the command: {why}", kernel.sel.label()),
+                    None => anyhow!(
+                        "the {} guest ({}) stopped without reporting an exit status (qemu {how}): \
+                         kernel panic or broken init, see the console output above{}",
+                        kernel.sel.label(),
+                        kernel.release,
+                        virtiofsd_tail(&vfs_log)
+                    ),
+                });
+            }
+        }
+    };
+    // The guest powers itself off right after the marker; give it a moment, then force it.
+    let power_off_by = Instant::now() + Duration::from_secs(15);
+    if let Some(qemu) = guard.qemu.as_mut() {
+        while qemu.try_wait()?.is_none() && Instant::now() < power_off_by {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    eprintln!(
+        "xtask: {} guest ({}) ran the command in {:.1} s, exit status {status}",
+        kernel.sel.label(),
+        kernel.release,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(status)
+}
+
+/// Copies the guest console to stdout as it arrives (so test output shows live) and sends each
+/// complete line to the caller. Serial line ends are CRLF; the CRs are dropped for logs. What
+/// follows the exit marker is power-off noise and is not shown.
+fn forward_console(mut from: impl std::io::Read, lines: &mpsc::Sender<String>) {
+    let mut buf = [0u8; 8192];
+    let mut line = Vec::new();
+    let mut muted = false;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut shown = Vec::with_capacity(n);
+        for &b in buf.iter().take(n).filter(|&&b| b != b'\r') {
+            if !muted {
+                shown.push(b);
+            }
+            if b == b'\n' {
+                let text = String::from_utf8_lossy(&line).into_owned();
+                muted |= text.trim_start().starts_with(EXIT_MARKER);
+                let _ignored = lines.send(text);
+                line.clear();
+            } else {
+                line.push(b);
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        // Console output is best effort: a closed stdout must not stop the marker detection.
+        let _ignored = out.write_all(&shown).and_then(|()| out.flush());
+    }
+    if !line.is_empty() {
+        let _ignored = lines.send(String::from_utf8_lossy(&line).into_owned());
+    }
+}
+
+/// Stage 2, PID 1 of the guest after switch_root: the usual mounts, then the command.
+fn stage2_script(cwd: &Path, argv: &[String], env: &[(String, String)], timeout: Duration) -> Result<String> {
+    let mut s = String::from(
+        r#"#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+fail() {
+    echo "BUILDCAGE-VM-INIT-FAILED: $*"
+    echo o > /proc/sysrq-trigger
+    sleep 10
+    exit 1
+}
+mount -t proc proc /proc || fail "mount proc"
+mount -t sysfs sysfs /sys || fail "mount sysfs"
+mount -t devtmpfs devtmpfs /dev || fail "mount devtmpfs"
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts || fail "mount devpts"
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm || fail "mount /dev/shm"
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "mount cgroup2"
+mount -t securityfs securityfs /sys/kernel/security || fail "mount securityfs"
+mount -t bpf bpf /sys/fs/bpf || fail "mount bpffs"
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t tmpfs -o mode=0755 tmpfs /run || fail "mount /run"
+ip link set lo up 2>/dev/null || busybox ip link set lo up || fail "bring up lo"
+"#,
+    );
+    // A tmpfs /tmp would hide a working directory that lives in the host's /tmp.
+    if !cwd.starts_with("/tmp") {
+        s.push_str("mount -t tmpfs -o mode=1777 tmpfs /tmp || fail \"mount /tmp\"\n");
+    }
+    for (key, value) in env {
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            bail!("bad environment variable name {key:?}");
+        }
+        writeln!(s, "export {key}={}", shell_quote(value))?;
+    }
+    let cwd_q = shell_quote_path(cwd)?;
+    writeln!(s, "cd {cwd_q} || fail \"no directory {}\"", cwd.display())?;
+    let words: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
+    writeln!(s, "set -- {}", words.join(" "))?;
+    let secs = timeout.as_secs();
+    writeln!(
+        s,
+        r#"timeout -k 10 {secs} "$@" </dev/null
+status=$?
+[ "$status" -eq 124 ] && echo "xtask: the command timed out after {secs} s"
+echo "BUILDCAGE-VM-EXIT=$status"
+echo o > /proc/sysrq-trigger
+sleep 10
+busybox poweroff -f"#
+    )?;
+    Ok(s)
+}
+
+/// Mount points (other than /) under which the given paths live, outermost first.
+fn submounts_of(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut mounts = BTreeSet::new();
+    for path in paths {
+        let out = Command::new("findmnt")
+            .args(["-n", "-o", "TARGET", "-T"])
+            .arg(path)
+            .output()
+            .context("cannot run findmnt")?;
+        let target = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if out.status.success() && !target.is_empty() && target != "/" {
+            mounts.insert(PathBuf::from(target));
+        }
+    }
+    let mut mounts: Vec<PathBuf> = mounts.into_iter().collect();
+    mounts.sort_by_key(|m| m.components().count());
+    Ok(mounts)
+}
+
+/// The C virtiofsd of qemu ≤ 7 (Debian 12) or the Rust one packaged separately later.
+#[derive(Debug)]
+enum Virtiofsd {
+    C(PathBuf),
+    Rust(PathBuf),
+}
+
+impl Virtiofsd {
+    fn find() -> Result<Self> {
+        for c in ["/usr/lib/qemu/virtiofsd"] {
+            if Path::new(c).is_file() {
+                return Ok(Self::C(c.into()));
+            }
+        }
+        for r in ["/usr/libexec/virtiofsd", "/usr/lib/virtiofsd"] {
+            if Path::new(r).is_file() {
+                return Ok(Self::Rust(r.into()));
+            }
+        }
+        bail!("no virtiofsd found (Debian 12 ships it in qemu-system-x86: run `cargo xtask setup`)")
+    }
+
+    /// Starts virtiofsd in a private mount namespace holding a read-only bind of / at `share`
+    /// (plus `submounts`); the mounts vanish with the namespace when virtiofsd exits, on any path.
+    fn spawn(&self, share: &Path, socket: &Path, submounts: &[PathBuf], log: &Path) -> Result<Child> {
+        let share_q = shell_quote_path(share)?;
+        let mut script = format!(
+            "set -e\nmount --bind / {share_q}\nmount -o remount,bind,ro {share_q}\n"
+        );
+        for m in submounts {
+            let target = shell_quote_path(&share.join(m.strip_prefix("/")?))?;
+            let m_q = shell_quote_path(m)?;
+            writeln!(script, "mount --bind {m_q} {target}\nmount -o remount,bind,ro {target}")?;
+        }
+        let sock_q = shell_quote_path(socket)?;
+        match self {
+            Self::C(bin) => writeln!(
+                script,
+                "exec {} --socket-path={sock_q} -o source={share_q} -o cache=always -o sandbox=chroot",
+                shell_quote_path(bin)?
+            )?,
+            Self::Rust(bin) => writeln!(
+                script,
+                "exec {} --socket-path={sock_q} --shared-dir={share_q} --cache=always --sandbox=chroot",
+                shell_quote_path(bin)?
+            )?,
+        }
+        let log_file = fs::File::create(log)?;
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        die_with_parent(&mut cmd);
+        cmd.spawn().context("cannot start virtiofsd (via unshare)")
+    }
+}
+
+fn wait_for_socket(socket: &Path, guard: &mut RunGuard, log: &Path) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(vfs) = guard.virtiofsd.as_mut()
+            && let Some(status) = vfs.try_wait()?
+        {
+            bail!("virtiofsd exited ({status}) before serving{}", virtiofsd_tail(log));
+        }
+        if Instant::now() > until {
+            bail!("virtiofsd did not create {} within 10 s{}", socket.display(), virtiofsd_tail(log));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn virtiofsd_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines.get(lines.len().saturating_sub(10)..).unwrap_or_default();
+    if tail.is_empty() { String::new() } else { format!("\nvirtiofsd said:\n{}", tail.join("\n")) }
+}
+
+/// Children die with xtask even if it is SIGKILLed, so a killed CI job leaves no guest behind.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no Rust state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Owns everything a run creates; dropping it (on every path) kills the guest and virtiofsd
+/// and removes the run's directories.
+#[derive(Debug)]
+struct RunGuard {
+    /// Under the cache, so the guest sees it through the share: stage 2 lives here.
+    run_dir: PathBuf,
+    /// Host-only: virtiofsd's socket and the mount point of the share.
+    tmp_dir: PathBuf,
+    qemu: Option<Child>,
+    virtiofsd: Option<Child>,
+}
+
+impl RunGuard {
+    fn new(runs: &Path) -> Result<Self> {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let name = format!("{}-{nanos}", std::process::id());
+        let run_dir = runs.join(&name);
+        if run_dir.to_string_lossy().chars().any(char::is_whitespace) {
+            bail!("the cache path {} contains whitespace; set XDG_CACHE_HOME elsewhere", runs.display());
+        }
+        fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+        let tmp_dir = std::env::temp_dir().join(format!("buildcage-vm-{name}"));
+        fs::create_dir_all(&tmp_dir)?;
+        Ok(Self { run_dir, tmp_dir, qemu: None, virtiofsd: None })
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        for child in [self.qemu.as_mut(), self.virtiofsd.as_mut()].into_iter().flatten() {
+            // Already-exited children make kill fail harmlessly; wait reaps them either way.
+            let _ignored = child.kill();
+            let _ignored = child.wait();
+        }
+        let _ignored = fs::remove_dir_all(&self.run_dir);
+        let _ignored = fs::remove_dir_all(&self.tmp_dir);
+    }
+}
+
+/// Run directories of xtask processes that no longer exist (killed before their cleanup).
+fn remove_stale_runs(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let pid = name.to_string_lossy().split('-').next().unwrap_or_default().to_owned();
+        if !pid.is_empty() && !Path::new("/proc").join(&pid).exists() {
+            let _ignored = fs::remove_dir_all(entry.path());
+        }
+    }
+}
