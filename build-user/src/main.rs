@@ -22,6 +22,8 @@ enum Command {
     Run(cmd::run::RunArgs),
     /// Check whether this machine can confine builds, and say what to fix.
     Doctor(cmd::doctor::DoctorArgs),
+    /// Check, show and suggest policies.
+    Policy(cmd::policy::PolicyArgs),
 }
 
 /// Exit status when buildcage itself fails before or around the command.
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => cmd::run::exec(args),
         Command::Doctor(args) => cmd::doctor::exec(&args),
+        Command::Policy(args) => cmd::policy::exec(args),
     };
     match result {
         Ok(code) => code,

@@ -384,3 +384,31 @@ fn is_static_elf(path: &Path) -> Result<bool> {
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_rank_orders_packages_of_one_series() {
+        let v61 = KernelSel::V6_1;
+        assert_eq!(v61.series_rank("linux-image-6.1.0-57-cloud-amd64-unsigned"), Some(57));
+        assert_eq!(v61.series_rank("linux-image-6.1.0-50-cloud-amd64"), Some(50));
+        assert_eq!(v61.series_rank("linux-image-6.1.0-50-cloud-amd64-dbg"), None);
+        assert_eq!(v61.series_rank("linux-image-6.12.113+deb12-cloud-amd64-unsigned"), None);
+        let v612 = KernelSel::V6_12;
+        assert_eq!(v612.series_rank("linux-image-6.12.113+deb12-cloud-amd64-unsigned"), Some(113));
+        assert_eq!(v612.series_rank("linux-image-6.12.107+deb12-cloud-amd64-dbg"), None);
+        assert_eq!(v612.series_rank("linux-image-6.1.0-57-cloud-amd64"), None);
+    }
+
+    #[test]
+    fn module_names_and_depends() {
+        assert_eq!(module_name(Path::new("kernel/fs/fuse/virtiofs.ko.xz")).as_deref(), Some("virtiofs"));
+        assert_eq!(module_name(Path::new("kernel/x/virtio-pci.ko")).as_deref(), Some("virtio_pci"));
+        assert_eq!(module_name(Path::new("modules.dep")), None);
+        let modinfo = b"\0license=GPL\0depends=virtio_ring,virtio-pci-modern-dev\0intree=Y\0";
+        assert_eq!(module_depends(modinfo), ["virtio_ring", "virtio_pci_modern_dev"]);
+        assert!(module_depends(b"\0depends=\0").is_empty());
+    }
+}

@@ -4,6 +4,7 @@
 //! its output is meant for a human or a CI log, hence the crate-wide allowance.
 #![expect(clippy::print_stdout, reason = "xtask is a CLI whose job is to report to the terminal")]
 
+mod cargo;
 mod demo;
 mod kernels;
 mod setup;

@@ -23,8 +23,18 @@ use crate::util::{cache_dir, is_root, shell_quote, shell_quote_path};
 const EXIT_MARKER: &str = "BUILDCAGE-VM-EXIT=";
 /// Printed by either stage when the guest cannot be set up.
 const INIT_FAILED_MARKER: &str = "BUILDCAGE-VM-INIT-FAILED:";
-/// Time allowed on top of the command's own timeout for boot and power-off under TCG.
+/// Time allowed on top of the command's own timeout for boot and power-off under TCG;
+/// `BUILDCAGE_VM_BOOT_MARGIN` (seconds) overrides it, e.g. to check hang detection quickly.
 const BOOT_MARGIN: Duration = Duration::from_secs(180);
+
+fn boot_margin() -> Duration {
+    std::env::var("BUILDCAGE_VM_BOOT_MARGIN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(BOOT_MARGIN, Duration::from_secs)
+}
+/// Guest RAM; it also bounds the tmpfs that takes the guest's writes.
+/// `BUILDCAGE_VM_MEMORY` (a QEMU size such as `4G`) overrides it for write-heavy builds.
 const GUEST_MEMORY: &str = "2G";
 /// Every LSM the Debian kernels build, with bpf, which they build but don't enable by default.
 const LSM_LIST: &str = "lockdown,capability,landlock,yama,apparmor,bpf";
@@ -80,8 +90,6 @@ pub(crate) fn run_in_vm_observed(
     let mut guard = RunGuard::new(&runs)?;
     let run_dir = guard.run_dir.clone();
     let cwd = std::path::absolute(cwd)?;
-    fs::write(run_dir.join("stage2.sh"), stage2_script(&cwd, argv, env, timeout)?)?;
-
     // Mounts other than / that the guest needs (the share is not recursive on purpose:
     // /proc, /sys and /dev of the host have no business in the guest).
     let mut needed: Vec<PathBuf> = vec![cwd.clone(), run_dir.clone()];
@@ -93,6 +101,9 @@ pub(crate) fn run_in_vm_observed(
             .filter(|p| p.exists()),
     );
     let submounts = submounts_of(&needed)?;
+    // A tmpfs on /tmp would hide what the command needs from the host's /tmp.
+    let tmpfs_tmp = !needed.iter().any(|p| p.starts_with("/tmp"));
+    fs::write(run_dir.join("stage2.sh"), stage2_script(&cwd, argv, env, timeout, tmpfs_tmp)?)?;
 
     let socket = guard.tmp_dir.join("vfs.sock");
     let share = guard.tmp_dir.join("root");
@@ -106,10 +117,12 @@ pub(crate) fn run_in_vm_observed(
          buildcage.run={}",
         run_dir.to_str().context("run dir is not UTF-8")?
     );
+    let memory = std::env::var("BUILDCAGE_VM_MEMORY").unwrap_or_else(|_| GUEST_MEMORY.to_owned());
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "qemu64", "-smp", "2"])
-        .args(["-m", GUEST_MEMORY, "-object"])
-        .arg(format!("memory-backend-memfd,id=mem,size={GUEST_MEMORY},share=on"))
+        .args(["-m", &memory, "-object"])
+        // vhost-user needs guest memory the virtiofsd process can map: a shared memfd.
+        .arg(format!("memory-backend-memfd,id=mem,size={memory},share=on"))
         .args(["-numa", "node,memdev=mem", "-chardev"])
         .arg(format!("socket,id=char0,path={}", socket.display()))
         .args(["-device", "vhost-user-fs-pci,chardev=char0,tag=hostroot"])
@@ -130,9 +143,10 @@ pub(crate) fn run_in_vm_observed(
     guard.qemu = Some(child);
 
     let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || forward_console(stdout, &tx));
+    std::thread::spawn(move || forward_console(stdout, std::io::stdout(), &tx));
 
-    let deadline = started + timeout + BOOT_MARGIN;
+    let margin = boot_margin();
+    let deadline = started + timeout + margin;
     let mut init_failure: Option<String> = None;
     let status = loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -149,7 +163,7 @@ pub(crate) fn run_in_vm_observed(
             Err(mpsc::RecvTimeoutError::Timeout) => bail!(
                 "the {} guest did not finish within {} s (command timeout {} s + boot margin); killed it",
                 kernel.sel.label(),
-                (timeout + BOOT_MARGIN).as_secs(),
+                (timeout + margin).as_secs(),
                 timeout.as_secs()
             ),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -159,10 +173,9 @@ pub(crate) fn run_in_vm_observed(
                     Some(why) => anyhow!("the {} guest could not start the command: {why}", kernel.sel.label()),
                     None => anyhow!(
                         "the {} guest ({}) stopped without reporting an exit status (qemu {how}): \
-                         kernel panic or broken init, see the console output above{}",
+                         kernel panic or broken init, see the console output above",
                         kernel.sel.label(),
                         kernel.release,
-                        virtiofsd_tail(&vfs_log)
                     ),
                 });
             }
@@ -185,42 +198,65 @@ pub(crate) fn run_in_vm_observed(
 }
 
 /// Copies the guest console to stdout as it arrives (so test output shows live) and sends each
-/// complete line to the caller. Serial line ends are CRLF; the CRs are dropped for logs. What
-/// follows the exit marker is power-off noise and is not shown.
-fn forward_console(mut from: impl std::io::Read, lines: &mpsc::Sender<String>) {
+/// complete line to the caller. Serial line ends are CRLF; the CRs are dropped for logs. The
+/// kernel's power-off messages and all that follows the exit marker are noise and not shown.
+fn forward_console(mut from: impl std::io::Read, mut to: impl std::io::Write, lines: &mpsc::Sender<String>) {
     let mut buf = [0u8; 8192];
-    let mut line = Vec::new();
+    // The current line, and how much of it was already shown.
+    let mut line: Vec<u8> = Vec::new();
+    let mut shown_upto = 0;
     let mut muted = false;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mut shown = Vec::with_capacity(n);
+        let mut out = Vec::with_capacity(n);
         for &b in buf.iter().take(n).filter(|&&b| b != b'\r') {
-            if !muted {
-                shown.push(b);
+            line.push(b);
+            if b != b'\n' {
+                continue;
             }
-            if b == b'\n' {
-                let text = String::from_utf8_lossy(&line).into_owned();
-                muted |= text.trim_start().starts_with(EXIT_MARKER);
-                let _ignored = lines.send(text);
-                line.clear();
-            } else {
-                line.push(b);
+            let text = String::from_utf8_lossy(line.get(..line.len() - 1).unwrap_or_default()).into_owned();
+            if !muted && !is_power_off_noise(&text) {
+                out.extend_from_slice(line.get(shown_upto..).unwrap_or_default());
             }
+            muted |= text.trim_start().starts_with(EXIT_MARKER);
+            let _ignored = lines.send(text);
+            line.clear();
+            shown_upto = 0;
         }
-        let mut out = std::io::stdout().lock();
+        // A partial line shows at once (libtest prints "test x ... " before the verdict),
+        // except kernel messages, which wait to be filtered as whole lines.
+        if !muted && !line.starts_with(b"[") {
+            out.extend_from_slice(line.get(shown_upto..).unwrap_or_default());
+            shown_upto = line.len();
+        }
         // Console output is best effort: a closed stdout must not stop the marker detection.
-        let _ignored = out.write_all(&shown).and_then(|()| out.flush());
+        let _ignored = to.write_all(&out).and_then(|()| to.flush());
     }
     if !line.is_empty() {
         let _ignored = lines.send(String::from_utf8_lossy(&line).into_owned());
     }
 }
 
+/// `[    8.731464] sysrq: Power Off` and `reboot: Power down`, printed by the guest's
+/// power-off, sometimes before the exit marker has drained from the serial line.
+fn is_power_off_noise(line: &str) -> bool {
+    let Some((_, message)) = line.trim_start().strip_prefix('[').and_then(|rest| rest.split_once("] ")) else {
+        return false;
+    };
+    matches!(message.trim(), "sysrq: Power Off" | "reboot: Power down")
+}
+
 /// Stage 2, PID 1 of the guest after switch_root: the usual mounts, then the command.
-fn stage2_script(cwd: &Path, argv: &[String], env: &[(String, String)], timeout: Duration) -> Result<String> {
+fn stage2_script(
+    cwd: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+    tmpfs_tmp: bool,
+) -> Result<String> {
     let mut s = String::from(
         r#"#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
@@ -244,8 +280,7 @@ mount -t tmpfs -o mode=0755 tmpfs /run || fail "mount /run"
 ip link set lo up 2>/dev/null || busybox ip link set lo up || fail "bring up lo"
 "#,
     );
-    // A tmpfs /tmp would hide a working directory that lives in the host's /tmp.
-    if !cwd.starts_with("/tmp") {
+    if tmpfs_tmp {
         s.push_str("mount -t tmpfs -o mode=1777 tmpfs /tmp || fail \"mount /tmp\"\n");
     }
     for (key, value) in env {
@@ -433,5 +468,46 @@ fn remove_stale_runs(runs: &Path) {
         if !pid.is_empty() && !Path::new("/proc").join(&pid).exists() {
             let _ignored = fs::remove_dir_all(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_off_noise_is_recognised() {
+        assert!(is_power_off_noise("[    8.731464] sysrq: Power Off"));
+        assert!(is_power_off_noise("[   16.0] reboot: Power down"));
+        assert!(!is_power_off_noise("test result: ok. sysrq: Power Off"));
+        assert!(!is_power_off_noise("[    5.6] Kernel panic - not syncing"));
+    }
+
+    #[test]
+    fn console_lines_are_split_and_shown_without_cr() {
+        let (tx, rx) = mpsc::channel();
+        let input: &[u8] = b"a\r\nBUILDCAGE-VM-EXIT=3\r\n[ 1.0] sysrq: Power Off\r\ntail";
+        let mut shown = Vec::new();
+        forward_console(input, &mut shown, &tx);
+        drop(tx);
+        let lines: Vec<String> = rx.iter().collect();
+        assert_eq!(lines, ["a", "BUILDCAGE-VM-EXIT=3", "[ 1.0] sysrq: Power Off", "tail"]);
+        // Nothing after the marker is shown.
+        assert_eq!(String::from_utf8_lossy(&shown), "a\nBUILDCAGE-VM-EXIT=3\n");
+    }
+
+    #[test]
+    fn stage2_quotes_the_command() -> Result<()> {
+        let argv = ["sh".to_owned(), "-c".to_owned(), "echo it's $HOME".to_owned()];
+        let env = [("FOO".to_owned(), "a b".to_owned())];
+        let script = stage2_script(Path::new("/work/x y"), &argv, &env, Duration::from_secs(9), true)?;
+        assert!(script.contains("export FOO='a b'\n"));
+        assert!(script.contains("cd '/work/x y' ||"));
+        assert!(script.contains(r#"set -- sh -c 'echo it'\''s $HOME'"#));
+        assert!(script.contains(r#"timeout -k 10 9 "$@""#));
+        assert!(script.contains("mount -t tmpfs -o mode=1777 tmpfs /tmp"));
+        let bad_env = [("A-B".to_owned(), String::new())];
+        assert!(stage2_script(Path::new("/"), &argv, &bad_env, Duration::from_secs(1), true).is_err());
+        Ok(())
     }
 }

@@ -1,4 +1,5 @@
 //! One module per subcommand.
 
 pub(crate) mod doctor;
+pub(crate) mod policy;
 pub(crate) mod run;

@@ -5,19 +5,21 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use buildcage::{
     cgroup,
-    doctor::AF_UNIX,
+    policy::{self, Vars},
     supervise::{self, RunSpec},
 };
-use buildcage_common::BuildPolicy;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
     /// The build tree, where the command runs and may write [default: current directory]
     #[arg(long, value_name = "DIR")]
     tree: Option<PathBuf>,
-    /// Policy name or file
-    #[arg(long, value_name = "P")]
-    policy: Option<String>,
+    /// Policy name (looked up in $BUILDCAGE_POLICY_PATH, /etc/buildcage/policies, ...) or file
+    #[arg(long, value_name = "P", default_value = "default")]
+    policy: String,
+    /// Define a variable for the policy's paths, e.g. --set WRKDIR=/w/work (repeatable)
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
     /// Another directory the build may write to (repeatable)
     #[arg(long, value_name = "DIR")]
     allow_write: Vec<PathBuf>,
@@ -50,16 +52,19 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let policy = BuildPolicy {
-        socket_families: 1 << AF_UNIX,
-        flags: 0,
-        _pad: 0,
-    };
+    let mut vars = Vars::from_set_args(&args.set)?;
+    if vars.get("TREE").is_none() {
+        vars.set("TREE", tree.display().to_string());
+    }
+    vars.fill_defaults()?;
+    let policy = policy::load(&args.policy, &vars)?;
+    policy.check_roots_exist()?;
+    let compiled = policy.kernel()?;
     let spec = RunSpec {
         name: args.name,
         tree,
         allow_write,
-        policy,
+        policy: compiled,
         events: args.events,
         argv: args.command,
     };

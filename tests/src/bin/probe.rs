@@ -53,7 +53,13 @@ fn sock_type(name: &str) -> Option<i32> {
 fn try_socket(fam: i32, ty: i32) -> String {
     // SAFETY: plain system calls on values we own.
     unsafe {
-        let fd = libc::socket(fam, ty | libc::SOCK_CLOEXEC, 0);
+        // Raw IP sockets need a protocol; everything else takes the default.
+        let protocol = match (fam, ty) {
+            (libc::AF_INET, libc::SOCK_RAW) => libc::IPPROTO_ICMP,
+            (libc::AF_INET6, libc::SOCK_RAW) => libc::IPPROTO_ICMPV6,
+            _ => 0,
+        };
+        let fd = libc::socket(fam, ty | libc::SOCK_CLOEXEC, protocol);
         if fd >= 0 {
             libc::close(fd);
             "OK".to_owned()

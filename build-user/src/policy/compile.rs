@@ -1,0 +1,146 @@
+//! Inheritance: a policy file and its `inherits` chain, merged into one policy.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    Policy,
+    error::{Location, PolicyError},
+    expand::{Undefined, Vars},
+    lookup,
+    model::{Enforcement, Network},
+    parse::{self, Layer},
+};
+
+/// How many files an `inherits` chain may have, the first included: deep enough
+/// for base → site → phase → package, shallow enough to read.
+pub(crate) const MAX_DEPTH: usize = 8;
+
+#[derive(Debug)]
+pub(crate) struct Loader<'a> {
+    pub(crate) vars: &'a Vars,
+    pub(crate) dirs: Vec<PathBuf>,
+    /// `Some`: undefined variables are collected here instead of being errors.
+    pub(crate) free: Option<BTreeSet<String>>,
+}
+
+pub(crate) fn read(path: &Path) -> Result<String, PolicyError> {
+    std::fs::read_to_string(path).map_err(|err| PolicyError::Read {
+        path: path.to_owned(),
+        hint: if err.kind() == std::io::ErrorKind::NotFound {
+            "check the path, or give a policy name to search the policy directories".to_owned()
+        } else {
+            "check that the file is readable UTF-8 text".to_owned()
+        },
+        err,
+    })
+}
+
+/// What identifies a file in a cycle: its canonical path when it exists.
+fn identity(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+impl Loader<'_> {
+    /// Parses `text` (the contents of `file`) and everything it inherits, merged.
+    /// `chain` holds the files already on the way here, for cycle detection.
+    pub(crate) fn resolve(
+        &mut self,
+        text: &str,
+        file: &Path,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Layer, PolicyError> {
+        let layer = {
+            let mut undefined = match &mut self.free {
+                Some(names) => Undefined::Collect(names),
+                None => Undefined::Error,
+            };
+            parse::parse_layer(text, file, self.vars, &mut undefined)?
+        };
+        chain.push(identity(file));
+        let Some((spec, at)) = layer.inherits.clone() else {
+            return Ok(layer);
+        };
+        let near = match file.parent() {
+            Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
+            Some(dir) => dir,
+            None => Path::new("/"),
+        };
+        let parent_file =
+            lookup::find(&spec, Some(near), &self.dirs).map_err(|err| at_inherits(err, &at))?;
+        let id = identity(&parent_file);
+        if chain.contains(&id) {
+            let mut chain = chain.clone();
+            chain.push(id);
+            return Err(PolicyError::Cycle {
+                at: Box::new(at),
+                chain,
+            });
+        }
+        if chain.len() >= MAX_DEPTH {
+            let mut chain = chain.clone();
+            chain.push(id);
+            return Err(PolicyError::TooDeep {
+                at: Box::new(at),
+                chain,
+                max: MAX_DEPTH,
+            });
+        }
+        let parent_text = read(&parent_file).map_err(|err| at_inherits(err, &at))?;
+        let parent = self.resolve(&parent_text, &parent_file, chain)?;
+        Ok(merge(parent, layer))
+    }
+}
+
+/// A lookup or read failure of an inherited policy, pointed at the `inherits` line.
+fn at_inherits(err: PolicyError, at: &Location) -> PolicyError {
+    let text = err.to_string();
+    let (message, hint) = text.rsplit_once("\nhint: ").unwrap_or((&text, ""));
+    PolicyError::Invalid {
+        at: Box::new(at.clone()),
+        message: format!("cannot use `inherits`: {message}"),
+        hint: hint.to_owned(),
+    }
+}
+
+/// The child's scalars win; write roots are the parent's then the child's, a
+/// path given by both keeping the parent's place and the child's mode; families
+/// are the union.
+pub(crate) fn merge(parent: Layer, child: Layer) -> Layer {
+    let mut write = parent.write;
+    for root in child.write {
+        match write.iter_mut().find(|w| w.path == root.path) {
+            Some(existing) => *existing = root,
+            None => write.push(root),
+        }
+    }
+    let mut families = parent.families;
+    families.extend(child.families);
+    families.sort_unstable();
+    families.dedup();
+    Layer {
+        inherits: None,
+        network: child.network.or(parent.network),
+        families,
+        unix_connect: child.unix_connect.or(parent.unix_connect),
+        write,
+        action: child.action.or(parent.action),
+        kill_on_violation: child.kill_on_violation.or(parent.kill_on_violation),
+    }
+}
+
+/// Defaults for what no file in the chain said: the closed choice everywhere.
+pub(crate) fn finish(layer: Layer, name: String, source: PathBuf) -> Policy {
+    Policy {
+        name,
+        source,
+        network: layer.network.unwrap_or(Network::None),
+        families: layer.families,
+        unix_connect: layer.unix_connect.unwrap_or(false),
+        write: layer.write,
+        action: layer.action.unwrap_or(Enforcement::Enforce),
+        kill_on_violation: layer.kill_on_violation.unwrap_or(false),
+    }
+}

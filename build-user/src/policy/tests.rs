@@ -1,0 +1,513 @@
+//! Tests of the policy language as a whole: parsing, errors, inheritance,
+//! variables, output, run-time checks, and every shipped policy.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use super::*;
+
+/// A fresh directory under the system temp dir, unique to this test process.
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("buildcage-policy-{}-{tag}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+fn vars() -> Vars {
+    let mut v = Vars::new();
+    v.set("TREE", "/b/tree")
+        .set("TMPDIR", "/tmp")
+        .set("HOME", "/home/u")
+        .set("DESTDIR", "/b/tree/destdir");
+    v
+}
+
+fn parse(text: &str) -> Result<Policy, PolicyError> {
+    parse_str(text, Path::new("/p/test.toml"), &vars())
+}
+
+fn err(text: &str) -> String {
+    parse(text)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| "parsed without error".to_owned())
+}
+
+fn root(path: &str, mode: Mode, origin: &str) -> WriteRoot {
+    WriteRoot {
+        path: PathBuf::from(path),
+        mode,
+        origin: origin.to_owned(),
+    }
+}
+
+#[test]
+fn parses_every_key() {
+    let p = parse(
+        r#"
+network = "loopback"
+families = ["netlink", "vsock", "netlink"]
+unix_connect = true
+action = "audit"
+kill_on_violation = true
+write = [
+    { path = "${TREE}", mode = "tree" },
+    { path = "/tmp/", mode = "own" },
+    { path = "/dev/null", mode = "device" },
+    { path = "${HOME}/.netrc", mode = "file" },
+]
+"#,
+    )
+    .expect("valid policy");
+    assert_eq!(p.name, "test");
+    assert_eq!(p.source, PathBuf::from("/p/test.toml"));
+    assert_eq!(p.network, Network::Loopback);
+    assert_eq!(p.families, [16, 40]);
+    assert!(p.unix_connect);
+    assert_eq!(p.action, Enforcement::Audit);
+    assert!(p.kill_on_violation);
+    assert_eq!(
+        p.write,
+        [
+            root("/b/tree", Mode::Tree, "${TREE}"),
+            root("/tmp", Mode::Own, "/tmp/"),
+            root("/dev/null", Mode::Device, "/dev/null"),
+            root("/home/u/.netrc", Mode::File, "${HOME}/.netrc"),
+        ]
+    );
+}
+
+#[test]
+fn absent_keys_take_the_closed_defaults() {
+    let p = parse("").expect("empty policy is valid");
+    assert_eq!(p.network, Network::None);
+    assert!(p.families.is_empty() && p.write.is_empty());
+    assert!(!p.unix_connect && !p.kill_on_violation);
+    assert_eq!(p.action, Enforcement::Enforce);
+}
+
+#[test]
+fn unknown_key_names_place_and_suggests() {
+    assert_eq!(
+        err("network = \"none\"\nwrites = []\n"),
+        "/p/test.toml:2:1: unknown key `writes`: expected one of `inherits`, `network`, `families`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  2 | writes = []\n    | ^^^^^^\nhint: did you mean `write`?"
+    );
+    assert_eq!(
+        err("netwrok = \"none\"\n"),
+        "/p/test.toml:1:1: unknown key `netwrok`: expected one of `inherits`, `network`, `families`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  1 | netwrok = \"none\"\n    | ^^^^^^^\nhint: did you mean `network`?"
+    );
+    assert_eq!(
+        err("write = [\n  { path = \"/x\", modes = \"tree\" },\n]\n"),
+        "/p/test.toml:2:18: unknown key `modes` in a `write` entry: expected one of `path`, `mode`\n  2 |   { path = \"/x\", modes = \"tree\" },\n    |                  ^^^^^\nhint: did you mean `mode`?"
+    );
+    assert!(err("path = \"/x\"\n").ends_with(
+        "hint: `path` belongs in a `write` entry: write = [{ path = \"/dir\", mode = \"tree\" }]"
+    ));
+}
+
+#[test]
+fn bad_values_list_what_is_expected() {
+    assert_eq!(
+        err("write = [{ path = \"/tmp\", mode = \"own-files\" }]\n"),
+        "/p/test.toml:1:34: `write[0].mode` cannot be \"own-files\": expected one of `tree`, `own`, `device`, `file`\n  1 | write = [{ path = \"/tmp\", mode = \"own-files\" }]\n    |                                  ^^^^^^^^^^^\nhint: did you mean `write[0].mode = \"own\"`?"
+    );
+    assert_eq!(
+        err("network = \"offline\"\n"),
+        "/p/test.toml:1:11: `network` cannot be \"offline\": expected one of `none`, `loopback`, `allow`\n  1 | network = \"offline\"\n    |           ^^^^^^^^^\nhint: write `network = \"none\"` or another of the values above"
+    );
+    assert!(err("action = \"audt\"\n").ends_with("hint: did you mean `action = \"audit\"`?"));
+    assert_eq!(
+        err("unix_connect = \"yes\"\n"),
+        "/p/test.toml:1:16: invalid type: string \"yes\", expected a boolean\n  1 | unix_connect = \"yes\"\n    |                ^^^^^\nhint: write `true` or `false`, without quotes"
+    );
+    assert!(err("write = [{ path = \"/x\" }]\n").contains("this `write` entry has no `mode`"));
+    assert!(err("network = \n").starts_with("/p/test.toml:1:"));
+}
+
+#[test]
+fn bad_family_names_get_suggestions() {
+    assert_eq!(
+        err("families = [\"netlnk\"]\n"),
+        "/p/test.toml:1:13: \"netlnk\" in `families` is not a Linux address family\n  1 | families = [\"netlnk\"]\n    |             ^^^^^^^^\nhint: did you mean \"netlink\"?"
+    );
+    assert!(
+        err("families = [\"AF_NETLINK\"]\n")
+            .ends_with("hint: write \"netlink\": family names are lowercase, without `AF_`")
+    );
+    assert!(err("families = [\"unspec\"]\n").contains("is not a Linux address family"));
+}
+
+#[test]
+fn variables_expand_or_fail_by_name() {
+    let p = parse("write = [{ path = \"${DESTDIR}/a$$b\", mode = \"tree\" }]\n").expect("valid");
+    assert_eq!(
+        p.write,
+        [root("/b/tree/destdir/a$b", Mode::Tree, "${DESTDIR}/a$$b")]
+    );
+    assert_eq!(
+        err(
+            "write = [\n  { path = \"${TREE}/x\", mode = \"tree\" },\n  { path = \"${WRKDIR}/y\", mode = \"tree\" },\n]\n"
+        ),
+        "/p/test.toml:3:13: undefined variable `${WRKDIR}` in `write[1].path`\n  3 |   { path = \"${WRKDIR}/y\", mode = \"tree\" },\n    |             ^^^^^^^^^\nhint: pass --set WRKDIR=/absolute/dir to define it"
+    );
+    assert!(
+        err("write = [{ path = \"${TRE}\", mode = \"tree\" }]\n").ends_with(
+            "hint: pass --set TRE=/absolute/dir to define it, or did you mean `${TREE}`?"
+        )
+    );
+    assert!(
+        err("write = [{ path = \"$TREE\", mode = \"tree\" }]\n")
+            .contains("`$TREE` in `write[0].path` is not a variable reference")
+    );
+    let mut with_set = vars();
+    with_set
+        .apply_set_args(["WRKDIR=/w/work"])
+        .expect("valid --set");
+    let p = parse_str(
+        "write = [{ path = \"${WRKDIR}\", mode = \"tree\" }]",
+        Path::new("/p/x.toml"),
+        &with_set,
+    )
+    .expect("valid");
+    assert_eq!(p.write[0].path, PathBuf::from("/w/work"));
+}
+
+#[test]
+fn paths_must_be_absolute_without_dotdot() {
+    assert_eq!(
+        err("write = [{ path = \"build/out\", mode = \"tree\" }]\n"),
+        "/p/test.toml:1:19: `write[0].path` = \"build/out\" is not an absolute path\n  1 | write = [{ path = \"build/out\", mode = \"tree\" }]\n    |                   ^^^^^^^^^^^\nhint: start the path with `/`, or with a variable such as `${TREE}`"
+    );
+    assert!(
+        err("write = [{ path = \"${TREE}/../etc\", mode = \"tree\" }]\n").contains(
+            "`write[0].path` = \"${TREE}/../etc\" (expanded: \"/b/tree/../etc\") contains `..`"
+        )
+    );
+    let mut relative = vars();
+    relative.set("TREE", "src");
+    let e = parse_str(
+        "write = [{ path = \"${TREE}\", mode = \"tree\" }]",
+        Path::new("/p/t.toml"),
+        &relative,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        e.contains("\"${TREE}\" (expanded: \"src\") is not an absolute path"),
+        "{e}"
+    );
+    assert!(e.ends_with(
+        "hint: give the variables absolute paths (--set NAME=/dir), or start the path with `/`"
+    ));
+    assert!(
+        err("write = [{ path = \"/x\", mode = \"tree\" }, { path = \"/x\", mode = \"own\" }]")
+            .contains("`write[1].path` names \"/x\" again, as `write[0]` did")
+    );
+}
+
+#[test]
+fn inheritance_overrides_concatenates_and_unions() {
+    let dir = temp_dir("inherit");
+    fs::write(
+        dir.join("base.toml"),
+        "network = \"none\"\nfamilies = [\"netlink\"]\nkill_on_violation = true\nwrite = [\n  { path = \"${TREE}\", mode = \"tree\" },\n  { path = \"/tmp\", mode = \"own\" },\n]\n",
+    )
+    .expect("write base");
+    let child = "inherits = \"base\"\nnetwork = \"loopback\"\nfamilies = [\"vsock\", \"netlink\"]\nwrite = [\n  { path = \"/tmp\", mode = \"tree\" },\n  { path = \"/opt/cache\", mode = \"tree\" },\n]\n";
+    fs::write(dir.join("child.toml"), child).expect("write child");
+    let p = load_file(&dir.join("child.toml"), &vars()).expect("valid chain");
+    assert_eq!(p.network, Network::Loopback);
+    assert!(p.kill_on_violation, "kept from the parent");
+    assert_eq!(p.families, [16, 40]);
+    assert_eq!(
+        p.write,
+        [
+            root("/b/tree", Mode::Tree, "${TREE}"),
+            root("/tmp", Mode::Tree, "/tmp"),
+            root("/opt/cache", Mode::Tree, "/opt/cache"),
+        ]
+    );
+    // The same through parse_str, relative to the origin's directory.
+    let q = parse_str(child, &dir.join("child.toml"), &vars()).expect("valid chain");
+    assert_eq!((q.write, q.families), (p.write, p.families));
+    // Errors in the parent point into the parent.
+    fs::write(dir.join("broken.toml"), "netwrk = \"none\"\n").expect("write");
+    let e = parse_str("inherits = \"broken\"", &dir.join("c.toml"), &vars())
+        .err()
+        .map(|e| e.to_string());
+    assert!(e.unwrap_or_default().starts_with(&format!(
+        "{}:1:1: unknown key `netwrk`",
+        dir.join("broken.toml").display()
+    )));
+}
+
+#[test]
+fn inheritance_cycles_and_depth_are_errors() {
+    let dir = temp_dir("cycle");
+    fs::write(dir.join("a.toml"), "inherits = \"b\"\n").expect("write");
+    fs::write(dir.join("b.toml"), "network = \"none\"\ninherits = \"a\"\n").expect("write");
+    let canon = fs::canonicalize(&dir).expect("canonical");
+    let e = load_file(&dir.join("a.toml"), &vars())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let (a, b) = (canon.join("a.toml"), canon.join("b.toml"));
+    assert_eq!(
+        e,
+        format!(
+            "{}:2:12: inheritance cycle: {} -> {} -> {}\n  2 | inherits = \"a\"\n    |            ^^^\nhint: remove `inherits` from one of these files, or point it at a policy outside the loop",
+            dir.join("b.toml").display(),
+            a.display(),
+            b.display(),
+            a.display()
+        )
+    );
+    for i in 0..10 {
+        fs::write(
+            dir.join(format!("d{i}.toml")),
+            format!("inherits = \"d{}\"\n", i + 1),
+        )
+        .expect("write");
+    }
+    fs::write(dir.join("d10.toml"), "").expect("write");
+    let e = load_file(&dir.join("d0.toml"), &vars())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains(&format!(
+            "{}:1:12: `inherits` is nested more than 8 deep:",
+            dir.join("d7.toml").display()
+        )),
+        "{e}"
+    );
+    let e = parse_str("inherits = \"nosuch\"", &dir.join("x.toml"), &vars())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.starts_with(&format!(
+        "{}:1:12: cannot use `inherits`: policy `nosuch` not found; looked for nosuch.toml in:\n  {}\n",
+        dir.join("x.toml").display(),
+        dir.display()
+    )), "{e}");
+}
+
+#[test]
+fn socket_families_for_each_network_mode() {
+    let mut p = parse("").expect("valid");
+    assert_eq!(p.socket_families(), 1 << 1);
+    p.network = Network::Loopback;
+    assert_eq!(p.socket_families(), (1 << 1) | (1 << 2) | (1 << 10));
+    p.families = vec![16];
+    assert_eq!(
+        p.socket_families(),
+        (1 << 1) | (1 << 2) | (1 << 10) | (1 << 16)
+    );
+    p.network = Network::Allow;
+    assert_eq!(p.socket_families(), u64::MAX);
+    let q = parse("families = [\"netlink\", \"vsock\"]").expect("valid");
+    assert_eq!(q.socket_families(), (1 << 1) | (1 << 16) | (1 << 40));
+}
+
+#[test]
+fn to_toml_round_trips() {
+    let p = parse(
+        "network = \"loopback\"\nfamilies = [\"can\"]\naction = \"audit\"\nwrite = [\n  { path = \"${TREE}/a$$b\", mode = \"tree\" },\n  { path = \"/dev/null\", mode = \"device\" },\n  { path = \"/etc/x\\\"y\", mode = \"file\" },\n]\n",
+    )
+    .expect("valid");
+    let text = p.to_toml();
+    assert!(
+        text.contains("    { path = \"/b/tree/a$$b\", mode = \"tree\" }, # \"${TREE}/a$$b\"\n"),
+        "{text}"
+    );
+    let again =
+        parse_str(&text, Path::new("/p/test.toml"), &Vars::new()).expect("round trip parses");
+    assert_eq!(again.network, p.network);
+    assert_eq!(again.families, p.families);
+    assert_eq!(again.action, p.action);
+    let paths = |p: &Policy| {
+        p.write
+            .iter()
+            .map(|w| (w.path.clone(), w.mode))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(paths(&again), paths(&p));
+    assert_eq!(
+        again.to_toml().lines().skip(1).collect::<Vec<_>>().len(),
+        text.lines().count() - 1
+    );
+}
+
+#[test]
+fn check_collects_run_time_variables() {
+    let dir = temp_dir("check");
+    let file = dir.join("pk.toml");
+    fs::write(&file, "write = [{ path = \"${WRKDIR}\", mode = \"tree\" }, { path = \"${PREFIX}/etc\", mode = \"tree\" }]\n").expect("write");
+    let checked =
+        check(&file.display().to_string(), &Vars::new()).expect("valid apart from variables");
+    assert_eq!(checked.unresolved, ["PREFIX", "WRKDIR"]);
+    assert!(
+        load_file(&file, &Vars::new())
+            .is_err_and(|e| e.to_string().contains("undefined variable `${WRKDIR}`"))
+    );
+}
+
+#[test]
+fn roots_are_checked_at_run_time() {
+    let dir = temp_dir("roots");
+    fs::write(dir.join("plain"), "x").expect("write");
+    let mut v = Vars::new();
+    v.set("D", dir.display().to_string());
+    let ok = parse_str(
+        "write = [{ path = \"${D}\", mode = \"tree\" }, { path = \"/dev/null\", mode = \"device\" }, { path = \"${D}/new\", mode = \"file\" }, { path = \"${D}/plain\", mode = \"file\" }]",
+        Path::new("/p/ok.toml"),
+        &v,
+    )
+    .expect("valid");
+    assert!(ok.check_roots_exist().is_ok());
+    let missing = parse_str(
+        "write = [{ path = \"${D}/gone\", mode = \"tree\" }]",
+        Path::new("/p/m.toml"),
+        &v,
+    )
+    .expect("valid");
+    assert_eq!(
+        missing.check_roots_exist().err().map(|e| e.to_string()),
+        Some(format!(
+            "write root {d}/gone (mode `tree`, from `${{D}}/gone` in /p/m.toml) cannot be read: No such file or directory (os error 2)\nhint: create it (mkdir -p {d}/gone), or --set the variable in `${{D}}/gone` to one that exists",
+            d = dir.display()
+        ))
+    );
+    let not_dev = parse_str(
+        "write = [{ path = \"${D}/plain\", mode = \"device\" }]",
+        Path::new("/p/n.toml"),
+        &v,
+    )
+    .expect("valid");
+    assert!(not_dev.check_roots_exist().is_err_and(|e| {
+        e.to_string()
+            .contains(") is not a device node\nhint: use mode \"tree\"")
+    }));
+    let not_dir = parse_str(
+        "write = [{ path = \"${D}/plain\", mode = \"own\" }]",
+        Path::new("/p/n.toml"),
+        &v,
+    )
+    .expect("valid");
+    assert!(
+        not_dir
+            .check_roots_exist()
+            .is_err_and(|e| e.to_string().contains(") is not a directory\n"))
+    );
+}
+
+/// Every shipped policy passes `policy check`, loads with its variables set, and
+/// names only roots that exist once those variables point at real directories.
+#[test]
+fn every_shipped_policy_passes_check() {
+    let repo = PathBuf::from(lookup::REPO_DIR);
+    let dir = temp_dir("shipped");
+    let mut v = Vars::new();
+    for name in [
+        "TREE",
+        "DISTDIR",
+        "WRKDIR",
+        "PREFIX",
+        "PKG_DBDIR",
+        "VARBASE",
+        "PKG_SYSCONFDIR",
+        "BULKLOG",
+    ] {
+        let d = dir.join(name.to_lowercase());
+        fs::create_dir_all(&d).expect("mkdir");
+        v.set(name, d.display().to_string());
+    }
+    v.set("WRKLOG", dir.join("bulklog/work.log").display().to_string());
+    let mut names: Vec<String> = fs::read_dir(&repo)
+        .expect("policies/ exists")
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .into_string()
+                .ok()?
+                .strip_suffix(".toml")
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "audit",
+            "default",
+            "loopback",
+            "pkgsrc-build",
+            "pkgsrc-fetch",
+            "pkgsrc-install",
+            "strict"
+        ]
+    );
+    for name in &names {
+        let file = repo.join(format!("{name}.toml"));
+        let checked =
+            check(&file.display().to_string(), &Vars::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            checked.unresolved.iter().all(|n| v.get(n).is_some()),
+            "{name}: {:?}",
+            checked.unresolved
+        );
+        let p = load_file(&file, &v).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!p.write.is_empty(), "{name} writes somewhere");
+        let roots: Vec<&WriteRoot> = p
+            .write
+            .iter()
+            .filter(|w| Path::new("/dev/pts").exists() || w.path != Path::new("/dev/pts"))
+            .collect();
+        for w in roots {
+            assert!(
+                root_problem(w).is_none(),
+                "{name}: {} {:?}",
+                w.path.display(),
+                root_problem(w)
+            );
+        }
+        let again = parse_str(&p.to_toml(), &file, &Vars::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            again.write,
+            p.write
+                .iter()
+                .map(|w| WriteRoot {
+                    origin: w.path.display().to_string(),
+                    ..w.clone()
+                })
+                .collect::<Vec<_>>()
+        );
+    }
+    let loopback = load_file(&repo.join("loopback.toml"), &v).expect("valid");
+    let default = load_file(&repo.join("default.toml"), &v).expect("valid");
+    assert_eq!(
+        (loopback.network, loopback.write.len()),
+        (Network::Loopback, default.write.len())
+    );
+    assert_eq!(
+        load_file(&repo.join("audit.toml"), &v)
+            .expect("valid")
+            .action,
+        Enforcement::Audit
+    );
+    let strict = load_file(&repo.join("strict.toml"), &v).expect("valid");
+    assert!(
+        strict
+            .write
+            .iter()
+            .all(|w| w.path != Path::new("/tmp") && w.path != Path::new("/var/tmp"))
+    );
+}
