@@ -1,34 +1,34 @@
 //! buildcage's kernel programs.
 //!
-//! Every program here is thin: it finds the build the current task belongs to,
-//! looks up that build's compiled policy, decides, and reports. Anything clever
-//! happens in user space. An internal error denies and is counted (fail closed).
+//! Every program is thin: it keeps the verdict of any BPF LSM program that ran
+//! before it, finds the build the current task belongs to, looks up that build's
+//! compiled policy, decides, and reports. Anything clever happens in user space.
+//! An internal error denies and is counted (fail closed).
 //!
-//! The programs are `BPF_LSM_CGROUP` programs attached to a build's cgroup, so a
-//! process outside every build never runs them. They return 1 to allow and 0 to
-//! refuse, which the kernel turns into -EPERM
-//! (<https://elixir.bootlin.com/linux/v6.12/source/kernel/bpf/cgroup.c#L59>).
+//! Two kinds of attachment, chosen per hook in user space (loader.rs):
+//! - `BPF_LSM_CGROUP` programs, attached to the build's cgroup, for the hottest
+//!   hooks: tasks outside every build never run them. They return 1 to allow and
+//!   0 to refuse, which the kernel turns into -EPERM
+//!   (<https://elixir.bootlin.com/linux/v6.12/source/kernel/bpf/cgroup.c#L59>).
+//!   Only 10 hooks may carry such programs system-wide (CGROUP_LSM_NUM).
+//! - plain BPF LSM programs for the rest, which run for every task and return at
+//!   once for tasks outside this build; they return 0 or -EPERM.
 #![no_std]
 #![no_main]
 
+mod fs;
+mod hooks;
 mod maps;
 mod report;
 
-use aya_ebpf::{
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_send_signal},
-    macros::lsm_cgroup,
-    programs::LsmContext,
-};
+use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_send_signal};
 use buildcage_common::{
-    Action, Op,
+    Action, Offsets, Op,
+    event::{EVENT_FLAG_ERROR, EVENT_FLAG_WALK_EXHAUSTED},
     policy::{POLICY_AUDIT, POLICY_KILL},
 };
 
-use crate::report::Details;
-
-/// Verdict values of a `BPF_LSM_CGROUP` program.
-const ALLOW: i32 = 1;
-const DENY: i32 = 0;
+use crate::{fs::Dentry, report::Details};
 
 /// Nesting level of build cgroups below the cgroup v2 root, set by the loader.
 /// `bpf_get_current_ancestor_cgroup_id(BUILD_LEVEL)` maps a task in a build, or in
@@ -36,14 +36,44 @@ const DENY: i32 = 0;
 #[unsafe(no_mangle)]
 static BUILD_LEVEL: u32 = 0;
 
+/// The build this instance serves, for the programs that run for every task.
+#[unsafe(no_mangle)]
+static BUILD_ID: u64 = 0;
+
+/// Kernel struct offsets for the running kernel, read from its BTF and set by the
+/// loader, since Rust eBPF has no CO-RE relocations.
+#[unsafe(no_mangle)]
+static OFFSETS: Offsets = Offsets {
+    task_real_parent: 0,
+    task_tgid: 0,
+    task_cred: 0,
+    task_real_cred: 0,
+    dentry_parent: 0,
+    dentry_inode: 0,
+    dentry_name: 0,
+    dentry_sb: 0,
+    inode_mode: 0,
+    sb_dev: 0,
+    sb_magic: 0,
+    file_dentry: 0,
+    file_mode: 0,
+    setattr_dentry_arg: 0,
+};
+
+/// The offsets, read through a volatile load so that the verifier, not LLVM,
+/// sees the (frozen, hence constant) values.
+#[inline(always)]
+pub(crate) fn offsets() -> Offsets {
+    // SAFETY: a read of our own global.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
 /// `SIGKILL`, for `kill_on_violation`.
 const SIGKILL: u32 = 9;
-/// `SOCK_TYPE_MASK` from include/linux/net.h: the type without NONBLOCK/CLOEXEC.
-const SOCK_TYPE_MASK: u32 = 0xf;
 
 /// The build of the current task, as the cgroup id its policy is keyed by.
 #[inline(always)]
-fn current_build() -> u64 {
+pub(crate) fn current_build() -> u64 {
     // SAFETY: a plain helper call; the global is a read-only constant set at load.
     unsafe {
         let level = core::ptr::read_volatile(&BUILD_LEVEL);
@@ -51,92 +81,89 @@ fn current_build() -> u64 {
     }
 }
 
-/// Turns "the policy refuses this" into a verdict, honouring audit and kill modes.
+/// Whether the current task belongs to this instance's build (for programs
+/// attached to every task).
 #[inline(always)]
-fn refuse(build: u64, flags: u32, op: Op, details: Details) -> i32 {
-    let action = if flags & POLICY_AUDIT != 0 {
+pub(crate) fn in_this_build() -> bool {
+    // SAFETY: a read of our own global.
+    current_build() == unsafe { core::ptr::read_volatile(&BUILD_ID) }
+}
+
+/// A decision, before it is turned into the return convention of the program kind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Allow,
+    Deny,
+}
+
+impl Verdict {
+    /// `BPF_LSM_CGROUP`: 1 allows, 0 refuses with EPERM.
+    #[inline(always)]
+    pub(crate) fn cgroup(self) -> i32 {
+        match self {
+            Self::Allow => 1,
+            Self::Deny => 0,
+        }
+    }
+
+    /// Plain BPF LSM: 0 allows, a negative errno refuses.
+    #[inline(always)]
+    pub(crate) fn mac(self) -> i32 {
+        match self {
+            Self::Allow => 0,
+            Self::Deny => -1, // -EPERM
+        }
+    }
+}
+
+/// Turns "the policy refuses this" into a verdict, honouring audit and kill
+/// modes, and reports it.
+#[inline(always)]
+pub(crate) fn refuse(
+    build: u64,
+    policy_flags: u32,
+    op: Op,
+    details: Details,
+    dentry: Option<Dentry>,
+    event_flags: u32,
+) -> Verdict {
+    let action = if policy_flags & POLICY_AUDIT != 0 {
         Action::Audit
-    } else if flags & POLICY_KILL != 0 {
+    } else if policy_flags & POLICY_KILL != 0 {
         Action::Kill
     } else {
         Action::Deny
     };
-    report::decision(build, op, action, details);
+    report::decision(build, op, action, details, dentry, event_flags);
     match action {
-        Action::Audit => ALLOW,
+        Action::Audit => Verdict::Allow,
         Action::Kill => {
             // SAFETY: signals the current task only.
             let _ = unsafe { bpf_send_signal(SIGKILL) };
-            DENY
+            Verdict::Deny
         }
-        Action::Deny => DENY,
+        Action::Deny => Verdict::Deny,
     }
 }
 
-/// `security_socket_create(family, type, protocol, kern)`: every `socket(2)` and
-/// `socketpair(2)`.
-#[lsm_cgroup(hook = "socket_create")]
-pub fn socket_create(ctx: LsmContext) -> i32 {
-    // The fifth slot is the verdict of the BPF LSM programs that ran before us; keep a
-    // refusal rather than overwrite it.
-    let previous: i32 = ctx.arg(4);
-    if previous != 0 {
-        return DENY;
-    }
-    try_socket_create(&ctx)
-}
-
+/// The policy of the current build, or a counted, reported denial (fail closed:
+/// only tasks in a build reach this, and a build without a policy is a bug).
 #[inline(always)]
-fn try_socket_create(ctx: &LsmContext) -> i32 {
-    let family: i32 = ctx.arg(0);
-    let sock_type: i32 = ctx.arg(1);
-    let protocol: i32 = ctx.arg(2);
-    let kern: i32 = ctx.arg(3);
-    // Sockets the kernel makes for itself (kern != 0) are not the build's doing.
-    if kern != 0 {
-        return ALLOW;
+pub(crate) fn policy_or_deny(build: u64, op: Op) -> Result<buildcage_common::BuildPolicy, Verdict> {
+    match maps::policy(build) {
+        Some(p) => Ok(p),
+        None => {
+            maps::count_error(build);
+            report::decision(build, op, Action::Deny, Details::default(), None, EVENT_FLAG_ERROR);
+            Err(Verdict::Deny)
+        }
     }
-    let build = current_build();
-    let Some(policy) = maps::policy(build) else {
-        // Only tasks inside a build cgroup reach this program: a build without a
-        // policy is a loader bug or a race with teardown. Fail closed.
-        maps::count_error(build);
-        return DENY;
-    };
-    let family = family as u32;
-    if family < 64 && policy.socket_families & (1u64 << family) != 0 {
-        return ALLOW;
-    }
-    refuse(
-        build,
-        policy.flags,
-        Op::Socket,
-        Details {
-            family,
-            sock_type: sock_type as u32 & SOCK_TYPE_MASK,
-            protocol: protocol as u32,
-        },
-    )
 }
 
-/// `security_bpf(cmd, attr, size, ...)`: every `bpf(2)` call. A confined process,
-/// even as root, must not reach the programs and maps that confine it, so this is
-/// refused in every mode, audit included.
-#[lsm_cgroup(hook = "bpf")]
-pub fn bpf(ctx: LsmContext) -> i32 {
-    let cmd: i32 = ctx.arg(0);
-    let build = current_build();
-    report::decision(
-        build,
-        Op::Bpf,
-        Action::Deny,
-        Details {
-            family: 0,
-            sock_type: cmd as u32,
-            protocol: 0,
-        },
-    );
-    DENY
+/// Flags for the event of a file refusal.
+#[inline(always)]
+pub(crate) fn refusal_flags(r: fs::Refusal) -> u32 {
+    if r.exhausted { EVENT_FLAG_WALK_EXHAUSTED } else { 0 }
 }
 
 #[cfg(not(test))]

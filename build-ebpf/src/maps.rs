@@ -1,12 +1,13 @@
 //! The maps shared with user space, and the small accessors the programs use.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::InodeStorage,
+    macros::{btf_map, map},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use buildcage_common::{
-    BuildPolicy, BuildStats, Counter,
-    policy::COUNTERS_LEN,
+    BuildPolicy, BuildStats, Counter, InodeTag,
+    policy::{COUNTERS_LEN, TAG_OWNED},
 };
 
 /// Builds that may exist at once in one loaded instance.
@@ -22,9 +23,9 @@ pub(crate) static BUILDS: HashMap<u64, BuildPolicy> = HashMap::with_max_entries(
 pub(crate) static STATS: PerCpuHashMap<u64, BuildStats> =
     PerCpuHashMap::with_max_entries(MAX_BUILDS, 0);
 
-/// Decisions on their way to user space. 1 MiB holds about 10,000 events.
+/// Decisions on their way to user space. 4 MiB holds about 3,500 events.
 #[map]
-pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 /// What happens outside any known build.
 #[map]
@@ -73,4 +74,44 @@ pub(crate) fn count(build: u64, stat: Stat) {
 #[inline(always)]
 pub(crate) fn count_error(build: u64) {
     count(build, Stat::Errors);
+}
+
+/// Tags on allowed roots (set by user space through an fd) and on the inodes a
+/// build creates beneath an `own` root.
+#[btf_map]
+pub(crate) static ROOTS: InodeStorage<InodeTag> = InodeStorage::new();
+
+/// Dentries a build is about to create in an `own` root, until d_instantiate
+/// tags their inode. LRU, so that creates that fail later do not pile up.
+#[map]
+static CREATING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+pub(crate) fn expect_created(dentry: *const u8, build: u64) {
+    let _ = CREATING.insert(dentry as u64, build, 0);
+}
+
+#[inline(always)]
+pub(crate) fn tag_if_created(dentry: *const u8, ino: *mut aya_ebpf::bindings::inode) {
+    let key = dentry as u64;
+    let Some(owner) = CREATING.get_ptr(key).map(|p| unsafe { *p }) else {
+        return;
+    };
+    let _ = CREATING.remove(key);
+    if ino.is_null() {
+        return;
+    }
+    let mut tag = InodeTag {
+        kind: TAG_OWNED,
+        _pad: 0,
+        owner,
+    };
+    // SAFETY: `ino` is the hook's BTF-typed inode pointer.
+    let slot = unsafe { ROOTS.get_or_insert_ptr_mut(ino, Some(&mut tag)) };
+    if slot.is_null() {
+        count_error(owner);
+    } else {
+        // SAFETY: non-null storage of this inode.
+        unsafe { *slot = tag };
+    }
 }

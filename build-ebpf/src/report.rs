@@ -1,74 +1,115 @@
 //! Building and sending events.
+//!
+//! An event is about 1 KiB, twice the BPF stack, so it is filled in place in the
+//! ring buffer, field by field, never built on the stack.
 
-use aya_ebpf::{
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
-    },
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+    bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+    bpf_probe_read_kernel_str_bytes,
 };
 use buildcage_common::{
-    Action, Event, Offsets, Op,
-    event::EVENT_FLAG_NO_PPID,
+    Action, Event, Op,
+    event::{EVENT_FLAG_NO_PPID, EVENT_FLAG_PATH_PARTIAL, NAME_LEN, PATH_DEPTH},
 };
 
-use crate::maps::{self, EVENTS, Stat};
-
-/// Kernel struct offsets for the running kernel, read from its BTF and set by the
-/// loader, since Rust eBPF has no CO-RE relocations.
-#[unsafe(no_mangle)]
-static OFFSETS: Offsets = Offsets {
-    task_real_parent: 0,
-    task_tgid: 0,
+use crate::{
+    fs::{self, Dentry},
+    maps::{self, EVENTS, Stat},
+    offsets,
 };
 
-/// The op-specific part of an event.
-#[derive(Clone, Copy)]
+/// The op-specific numbers of an event.
+#[derive(Clone, Copy, Default)]
 pub(crate) struct Details {
     pub(crate) family: u32,
     pub(crate) sock_type: u32,
     pub(crate) protocol: u32,
 }
 
-/// Counts a decision and sends it to user space. A full ring buffer is counted as
-/// lost, never dropped silently.
+/// Counts a decision and sends it to user space, with the path of `dentry` when
+/// there is one. A full ring buffer is counted as lost, never dropped silently.
 #[inline(always)]
-pub(crate) fn decision(build: u64, op: Op, action: Action, details: Details) {
+pub(crate) fn decision(
+    build: u64,
+    op: Op,
+    action: Action,
+    details: Details,
+    dentry: Option<Dentry>,
+    flags: u32,
+) {
     maps::count(build, Stat::Denials);
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         maps::count(build, Stat::Lost);
         return;
     };
+    let e: *mut Event = entry.as_mut_ptr();
     let pid_tgid = bpf_get_current_pid_tgid();
-    let (ppid, flags) = match parent_tgid() {
-        Some(ppid) => (ppid, 0),
-        None => (0, EVENT_FLAG_NO_PPID),
-    };
-    entry.write(Event {
-        // SAFETY: plain helper call.
-        time_ns: unsafe { bpf_ktime_get_boot_ns() },
-        build,
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        ppid,
-        uid: bpf_get_current_uid_gid() as u32,
-        op: op as u32,
-        action: action as u32,
-        flags,
-        family: details.family,
-        sock_type: details.sock_type,
-        protocol: details.protocol,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    let mut flags = flags;
+    let ppid = parent_tgid().unwrap_or_else(|| {
+        flags |= EVENT_FLAG_NO_PPID;
+        0
     });
+    // SAFETY: `e` points at a reserved ring buffer record of size_of::<Event>().
+    unsafe {
+        (*e).time_ns = bpf_ktime_get_boot_ns();
+        (*e).build = build;
+        (*e).pid = pid_tgid as u32;
+        (*e).tgid = (pid_tgid >> 32) as u32;
+        (*e).ppid = ppid;
+        (*e).uid = bpf_get_current_uid_gid() as u32;
+        (*e).op = op as u32;
+        (*e).action = action as u32;
+        (*e).family = details.family;
+        (*e).sock_type = details.sock_type;
+        (*e).protocol = details.protocol;
+        (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*e).dev = 0;
+        (*e).depth = 0;
+        if let Some(dentry) = dentry {
+            (*e).dev = fs::dev_of(dentry);
+            let (depth, complete) = fill_names(dentry, &mut (*e).names);
+            (*e).depth = depth;
+            if !complete {
+                flags |= EVENT_FLAG_PATH_PARTIAL;
+            }
+        }
+        (*e).flags = flags;
+    }
     entry.submit(0);
+}
+
+/// Copies the names from `dentry` up to its file system's root, innermost first.
+/// Returns how many were written and whether the root was reached.
+#[inline(always)]
+fn fill_names(dentry: Dentry, names: &mut [[u8; NAME_LEN]; PATH_DEPTH]) -> (u32, bool) {
+    let mut d = dentry;
+    let mut i = 0;
+    while i < PATH_DEPTH {
+        let slot = &mut names[i];
+        // SAFETY: reads of kernel memory go through the probe helper, which
+        // fails safely.
+        let copied = unsafe { bpf_probe_read_kernel_str_bytes(fs::name_of(d), slot) };
+        if copied.is_err() {
+            return (i as u32, false);
+        }
+        i += 1;
+        let parent = fs::parent_of(d);
+        if parent.is_null() || parent == d {
+            return (i as u32, true);
+        }
+        d = parent;
+    }
+    (PATH_DEPTH as u32, false)
 }
 
 /// `current->real_parent->tgid`.
 #[inline(always)]
 fn parent_tgid() -> Option<u32> {
+    let offsets = offsets();
     // SAFETY: the offsets come from this kernel's BTF; the reads go through
     // bpf_probe_read_kernel, which fails safely on a bad address.
     unsafe {
-        let offsets = core::ptr::read_volatile(&OFFSETS);
         let task = bpf_get_current_task() as *const u8;
         let parent: *const u8 =
             bpf_probe_read_kernel(task.add(offsets.task_real_parent as usize).cast()).ok()?;

@@ -68,7 +68,42 @@ impl KernelBtf {
         Ok(Offsets {
             task_real_parent: self.field_offset("task_struct", "real_parent")?,
             task_tgid: self.field_offset("task_struct", "tgid")?,
+            task_cred: self.field_offset("task_struct", "cred")?,
+            task_real_cred: self.field_offset("task_struct", "real_cred")?,
+            dentry_parent: self.field_offset("dentry", "d_parent")?,
+            dentry_inode: self.field_offset("dentry", "d_inode")?,
+            dentry_name: self.field_offset("dentry", "d_name")?
+                + self.field_offset("qstr", "name")?,
+            dentry_sb: self.field_offset("dentry", "d_sb")?,
+            inode_mode: self.field_offset("inode", "i_mode")?,
+            sb_dev: self.field_offset("super_block", "s_dev")?,
+            sb_magic: self.field_offset("super_block", "s_magic")?,
+            file_dentry: self.field_offset("file", "f_path")? + self.field_offset("path", "dentry")?,
+            file_mode: self.field_offset("file", "f_mode")?,
+            setattr_dentry_arg: self.hook_param("inode_setattr", "dentry")?,
         })
+    }
+
+    /// Whether the kernel has LSM hook `hook` (some arrived after 6.1).
+    pub fn has_hook(&self, hook: &str) -> bool {
+        self.hook_args(hook).is_ok()
+    }
+
+    /// Index of the parameter called `name` of LSM hook `hook`.
+    pub fn hook_param(&self, hook: &str, name: &str) -> Result<u32, BtfError> {
+        let fn_name = format!("bpf_lsm_{hook}");
+        for t in self.btf.resolve_types_by_name(&fn_name).unwrap_or_default() {
+            if let Type::Func(func) = t
+                && let Type::FuncProto(proto) = self.btf.resolve_chained_type(&func)?
+            {
+                for (i, param) in proto.parameters.iter().enumerate() {
+                    if self.btf.resolve_name(param).is_ok_and(|n| n == name) {
+                        return u32::try_from(i).map_err(|_| BtfError::NoHook(fn_name.clone()));
+                    }
+                }
+            }
+        }
+        Err(BtfError::NoHook(format!("{hook}({name})")))
     }
 
     /// Byte offset of `field` in `struct name`, looking through anonymous structs
@@ -154,6 +189,13 @@ mod tests {
         assert!(offsets.task_real_parent > 0 && offsets.task_real_parent < 16384);
         assert!(offsets.task_tgid > 0 && offsets.task_tgid < 16384);
         assert_eq!(btf.hook_args("socket_create").expect("socket_create"), 4);
+        // The dentry moved from first to second argument in Linux 6.3.
+        let setattr = btf.hook_param("inode_setattr", "dentry").expect("inode_setattr");
+        assert!(setattr == 0 || setattr == 1);
+        assert_eq!(offsets.setattr_dentry_arg, setattr);
+        // d_name.name and f_path.dentry are one pointer into their structs.
+        assert_eq!(offsets.dentry_name, btf.field_offset("dentry", "d_name").unwrap() + 8);
+        assert_eq!(offsets.file_dentry, btf.field_offset("file", "f_path").unwrap() + 8);
     }
 
     #[test]

@@ -124,7 +124,7 @@ fn probe_in(
         flags: 0,
         _pad: 0,
     };
-    let mut confinement = Confinement::attach(cg, policy, offsets, bpffs)?;
+    let mut confinement = Confinement::attach(cg, policy, &[], offsets, bpffs)?;
     let mut events = confinement.take_events()?;
     let procs = cg.procs_for_writing()?;
     // SAFETY: doctor runs before any other thread exists; the child only makes raw
@@ -153,7 +153,7 @@ fn probe_in(
     let clock = Clock::now();
     let mut event = None;
     while let Some(item) = events.next() {
-        let record = Record::decode(&item, "doctor", &clock)?;
+        let record = Record::decode(&item, "doctor", &clock, &crate::paths::Mounts::default())?;
         if record.op == Op::Socket && i32::try_from(record.pid).ok() == Some(pid) {
             event = Some(record);
         }

@@ -2,8 +2,13 @@
 
 use std::time::{Duration, SystemTime};
 
-use buildcage_common::{Action, Event, Op, event::EVENT_FLAG_NO_PPID};
+use buildcage_common::{
+    Action, Event, Op,
+    event::{EVENT_FLAG_ERROR, EVENT_FLAG_NO_PPID, EVENT_FLAG_WALK_EXHAUSTED},
+};
 use serde::Serialize;
+
+use crate::paths::{EventPath, Mounts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -45,9 +50,17 @@ pub struct Record {
     /// The bpf(2) command number (`bpf` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cmd: Option<u32>,
-    /// The file the operation named (file operations).
+    /// The file the operation named (file operations), when it is known whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// When the whole path is not known: the innermost part, as `…/a/b`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_partial: Option<String>,
+    /// Why the kernel refused, when it was not the policy alone:
+    /// `walk-exhausted` (the tree was deeper than the walk's budget) or
+    /// `internal-error` (fail closed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
 }
 
 /// Turns the kernel's boot-time clock into wall-clock time.
@@ -75,7 +88,12 @@ impl Clock {
 }
 
 impl Record {
-    pub fn decode(bytes: &[u8], build: &str, clock: &Clock) -> Result<Self, EventError> {
+    pub fn decode(
+        bytes: &[u8],
+        build: &str,
+        clock: &Clock,
+        mounts: &Mounts,
+    ) -> Result<Self, EventError> {
         let want = size_of::<Event>();
         if bytes.len() < want {
             return Err(EventError::Size {
@@ -86,10 +104,15 @@ impl Record {
         // SAFETY: Event is Pod (plain integers, no padding) and the length is checked;
         // ring buffer records are 8-byte aligned but read_unaligned does not care.
         let event: Event = unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() };
-        Self::from_event(&event, build, clock)
+        Self::from_event(&event, build, clock, mounts)
     }
 
-    pub fn from_event(event: &Event, build: &str, clock: &Clock) -> Result<Self, EventError> {
+    pub fn from_event(
+        event: &Event,
+        build: &str,
+        clock: &Clock,
+        mounts: &Mounts,
+    ) -> Result<Self, EventError> {
         let op = Op::try_from(event.op).map_err(EventError::Op)?;
         let action = Action::try_from(event.action).map_err(EventError::Action)?;
         let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
@@ -102,6 +125,22 @@ impl Record {
                 None,
             ),
             Op::Bpf => (None, None, None, Some(event.sock_type)),
+            _ => (None, None, None, None),
+        };
+        let (path, path_partial) = if event.depth == 0 {
+            (None, None)
+        } else {
+            match mounts.resolve(event.dev, &event.names, event.depth, event.flags) {
+                EventPath::Full(p) => (Some(p), None),
+                EventPath::Partial(p) => (None, Some(p)),
+            }
+        };
+        let reason = if event.flags & EVENT_FLAG_ERROR != 0 {
+            Some("internal-error")
+        } else if event.flags & EVENT_FLAG_WALK_EXHAUSTED != 0 {
+            Some("walk-exhausted")
+        } else {
+            None
         };
         Ok(Self {
             time: humantime::format_rfc3339_nanos(clock.wall(event.time_ns)).to_string(),
@@ -117,7 +156,9 @@ impl Record {
             sock_type,
             protocol,
             cmd,
-            path: None,
+            path,
+            path_partial,
+            reason,
         })
     }
 
@@ -130,6 +171,14 @@ impl Record {
                 self.sock_type.as_deref().unwrap_or("?")
             ),
             Op::Bpf => format!("bpf(cmd {})", self.cmd.unwrap_or(0)),
+            op => format!(
+                "{}({})",
+                op.name(),
+                self.path
+                    .as_deref()
+                    .or(self.path_partial.as_deref())
+                    .unwrap_or("?")
+            ),
         }
     }
 }
@@ -229,6 +278,9 @@ mod tests {
             sock_type: 1,
             protocol: 0,
             comm,
+            dev: 0,
+            depth: 0,
+            names: [[0; 64]; 16],
         }
     }
 
@@ -237,7 +289,7 @@ mod tests {
         let clock = Clock {
             epoch_at_boot: SystemTime::UNIX_EPOCH,
         };
-        let rec = Record::from_event(&event(Op::Socket, Action::Deny), "hello", &clock)
+        let rec = Record::from_event(&event(Op::Socket, Action::Deny), "hello", &clock, &Mounts::default())
             .expect("decode");
         assert_eq!(rec.what(), "socket(inet6, stream)");
         let json = serde_json::to_value(&rec).expect("json");
@@ -261,18 +313,36 @@ mod tests {
     }
 
     #[test]
+    fn file_event_with_path() {
+        let mut e = event(Op::Create, Action::Deny);
+        e.dev = 21;
+        e.depth = 3;
+        e.names[0][..4].copy_from_slice(b"evil");
+        e.names[1][..6].copy_from_slice(b"cron.d");
+        e.names[2][0] = b'/';
+        let mounts = Mounts::parse("22 1 0:21 /etc / rw - overlay overlay rw\n");
+        let rec = Record::from_event(&e, "b", &Clock::now(), &mounts).expect("decode");
+        assert_eq!(rec.path.as_deref(), Some("/cron.d/evil"));
+        assert_eq!(rec.what(), "create(/cron.d/evil)");
+        let json = serde_json::to_value(&rec).expect("json");
+        assert_eq!(json["op"], "create");
+        assert_eq!(json["path"], "/cron.d/evil");
+        assert!(json.get("family").is_none());
+    }
+
+    #[test]
     fn unknown_kinds_are_errors() {
         let clock = Clock::now();
         let mut e = event(Op::Socket, Action::Deny);
         e.op = 99;
         assert_eq!(
-            Record::from_event(&e, "b", &clock).unwrap_err().to_string(),
+            Record::from_event(&e, "b", &clock, &Mounts::default()).unwrap_err().to_string(),
             "event with unknown op 99"
         );
         let mut e = event(Op::Socket, Action::Deny);
         e.action = 0;
-        assert!(Record::from_event(&e, "b", &clock).is_err());
-        assert!(Record::decode(&[0u8; 8], "b", &clock).is_err());
+        assert!(Record::from_event(&e, "b", &clock, &Mounts::default()).is_err());
+        assert!(Record::decode(&[0u8; 8], "b", &clock, &Mounts::default()).is_err());
     }
 
     #[test]

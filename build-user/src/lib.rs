@@ -8,6 +8,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod event;
 pub mod loader;
+pub mod paths;
 pub mod policy;
 pub mod doctor;
 pub mod print;

@@ -11,16 +11,17 @@
 
 use std::{
     fs, io,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
-    programs::{LsmCgroup, links::FdLink},
+    maps::{HashMap, InodeStorage, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
+    programs::{Lsm, LsmCgroup, links::FdLink},
     util::nr_cpus,
 };
-use buildcage_common::{BuildPolicy, BuildStats, Offsets};
+use buildcage_common::{BuildPolicy, BuildStats, InodeTag, Offsets};
 
 use crate::{btf::BtfError, cgroup::BuildCgroup};
 
@@ -30,8 +31,43 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bu
 /// Where buildcage pins its links, below the bpffs mount.
 pub const PIN_DIR: &str = "buildcage";
 
-/// The programs, with the LSM hook each is attached to.
-pub const HOOKS: &[(&str, &str)] = &[("socket_create", "socket_create"), ("bpf", "bpf")];
+/// How a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// `BPF_LSM_CGROUP` on the build's cgroup: only the build's tasks run it.
+    /// For the hottest hooks; at most 10 hooks system-wide may carry these.
+    Cgroup,
+    /// Plain BPF LSM: runs for every task, returns at once outside the build.
+    Global,
+}
+
+/// The programs: (name in the object, which is also the LSM hook, attachment).
+/// `inode_setattr` has a second program for kernels before 6.3; see [`program_for`].
+pub const HOOKS: &[(&str, Attach)] = &[
+    ("socket_create", Attach::Cgroup),
+    ("bpf", Attach::Cgroup),
+    ("file_open", Attach::Cgroup),
+    ("inode_create", Attach::Cgroup),
+    ("inode_mkdir", Attach::Cgroup),
+    ("inode_unlink", Attach::Cgroup),
+    ("inode_rename", Attach::Cgroup),
+    ("inode_setattr", Attach::Cgroup),
+    ("inode_rmdir", Attach::Global),
+    ("inode_mknod", Attach::Global),
+    ("inode_symlink", Attach::Global),
+    ("inode_link", Attach::Global),
+    ("inode_setxattr", Attach::Global),
+    ("inode_removexattr", Attach::Global),
+    ("file_ioctl", Attach::Global),
+    ("d_instantiate", Attach::Global),
+];
+
+/// A directory or file the build may write, and how: a `TAG_*` kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Root {
+    pub path: PathBuf,
+    pub kind: u32,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -73,6 +109,12 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("cannot mark the allowed root {path} in the kernel: {source}\nhint: check that {path} exists and is on a local file system")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("the kernel object lacks {0}: this binary is broken")]
     Missing(&'static str),
     #[error("{action} {path}: {source}")]
@@ -99,16 +141,18 @@ impl Confinement {
     pub fn attach(
         cgroup: &BuildCgroup,
         policy: BuildPolicy,
+        roots: &[Root],
         offsets: Offsets,
         bpffs: &Path,
     ) -> Result<Self, LoadError> {
         let level = cgroup.level();
+        let build = cgroup.id();
         let mut ebpf = EbpfLoader::new()
             .override_global("BUILD_LEVEL", &level, true)
+            .override_global("BUILD_ID", &build, true)
             .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)
             .map_err(LoadError::Object)?;
-        let build = cgroup.id();
 
         // The policy goes in before any program is attached: a program that finds
         // no policy denies.
@@ -140,6 +184,8 @@ impl Confinement {
                 .map_err(|source| LoadError::Map { build, source })?;
         }
 
+        tag_roots(&mut ebpf, roots)?;
+
         let btf = Btf::from_sys_fs().map_err(LoadError::AyaBtf)?;
         let pin_dir = bpffs.join(PIN_DIR).join(build.to_string());
         fs::create_dir_all(&pin_dir).map_err(|source| LoadError::Io {
@@ -158,27 +204,43 @@ impl Confinement {
             path: cgroup.path().to_owned(),
             source: io::Error::other(e),
         })?;
-        for &(program, hook) in HOOKS {
-            let prog: &mut LsmCgroup = this
+        for &(hook, attach) in HOOKS {
+            let program = program_for(hook, &offsets);
+            let prog = this
                 .ebpf
                 .program_mut(program)
-                .ok_or(LoadError::Missing(program))?
-                .try_into()
-                .map_err(|source| LoadError::Load { program, source })?;
-            prog.load(hook, &btf).map_err(|source| load_error(program, source))?;
-            let link_id = prog.attach(&dir).map_err(|source| LoadError::Attach {
+                .ok_or(LoadError::Missing(program))?;
+            let attach_err = |source| LoadError::Attach {
                 program,
                 cgroup: cgroup.path().to_owned(),
                 source,
-            })?;
-            let link = prog
-                .take_link(link_id)
-                .map_err(|source| LoadError::Load { program, source })?;
+            };
+            let link: FdLink = match attach {
+                Attach::Cgroup => {
+                    let prog: &mut LsmCgroup = prog
+                        .try_into()
+                        .map_err(|source| LoadError::Load { program, source })?;
+                    prog.load(hook, &btf).map_err(|source| load_error(program, source))?;
+                    let id = prog.attach(&dir).map_err(attach_err)?;
+                    prog.take_link(id)
+                        .map_err(|source| LoadError::Load { program, source })?
+                        .into()
+                }
+                Attach::Global => {
+                    let prog: &mut Lsm = prog
+                        .try_into()
+                        .map_err(|source| LoadError::Load { program, source })?;
+                    prog.load(hook, &btf).map_err(|source| load_error(program, source))?;
+                    let id = prog.attach().map_err(attach_err)?;
+                    prog.take_link(id)
+                        .map_err(|source| LoadError::Load { program, source })?
+                        .into()
+                }
+            };
             let path = this.pin_dir.join(program);
             let _ = fs::remove_file(&path);
             // Dropping the PinnedLink closes our fd; the pin keeps the link alive.
-            FdLink::from(link)
-                .pin(&path)
+            link.pin(&path)
                 .map_err(|source| LoadError::Pin {
                     program,
                     path: path.clone(),
@@ -235,6 +297,48 @@ impl Confinement {
         let _ = fs::remove_dir(&self.pin_dir);
         Ok(())
     }
+}
+
+/// The program that serves `hook` on this kernel: before Linux 6.3,
+/// inode_setattr had its dentry first (no idmap argument).
+fn program_for(hook: &'static str, offsets: &Offsets) -> &'static str {
+    if hook == "inode_setattr" && offsets.setattr_dentry_arg == 0 {
+        "inode_setattr_6_1"
+    } else {
+        hook
+    }
+}
+
+/// Puts each root's tag on its inode, through an O_PATH fd: the kernel's own
+/// identity of the file, whatever path or mount it is reached by.
+fn tag_roots(ebpf: &mut Ebpf, roots: &[Root]) -> Result<(), LoadError> {
+    let map = ebpf.map_mut("ROOTS").ok_or(LoadError::Missing("map ROOTS"))?;
+    let mut tags: InodeStorage<_, InodeTag> =
+        InodeStorage::try_from(map).map_err(|source| LoadError::Root {
+            path: PathBuf::from("ROOTS"),
+            source,
+        })?;
+    for root in roots {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&root.path)
+            .map_err(|source| LoadError::Io {
+                action: "cannot open allowed root",
+                path: root.path.clone(),
+                source,
+            })?;
+        let tag = InodeTag {
+            kind: root.kind,
+            _pad: 0,
+            owner: 0,
+        };
+        tags.insert(&file, tag, 0).map_err(|source| LoadError::Root {
+            path: root.path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 fn load_error(program: &'static str, source: aya::programs::ProgramError) -> LoadError {

@@ -21,7 +21,8 @@ use crate::{
     btf::KernelBtf,
     cgroup::{self, BuildCgroup, Survivor},
     event::{Clock, Record},
-    loader::Confinement,
+    loader::{Confinement, Root},
+    paths::Mounts,
     print::{human, json::JsonLines, summary::Summary},
     sysfs,
 };
@@ -39,8 +40,9 @@ pub struct RunSpec {
     pub name: String,
     /// The build tree: the command's working directory.
     pub tree: PathBuf,
-    /// Writable directories besides the tree (enforced by the filesystem hooks).
-    pub allow_write: Vec<PathBuf>,
+    /// Where the build may write: the tree, `--allow-write` directories and the
+    /// policy's roots, each tagged in the kernel.
+    pub roots: Vec<Root>,
     pub policy: BuildPolicy,
     /// `--events FILE`: JSON lines.
     pub events: Option<PathBuf>,
@@ -112,7 +114,7 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         .transpose()?;
 
     let cg = BuildCgroup::create(&cgroot, &format!("{}.{}", spec.name, std::process::id()))?;
-    let confinement = match Confinement::attach(&cg, spec.policy, offsets, &bpffs) {
+    let confinement = match Confinement::attach(&cg, spec.policy, &spec.roots, offsets, &bpffs) {
         Ok(c) => c,
         Err(e) => {
             let _ = cg.remove();
@@ -255,12 +257,13 @@ async fn read_events(
     mut stop: oneshot::Receiver<()>,
 ) -> io::Result<Summary> {
     let clock = Clock::now();
+    let mounts = Mounts::read();
     let mut summary = Summary::default();
     // SAFETY: RingBuf owns its map fd and its mmap for as long as it lives, and
     // always returns that same fd; the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(io::Error::from)?;
-    let mut handle = |item: &[u8], summary: &mut Summary| match Record::decode(item, &build, &clock) {
+    let mut handle = |item: &[u8], summary: &mut Summary| match Record::decode(item, &build, &clock, &mounts) {
         Ok(record) => {
             eprintln!("{}", human::line(&record));
             if let Some(json) = json.as_deref_mut()

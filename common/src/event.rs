@@ -12,6 +12,32 @@ pub enum Op {
     Socket = 1,
     /// `bpf(2)`: LSM hook `bpf`. A build must never reach the program that confines it.
     Bpf = 2,
+    /// Opening a file for writing: `file_open`.
+    Open = 3,
+    /// Creating a regular file: `inode_create`.
+    Create = 4,
+    Mkdir = 5,
+    /// mknod(2), mkfifo(3): `inode_mknod`.
+    Mknod = 6,
+    Symlink = 7,
+    /// A hard link, also how an `O_TMPFILE` file gets a name.
+    Link = 8,
+    Unlink = 9,
+    Rmdir = 10,
+    /// The source side of rename(2): taking an entry out of its directory.
+    Rename = 11,
+    /// The target side of rename(2): putting an entry into a directory.
+    RenameTo = 12,
+    /// Truncation: `inode_setattr` with `ATTR_SIZE`.
+    Truncate = 13,
+    Chmod = 14,
+    Chown = 15,
+    /// Times: utimes(2), touch.
+    Utimes = 16,
+    Setxattr = 17,
+    Removexattr = 18,
+    /// ioctl(2) changing inode flags: chattr.
+    Ioctl = 19,
 }
 
 impl Op {
@@ -19,6 +45,23 @@ impl Op {
         match self {
             Self::Socket => "socket",
             Self::Bpf => "bpf",
+            Self::Open => "open",
+            Self::Create => "create",
+            Self::Mkdir => "mkdir",
+            Self::Mknod => "mknod",
+            Self::Symlink => "symlink",
+            Self::Link => "link",
+            Self::Unlink => "unlink",
+            Self::Rmdir => "rmdir",
+            Self::Rename => "rename",
+            Self::RenameTo => "rename_to",
+            Self::Truncate => "truncate",
+            Self::Chmod => "chmod",
+            Self::Chown => "chown",
+            Self::Utimes => "utimes",
+            Self::Setxattr => "setxattr",
+            Self::Removexattr => "removexattr",
+            Self::Ioctl => "ioctl",
         }
     }
 }
@@ -30,6 +73,23 @@ impl TryFrom<u32> for Op {
         match value {
             1 => Ok(Self::Socket),
             2 => Ok(Self::Bpf),
+            3 => Ok(Self::Open),
+            4 => Ok(Self::Create),
+            5 => Ok(Self::Mkdir),
+            6 => Ok(Self::Mknod),
+            7 => Ok(Self::Symlink),
+            8 => Ok(Self::Link),
+            9 => Ok(Self::Unlink),
+            10 => Ok(Self::Rmdir),
+            11 => Ok(Self::Rename),
+            12 => Ok(Self::RenameTo),
+            13 => Ok(Self::Truncate),
+            14 => Ok(Self::Chmod),
+            15 => Ok(Self::Chown),
+            16 => Ok(Self::Utimes),
+            17 => Ok(Self::Setxattr),
+            18 => Ok(Self::Removexattr),
+            19 => Ok(Self::Ioctl),
             other => Err(other),
         }
     }
@@ -74,6 +134,18 @@ impl TryFrom<u32> for Action {
 
 /// Event flag: the program could not read the parent task, `ppid` is 0 and not real.
 pub const EVENT_FLAG_NO_PPID: u32 = 1 << 0;
+/// Event flag: the path walk stopped before the file system's root (too deep, or
+/// a name could not be read): the path is a tail only.
+pub const EVENT_FLAG_PATH_PARTIAL: u32 = 1 << 1;
+/// Event flag: the ancestry walk ran out of budget, which alone denied.
+pub const EVENT_FLAG_WALK_EXHAUSTED: u32 = 1 << 2;
+/// Event flag: an internal error (a failed kernel read) denied.
+pub const EVENT_FLAG_ERROR: u32 = 1 << 3;
+
+/// Path components an event carries, innermost first.
+pub const PATH_DEPTH: usize = 16;
+/// Bytes per component, NUL included; longer names are cut (and flagged partial).
+pub const NAME_LEN: usize = 64;
 
 /// One decision. `op` selects which of the detail fields carry meaning.
 #[repr(C)]
@@ -105,9 +177,19 @@ pub struct Event {
     pub protocol: u32,
     /// `task_struct::comm`, NUL padded.
     pub comm: [u8; COMM_LEN],
+    /// File events: `super_block::s_dev` of the file system, in the kernel's
+    /// encoding (major << 20 | minor), so user space can find the mount point.
+    pub dev: u32,
+    /// File events: how many of `names` are filled.
+    pub depth: u32,
+    /// File events: the path's components, innermost first, each NUL padded. The
+    /// last one filled is the file system's root ("/") unless the path is partial.
+    pub names: [[u8; NAME_LEN]; PATH_DEPTH],
 }
 
-const _: () = assert!(size_of::<Event>() == 8 * 2 + 4 * 10 + COMM_LEN);
+const _: () = assert!(
+    size_of::<Event>() == 8 * 2 + 4 * 10 + COMM_LEN + 4 * 2 + NAME_LEN * PATH_DEPTH
+);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers and byte arrays, and the size assertion above shows

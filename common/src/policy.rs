@@ -48,6 +48,8 @@ pub const COUNTERS_LEN: u32 = 2;
 
 /// Kernel struct field offsets, read from the running kernel's BTF at load time
 /// (Rust eBPF emits no CO-RE relocations), and handed to the programs as a global.
+/// The programs read them from a frozen read-only map, so the verifier sees
+/// constants and can type-check each field access against the kernel's BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Offsets {
@@ -55,14 +57,69 @@ pub struct Offsets {
     pub task_real_parent: u32,
     /// `offsetof(struct task_struct, tgid)`.
     pub task_tgid: u32,
+    /// `offsetof(struct task_struct, cred)` and `real_cred`: they differ only
+    /// while the kernel acts for the task with other credentials
+    /// (override_creds), as overlayfs does on its layers.
+    pub task_cred: u32,
+    pub task_real_cred: u32,
+    /// `offsetof(struct dentry, d_parent)`.
+    pub dentry_parent: u32,
+    /// `offsetof(struct dentry, d_inode)`.
+    pub dentry_inode: u32,
+    /// `offsetof(struct dentry, d_name) + offsetof(struct qstr, name)`.
+    pub dentry_name: u32,
+    /// `offsetof(struct dentry, d_sb)`.
+    pub dentry_sb: u32,
+    /// `offsetof(struct inode, i_mode)`.
+    pub inode_mode: u32,
+    /// `offsetof(struct super_block, s_dev)`.
+    pub sb_dev: u32,
+    /// `offsetof(struct super_block, s_magic)`.
+    pub sb_magic: u32,
+    /// `offsetof(struct file, f_path) + offsetof(struct path, dentry)`.
+    pub file_dentry: u32,
+    /// `offsetof(struct file, f_mode)`.
+    pub file_mode: u32,
+    /// Index of the `struct dentry *` argument of `inode_setattr`: 0 before
+    /// Linux 6.3, 1 once an idmap argument came first.
+    pub setattr_dentry_arg: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 8);
+const _: () = assert!(size_of::<Offsets>() == 14 * 4);
+
+/// What an allowed root lets a build do, stored on the root's inode (BPF inode
+/// storage), and on the inodes a build creates in an `own` root.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InodeTag {
+    /// `TAG_*`.
+    pub kind: u32,
+    pub _pad: u32,
+    /// For `TAG_OWNED`: the build (cgroup id) that created the inode.
+    pub owner: u64,
+}
+
+const _: () = assert!(size_of::<InodeTag>() == 16);
+
+/// Anything beneath may be changed.
+pub const TAG_TREE: u32 = 1;
+/// New entries may be created beneath; only what the build created may change.
+pub const TAG_OWN: u32 = 2;
+/// This one device node may be opened for writing.
+pub const TAG_DEVICE: u32 = 3;
+/// This one file may be created, written, replaced or removed.
+pub const TAG_FILE: u32 = 4;
+/// Created by build `owner` beneath an `own` root.
+pub const TAG_OWNED: u32 = 5;
+
+/// How many parents the ancestry walk looks at before it gives up and denies.
+pub const MAX_DEPTH: u32 = 48;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are repr(C) integers with sizes asserted beside them: no padding.
+    // SAFETY: all are repr(C) integers with sizes asserted beside them: no padding.
     unsafe impl aya::Pod for super::BuildPolicy {}
     unsafe impl aya::Pod for super::BuildStats {}
     unsafe impl aya::Pod for super::Offsets {}
+    unsafe impl aya::Pod for super::InodeTag {}
 }

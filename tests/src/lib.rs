@@ -21,7 +21,12 @@ pub fn buildcage_bin() -> PathBuf {
 
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("buildcage-test-{name}-{}", std::process::id()));
+    scratch_in(&std::env::temp_dir(), name)
+}
+
+/// A fresh scratch directory for one test, below `parent`.
+pub fn scratch_in(parent: &std::path::Path, name: &str) -> PathBuf {
+    let dir = parent.join(format!("buildcage-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
@@ -61,4 +66,67 @@ pub fn alive(pid: u32) -> bool {
             .and_then(|i| stat.get(i + 2..i + 3))
             .is_some_and(|state| state != "Z" && state != "X")
     })
+}
+
+/// What a file looks like, to show that a refused operation changed nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Snapshot {
+    Absent,
+    Present {
+        bytes: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: i64,
+        mtime_nsec: i64,
+        kind: String,
+        xattrs: Vec<u8>,
+    },
+}
+
+/// The state of `path` (not following a final symlink).
+pub fn snapshot(path: &std::path::Path) -> Snapshot {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Snapshot::Absent;
+    };
+    let bytes = if meta.is_file() {
+        std::fs::read(path).unwrap_or_default()
+    } else if meta.is_symlink() {
+        std::fs::read_link(path)
+            .map(|p| p.into_os_string().into_encoded_bytes())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Snapshot::Present {
+        bytes,
+        mode: meta.mode(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime: meta.mtime(),
+        mtime_nsec: meta.mtime_nsec(),
+        kind: format!("{:?}", meta.file_type()),
+        xattrs: xattr_names(path),
+    }
+}
+
+fn xattr_names(path: &std::path::Path) -> Vec<u8> {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return Vec::new();
+    };
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: buf is writable for its length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    buf.truncate(usize::try_from(n).unwrap_or(0));
+    buf
+}
+
+/// The JSON objects of an events file.
+pub fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line of the events file is one JSON object"))
+        .collect()
 }

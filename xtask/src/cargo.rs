@@ -28,14 +28,22 @@ fn cargo() -> Command {
 
 /// Runs a cargo command with JSON messages (diagnostics still rendered to stderr) and returns
 /// the executables of the `compiler-artifact` messages that `keep` accepts.
-fn executables(mut cmd: Command, keep: impl Fn(&serde_json::Value) -> bool) -> Result<Vec<Executable>> {
-    cmd.arg("--message-format=json-render-diagnostics").stdout(Stdio::piped());
-    let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
+fn executables(
+    mut cmd: Command,
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> Result<Vec<Executable>> {
+    cmd.arg("--message-format=json-render-diagnostics")
+        .stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
     let stdout = child.stdout.take().context("cargo stdout")?;
     let mut found = Vec::new();
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line?;
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         if msg["reason"] != "compiler-artifact" || !keep(&msg) {
             continue;
         }
@@ -49,7 +57,10 @@ fn executables(mut cmd: Command, keep: impl Fn(&serde_json::Value) -> bool) -> R
         found.push(Executable {
             path: PathBuf::from(exe),
             name: name.to_owned(),
-            package_dir: Path::new(manifest).parent().unwrap_or(Path::new("/")).to_path_buf(),
+            package_dir: Path::new(manifest)
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .to_path_buf(),
         });
     }
     let status = child.wait()?;
@@ -63,7 +74,11 @@ fn executables(mut cmd: Command, keep: impl Fn(&serde_json::Value) -> bool) -> R
 pub(crate) fn build_bin(package: &str, bin: &str) -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args(["build", "-p", package, "--bin", bin]);
-    let bins = executables(cmd, |msg| msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin")))?;
+    let bins = executables(cmd, |msg| {
+        msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "bin"))
+    })?;
     bins.into_iter()
         .find(|e| e.name == bin)
         .map(|e| e.path)

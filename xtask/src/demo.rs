@@ -31,7 +31,9 @@ pub(crate) fn run() -> Result<ExitCode> {
     let (denied, status) = if doctor.status.success() {
         run_on_host(&script)?
     } else {
-        println!("xtask: this host's kernel cannot run BPF LSM programs (`buildcage doctor` fails), so the demo runs in the 6.12 test VM");
+        println!(
+            "xtask: this host's kernel cannot run BPF LSM programs (`buildcage doctor` fails), so the demo runs in the 6.12 test VM"
+        );
         let mut denied = false;
         let status = crate::vm::run_in_vm_observed(
             KernelSel::V6_12,
@@ -46,7 +48,9 @@ pub(crate) fn run() -> Result<ExitCode> {
     if !denied {
         bail!("the demo ran (exit status {status}) but buildcage reported no denied socket()");
     }
-    println!("xtask: demo ok: configure wrote its config.h, and its socket() was denied (exit status {status})");
+    println!(
+        "xtask: demo ok: configure wrote its config.h, and its socket() was denied (exit status {status})"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -92,7 +92,10 @@ pub(crate) fn download(sel: KernelSel) -> Result<String> {
         Ok(()) => sel.pinned_package().to_owned(),
         Err(pinned_err) => {
             let newest = newest_in_archive(sel).with_context(|| {
-                format!("{} is not downloadable ({pinned_err:#})", sel.pinned_package())
+                format!(
+                    "{} is not downloadable ({pinned_err:#})",
+                    sel.pinned_package()
+                )
             })?;
             apt_download(&dl, &newest)?;
             newest
@@ -113,7 +116,13 @@ pub(crate) fn download(sel: KernelSel) -> Result<String> {
 
 fn apt_download(dir: &Path, package: &str) -> Result<()> {
     // apt-get warns that the download runs unsandboxed as root; that's expected here.
-    run_quiet(Command::new("apt-get").arg("download").arg(package).current_dir(dir)).map(|_| ())
+    run_quiet(
+        Command::new("apt-get")
+            .arg("download")
+            .arg(package)
+            .current_dir(dir),
+    )
+    .map(|_| ())
 }
 
 /// The newest package of the kernel's series that apt knows about.
@@ -130,7 +139,12 @@ fn newest_in_archive(sel: KernelSel) -> Result<String> {
         // Same rank: prefer the unsigned flavour, which has no dependency on a signed template.
         .max_by_key(|&(rank, name)| (rank, name.ends_with("-unsigned")))
         .map(|(_, name)| name.to_owned())
-        .with_context(|| format!("apt-cache knows no {} cloud kernel (run apt-get update?)", sel.label()))
+        .with_context(|| {
+            format!(
+                "apt-cache knows no {} cloud kernel (run apt-get update?)",
+                sel.label()
+            )
+        })
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
@@ -149,7 +163,11 @@ pub(crate) fn prepare(sel: KernelSel) -> Result<Kernel> {
     let vmlinuz = fs::read_dir(root.join("boot"))
         .with_context(|| format!("no boot/ in {}", root.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .with_context(|| format!("no vmlinuz in {}/boot", root.display()))?;
     let release = vmlinuz
         .file_name()
@@ -159,7 +177,12 @@ pub(crate) fn prepare(sel: KernelSel) -> Result<Kernel> {
         .to_owned();
     let initramfs = dir.join("initramfs.cpio");
     build_initramfs(&root.join("lib/modules").join(&release), &dir, &initramfs)?;
-    Ok(Kernel { sel, release, vmlinuz, initramfs })
+    Ok(Kernel {
+        sel,
+        release,
+        vmlinuz,
+        initramfs,
+    })
 }
 
 /// Stage 1, the initramfs `/init`: load modules, mount the host root read-only with a tmpfs
@@ -214,7 +237,11 @@ fn build_initramfs(modules_dir: &Path, kernel_dir: &Path, out: &Path) -> Result<
     // Everything that goes into the image; the image is rebuilt when any of it changes.
     let stamp = format!(
         "{INIT}\n{}\nbusybox {} {:?}\n",
-        order.iter().map(|(name, path)| format!("{name} {}", path.display())).collect::<Vec<_>>().join("\n"),
+        order
+            .iter()
+            .map(|(name, path)| format!("{name} {}", path.display()))
+            .collect::<Vec<_>>()
+            .join("\n"),
         busybox_meta.len(),
         busybox_meta.modified().ok(),
     );
@@ -232,7 +259,10 @@ fn build_initramfs(modules_dir: &Path, kernel_dir: &Path, out: &Path) -> Result<
     write_executable(&staging.join("init"), INIT)?;
     let mut names = String::new();
     for (name, path) in &order {
-        fs::write(staging.join("modules").join(format!("{name}.ko")), read_module(path)?)?;
+        fs::write(
+            staging.join("modules").join(format!("{name}.ko")),
+            read_module(path)?,
+        )?;
         names.push_str(name);
         names.push('\n');
     }
@@ -242,9 +272,12 @@ fn build_initramfs(modules_dir: &Path, kernel_dir: &Path, out: &Path) -> Result<
     let archive = fs::File::create(&tmp)?;
     // Uncompressed: the guest unpacks it faster under TCG than it would decompress it.
     let mut cpio = Command::new("sh");
-    cpio.args(["-c", "find . -print0 | LC_ALL=C sort -z | cpio --null --quiet -o -H newc"])
-        .current_dir(&staging)
-        .stdout(archive);
+    cpio.args([
+        "-c",
+        "find . -print0 | LC_ALL=C sort -z | cpio --null --quiet -o -H newc",
+    ])
+    .current_dir(&staging)
+    .stdout(archive);
     crate::util::run_checked(&mut cpio).context("building the initramfs (is cpio installed?)")?;
     fs::rename(&tmp, out)?;
     fs::write(&stamp_path, stamp)?;
@@ -277,7 +310,11 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
         .output()
         .with_context(|| format!("cannot run {tool} to decompress {}", path.display()))?;
     if !out.status.success() {
-        bail!("{tool} -dc {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{tool} -dc {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out.stdout)
 }
@@ -360,12 +397,21 @@ fn module_depends(elf: &[u8]) -> Vec<String> {
 fn is_static_elf(path: &Path) -> Result<bool> {
     const PT_INTERP: u32 = 3;
     let bytes = fs::read(path)?;
-    let u16_at = |off: usize| bytes.get(off..off + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |off: usize| {
+        bytes
+            .get(off..off + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let u32_at = |off: usize| {
-        bytes.get(off..off + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        bytes
+            .get(off..off + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
     let u64_at = |off: usize| {
-        bytes.get(off..off + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes)
+        bytes
+            .get(off..off + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
     };
     if bytes.get(..5) != Some(b"\x7fELF\x02") {
         bail!("{} is not a 64-bit ELF file", path.display());
@@ -392,23 +438,50 @@ mod tests {
     #[test]
     fn series_rank_orders_packages_of_one_series() {
         let v61 = KernelSel::V6_1;
-        assert_eq!(v61.series_rank("linux-image-6.1.0-57-cloud-amd64-unsigned"), Some(57));
-        assert_eq!(v61.series_rank("linux-image-6.1.0-50-cloud-amd64"), Some(50));
-        assert_eq!(v61.series_rank("linux-image-6.1.0-50-cloud-amd64-dbg"), None);
-        assert_eq!(v61.series_rank("linux-image-6.12.113+deb12-cloud-amd64-unsigned"), None);
+        assert_eq!(
+            v61.series_rank("linux-image-6.1.0-57-cloud-amd64-unsigned"),
+            Some(57)
+        );
+        assert_eq!(
+            v61.series_rank("linux-image-6.1.0-50-cloud-amd64"),
+            Some(50)
+        );
+        assert_eq!(
+            v61.series_rank("linux-image-6.1.0-50-cloud-amd64-dbg"),
+            None
+        );
+        assert_eq!(
+            v61.series_rank("linux-image-6.12.113+deb12-cloud-amd64-unsigned"),
+            None
+        );
         let v612 = KernelSel::V6_12;
-        assert_eq!(v612.series_rank("linux-image-6.12.113+deb12-cloud-amd64-unsigned"), Some(113));
-        assert_eq!(v612.series_rank("linux-image-6.12.107+deb12-cloud-amd64-dbg"), None);
+        assert_eq!(
+            v612.series_rank("linux-image-6.12.113+deb12-cloud-amd64-unsigned"),
+            Some(113)
+        );
+        assert_eq!(
+            v612.series_rank("linux-image-6.12.107+deb12-cloud-amd64-dbg"),
+            None
+        );
         assert_eq!(v612.series_rank("linux-image-6.1.0-57-cloud-amd64"), None);
     }
 
     #[test]
     fn module_names_and_depends() {
-        assert_eq!(module_name(Path::new("kernel/fs/fuse/virtiofs.ko.xz")).as_deref(), Some("virtiofs"));
-        assert_eq!(module_name(Path::new("kernel/x/virtio-pci.ko")).as_deref(), Some("virtio_pci"));
+        assert_eq!(
+            module_name(Path::new("kernel/fs/fuse/virtiofs.ko.xz")).as_deref(),
+            Some("virtiofs")
+        );
+        assert_eq!(
+            module_name(Path::new("kernel/x/virtio-pci.ko")).as_deref(),
+            Some("virtio_pci")
+        );
         assert_eq!(module_name(Path::new("modules.dep")), None);
         let modinfo = b"\0license=GPL\0depends=virtio_ring,virtio-pci-modern-dev\0intree=Y\0";
-        assert_eq!(module_depends(modinfo), ["virtio_ring", "virtio_pci_modern_dev"]);
+        assert_eq!(
+            module_depends(modinfo),
+            ["virtio_ring", "virtio_pci_modern_dev"]
+        );
         assert!(module_depends(b"\0depends=\0").is_empty());
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! xtask only orchestrates external tools (apt, rustup, cargo, qemu, virtiofsd);
 //! its output is meant for a human or a CI log, hence the crate-wide allowance.
-#![expect(clippy::print_stdout, reason = "xtask is a CLI whose job is to report to the terminal")]
+#![expect(
+    clippy::print_stdout,
+    reason = "xtask is a CLI whose job is to report to the terminal"
+)]
 
 mod cargo;
 mod demo;
@@ -66,7 +69,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Setup => setup::run(),
-        Cmd::Vm { kernel, timeout, cwd, argv } => {
+        Cmd::Vm {
+            kernel,
+            timeout,
+            cwd,
+            argv,
+        } => {
             let cwd = match cwd {
                 Some(dir) => std::path::absolute(dir)?,
                 None => std::env::current_dir()?,

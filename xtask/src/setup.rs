@@ -24,7 +24,10 @@ pub(crate) fn run() -> Result<ExitCode> {
         AptOutcome::NeedRoot(missing) => {
             ok = false;
             println!("setup: missing Debian packages; run as root:");
-            println!("    apt-get update && apt-get install -y --no-install-recommends {}", missing.join(" "));
+            println!(
+                "    apt-get update && apt-get install -y --no-install-recommends {}",
+                missing.join(" ")
+            );
             false
         }
     };
@@ -33,7 +36,10 @@ pub(crate) fn run() -> Result<ExitCode> {
     for sel in KernelSel::ALL {
         if !kernels::is_downloaded(sel)? {
             let package = kernels::download(sel)?;
-            println!("setup: downloaded the {} test kernel ({package})", sel.label());
+            println!(
+                "setup: downloaded the {} test kernel ({package})",
+                sel.label()
+            );
         }
         // The initramfs needs busybox-static; without it the VM could not boot anyway.
         if apt_ready {
@@ -43,7 +49,11 @@ pub(crate) fn run() -> Result<ExitCode> {
     if !is_root() {
         println!("setup: note: `cargo xtask vm`, `vm-test` and `demo` must run as root");
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 enum AptOutcome {
@@ -52,11 +62,16 @@ enum AptOutcome {
 }
 
 fn is_installed(package: &str) -> bool {
-    probe("dpkg-query", &["-W", "-f=${db:Status-Status}", package]).is_some_and(|s| s.trim() == "installed")
+    probe("dpkg-query", &["-W", "-f=${db:Status-Status}", package])
+        .is_some_and(|s| s.trim() == "installed")
 }
 
 fn ensure_apt_packages() -> Result<AptOutcome> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !is_installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(AptOutcome::Ready);
     }
@@ -72,7 +87,11 @@ fn ensure_apt_packages() -> Result<AptOutcome> {
     };
     // Package lists may be absent or stale on a fresh machine: update only when needed.
     if install().is_err() {
-        run_quiet(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run_quiet(
+            Command::new("apt-get")
+                .args(["update", "-q"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
         install()?;
     }
     println!("setup: installed {}", missing.join(" "));
@@ -84,11 +103,23 @@ fn ensure_rust_src() -> Result<()> {
     match probe("rustup", &["+nightly", "component", "list", "--installed"]) {
         Some(list) if list.lines().any(|l| l.trim().starts_with("rust-src")) => return Ok(()),
         Some(_) => {
-            run_quiet(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+            run_quiet(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))?;
         }
         None => {
             run_quiet(Command::new("rustup").args([
-                "toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src",
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
             ]))?;
         }
     }
@@ -100,11 +131,17 @@ fn ensure_rust_src() -> Result<()> {
 /// (a shared libLLVM), so no system LLVM is needed; a nightly update that changes LLVM's
 /// soname breaks the binary, which the version probe notices and this step rebuilds.
 fn ensure_bpf_linker() -> Result<()> {
-    if probe("bpf-linker", &["--version"]).is_some_and(|v| v.contains(&format!("bpf-linker {BPF_LINKER_SERIES}"))) {
+    if probe("bpf-linker", &["--version"])
+        .is_some_and(|v| v.contains(&format!("bpf-linker {BPF_LINKER_SERIES}")))
+    {
         return Ok(());
     }
     let libllvm = nightly_libllvm()?;
-    let file_name = libllvm.file_name().and_then(|n| n.to_str()).context("odd libLLVM name")?.to_owned();
+    let file_name = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("odd libLLVM name")?
+        .to_owned();
     // libLLVM.so.22.1-rust-1.97.0-nightly → 22
     let major = file_name
         .strip_prefix("libLLVM.so.")
@@ -124,13 +161,28 @@ fn ensure_bpf_linker() -> Result<()> {
         }
         std::os::unix::fs::symlink(&libllvm, &path)?;
     }
-    println!("setup: building bpf-linker {BPF_LINKER_SERIES}x against nightly's LLVM {major} (a few minutes)");
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_SERIES}x against nightly's LLVM {major} (a few minutes)"
+    );
     let mut cmd = Command::new("cargo");
-    cmd.args(["install", "bpf-linker", "--version", "^0.13", "--locked", "--force", "--quiet"])
-        .args(["--no-default-features", "--features"])
-        .arg(format!("llvm-{major}"))
-        .env("LLVM_PREFIX", &prefix);
-    run_quiet(&mut cmd).with_context(|| format!("building bpf-linker failed (LLVM_PREFIX={})", prefix.display()))?;
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--version",
+        "^0.13",
+        "--locked",
+        "--force",
+        "--quiet",
+    ])
+    .args(["--no-default-features", "--features"])
+    .arg(format!("llvm-{major}"))
+    .env("LLVM_PREFIX", &prefix);
+    run_quiet(&mut cmd).with_context(|| {
+        format!(
+            "building bpf-linker failed (LLVM_PREFIX={})",
+            prefix.display()
+        )
+    })?;
     match probe("bpf-linker", &["--version"]) {
         Some(v) if v.contains(BPF_LINKER_SERIES) => {
             println!("setup: installed {}", v.trim());
@@ -150,21 +202,32 @@ fn nightly_libllvm() -> Result<PathBuf> {
         .map_or_else(|| home_dir().map(|h| h.join(".rustup")), Ok)?;
     let toolchains = rustup_home.join("toolchains");
     let mut found: Vec<PathBuf> = Vec::new();
-    for entry in fs::read_dir(&toolchains).with_context(|| format!("cannot list {}", toolchains.display()))? {
+    for entry in fs::read_dir(&toolchains)
+        .with_context(|| format!("cannot list {}", toolchains.display()))?
+    {
         let dir = entry?.path();
-        if !dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("nightly-")) {
+        if !dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("nightly-"))
+        {
             continue;
         }
         found.extend(libllvm_in(&dir.join("lib"))?);
     }
     found.sort();
-    found
-        .pop()
-        .with_context(|| format!("no libLLVM.so.*-rust-* in a nightly toolchain under {}", toolchains.display()))
+    found.pop().with_context(|| {
+        format!(
+            "no libLLVM.so.*-rust-* in a nightly toolchain under {}",
+            toolchains.display()
+        )
+    })
 }
 
 fn libllvm_in(lib: &Path) -> Result<Vec<PathBuf>> {
-    let Ok(entries) = fs::read_dir(lib) else { return Ok(Vec::new()) };
+    let Ok(entries) = fs::read_dir(lib) else {
+        return Ok(Vec::new());
+    };
     Ok(entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {

@@ -48,7 +48,9 @@ pub(crate) fn describe(cmd: &Command) -> String {
 
 /// Runs a command with inherited stdio and fails unless it exits 0.
 pub(crate) fn run_checked(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", describe(cmd));
     }

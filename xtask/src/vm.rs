@@ -7,7 +7,6 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -103,7 +102,10 @@ pub(crate) fn run_in_vm_observed(
     let submounts = submounts_of(&needed)?;
     // A tmpfs on /tmp would hide what the command needs from the host's /tmp.
     let tmpfs_tmp = !needed.iter().any(|p| p.starts_with("/tmp"));
-    fs::write(run_dir.join("stage2.sh"), stage2_script(&cwd, argv, env, timeout, tmpfs_tmp)?)?;
+    fs::write(
+        run_dir.join("stage2.sh"),
+        stage2_script(&cwd, argv, env, timeout, tmpfs_tmp)?,
+    )?;
 
     let socket = guard.tmp_dir.join("vfs.sock");
     let share = guard.tmp_dir.join("root");
@@ -119,26 +121,44 @@ pub(crate) fn run_in_vm_observed(
     );
     let memory = std::env::var("BUILDCAGE_VM_MEMORY").unwrap_or_else(|_| GUEST_MEMORY.to_owned());
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "qemu64", "-smp", "2"])
-        .args(["-m", &memory, "-object"])
-        // vhost-user needs guest memory the virtiofsd process can map: a shared memfd.
-        .arg(format!("memory-backend-memfd,id=mem,size={memory},share=on"))
-        .args(["-numa", "node,memdev=mem", "-chardev"])
-        .arg(format!("socket,id=char0,path={}", socket.display()))
-        .args(["-device", "vhost-user-fs-pci,chardev=char0,tag=hostroot"])
-        // No -nographic: it makes SeaBIOS draw on the serial line, escape codes and all.
-        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("-initrd")
-        .arg(&kernel.initramfs)
-        .arg("-append")
-        .arg(&cmdline)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    qemu.args([
+        "-accel",
+        "tcg,thread=multi,tb-size=1024",
+        "-cpu",
+        "qemu64",
+        "-smp",
+        "2",
+    ])
+    .args(["-m", &memory, "-object"])
+    // vhost-user needs guest memory the virtiofsd process can map: a shared memfd.
+    .arg(format!(
+        "memory-backend-memfd,id=mem,size={memory},share=on"
+    ))
+    .args(["-numa", "node,memdev=mem", "-chardev"])
+    .arg(format!("socket,id=char0,path={}", socket.display()))
+    .args(["-device", "vhost-user-fs-pci,chardev=char0,tag=hostroot"])
+    // No -nographic: it makes SeaBIOS draw on the serial line, escape codes and all.
+    .args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(&kernel.initramfs)
+    .arg("-append")
+    .arg(&cmdline)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
     die_with_parent(&mut qemu);
     let started = Instant::now();
-    let mut child = qemu.spawn().context("cannot start qemu-system-x86_64 (run `cargo xtask setup`)")?;
+    let mut child = qemu
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (run `cargo xtask setup`)")?;
     let stdout = child.stdout.take().context("qemu stdout")?;
     guard.qemu = Some(child);
 
@@ -154,7 +174,10 @@ pub(crate) fn run_in_vm_observed(
             Ok(line) => {
                 on_line(&line);
                 if let Some(code) = line.trim().strip_prefix(EXIT_MARKER) {
-                    break code.trim().parse::<i32>().with_context(|| format!("bad exit marker {line:?}"))?;
+                    break code
+                        .trim()
+                        .parse::<i32>()
+                        .with_context(|| format!("bad exit marker {line:?}"))?;
                 }
                 if let Some(why) = line.trim().strip_prefix(INIT_FAILED_MARKER) {
                     init_failure = Some(why.trim().to_owned());
@@ -170,7 +193,10 @@ pub(crate) fn run_in_vm_observed(
                 let qemu_status = guard.qemu.as_mut().map(Child::wait).transpose()?;
                 let how = qemu_status.map_or_else(|| "?".to_owned(), |s| s.to_string());
                 return Err(match init_failure {
-                    Some(why) => anyhow!("the {} guest could not start the command: {why}", kernel.sel.label()),
+                    Some(why) => anyhow!(
+                        "the {} guest could not start the command: {why}",
+                        kernel.sel.label()
+                    ),
                     None => anyhow!(
                         "the {} guest ({}) stopped without reporting an exit status (qemu {how}): \
                          kernel panic or broken init, see the console output above",
@@ -189,7 +215,7 @@ pub(crate) fn run_in_vm_observed(
         }
     }
     eprintln!(
-        "xtask: {} guest ({}) ran the command in {:.1} s, exit status {status}",
+        "xtask: {} guest ({}) done in {:.1} s (boot included), exit status {status}",
         kernel.sel.label(),
         kernel.release,
         started.elapsed().as_secs_f64()
@@ -200,7 +226,11 @@ pub(crate) fn run_in_vm_observed(
 /// Copies the guest console to stdout as it arrives (so test output shows live) and sends each
 /// complete line to the caller. Serial line ends are CRLF; the CRs are dropped for logs. The
 /// kernel's power-off messages and all that follows the exit marker are noise and not shown.
-fn forward_console(mut from: impl std::io::Read, mut to: impl std::io::Write, lines: &mpsc::Sender<String>) {
+fn forward_console(
+    mut from: impl std::io::Read,
+    mut to: impl std::io::Write,
+    lines: &mpsc::Sender<String>,
+) {
     let mut buf = [0u8; 8192];
     // The current line, and how much of it was already shown.
     let mut line: Vec<u8> = Vec::new();
@@ -217,7 +247,8 @@ fn forward_console(mut from: impl std::io::Read, mut to: impl std::io::Write, li
             if b != b'\n' {
                 continue;
             }
-            let text = String::from_utf8_lossy(line.get(..line.len() - 1).unwrap_or_default()).into_owned();
+            let text = String::from_utf8_lossy(line.get(..line.len() - 1).unwrap_or_default())
+                .into_owned();
             if !muted && !is_power_off_noise(&text) {
                 out.extend_from_slice(line.get(shown_upto..).unwrap_or_default());
             }
@@ -243,7 +274,11 @@ fn forward_console(mut from: impl std::io::Read, mut to: impl std::io::Write, li
 /// `[    8.731464] sysrq: Power Off` and `reboot: Power down`, printed by the guest's
 /// power-off, sometimes before the exit marker has drained from the serial line.
 fn is_power_off_noise(line: &str) -> bool {
-    let Some((_, message)) = line.trim_start().strip_prefix('[').and_then(|rest| rest.split_once("] ")) else {
+    let Some((_, message)) = line
+        .trim_start()
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+    else {
         return false;
     };
     matches!(message.trim(), "sysrq: Power Off" | "reboot: Power down")
@@ -350,15 +385,23 @@ impl Virtiofsd {
 
     /// Starts virtiofsd in a private mount namespace holding a read-only bind of / at `share`
     /// (plus `submounts`); the mounts vanish with the namespace when virtiofsd exits, on any path.
-    fn spawn(&self, share: &Path, socket: &Path, submounts: &[PathBuf], log: &Path) -> Result<Child> {
+    fn spawn(
+        &self,
+        share: &Path,
+        socket: &Path,
+        submounts: &[PathBuf],
+        log: &Path,
+    ) -> Result<Child> {
         let share_q = shell_quote_path(share)?;
-        let mut script = format!(
-            "set -e\nmount --bind / {share_q}\nmount -o remount,bind,ro {share_q}\n"
-        );
+        let mut script =
+            format!("set -e\nmount --bind / {share_q}\nmount -o remount,bind,ro {share_q}\n");
         for m in submounts {
             let target = shell_quote_path(&share.join(m.strip_prefix("/")?))?;
             let m_q = shell_quote_path(m)?;
-            writeln!(script, "mount --bind {m_q} {target}\nmount -o remount,bind,ro {target}")?;
+            writeln!(
+                script,
+                "mount --bind {m_q} {target}\nmount -o remount,bind,ro {target}"
+            )?;
         }
         let sock_q = shell_quote_path(socket)?;
         match self {
@@ -390,10 +433,17 @@ fn wait_for_socket(socket: &Path, guard: &mut RunGuard, log: &Path) -> Result<()
         if let Some(vfs) = guard.virtiofsd.as_mut()
             && let Some(status) = vfs.try_wait()?
         {
-            bail!("virtiofsd exited ({status}) before serving{}", virtiofsd_tail(log));
+            bail!(
+                "virtiofsd exited ({status}) before serving{}",
+                virtiofsd_tail(log)
+            );
         }
         if Instant::now() > until {
-            bail!("virtiofsd did not create {} within 10 s{}", socket.display(), virtiofsd_tail(log));
+            bail!(
+                "virtiofsd did not create {} within 10 s{}",
+                socket.display(),
+                virtiofsd_tail(log)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -403,8 +453,14 @@ fn wait_for_socket(socket: &Path, guard: &mut RunGuard, log: &Path) -> Result<()
 fn virtiofsd_tail(log: &Path) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    let tail = lines.get(lines.len().saturating_sub(10)..).unwrap_or_default();
-    if tail.is_empty() { String::new() } else { format!("\nvirtiofsd said:\n{}", tail.join("\n")) }
+    let tail = lines
+        .get(lines.len().saturating_sub(10)..)
+        .unwrap_or_default();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\nvirtiofsd said:\n{}", tail.join("\n"))
+    }
 }
 
 /// Children die with xtask even if it is SIGKILLed, so a killed CI job leaves no guest behind.
@@ -434,22 +490,37 @@ struct RunGuard {
 
 impl RunGuard {
     fn new(runs: &Path) -> Result<Self> {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let name = format!("{}-{nanos}", std::process::id());
         let run_dir = runs.join(&name);
         if run_dir.to_string_lossy().chars().any(char::is_whitespace) {
-            bail!("the cache path {} contains whitespace; set XDG_CACHE_HOME elsewhere", runs.display());
+            bail!(
+                "the cache path {} contains whitespace; set XDG_CACHE_HOME elsewhere",
+                runs.display()
+            );
         }
-        fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+        fs::create_dir_all(&run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
         let tmp_dir = std::env::temp_dir().join(format!("buildcage-vm-{name}"));
         fs::create_dir_all(&tmp_dir)?;
-        Ok(Self { run_dir, tmp_dir, qemu: None, virtiofsd: None })
+        Ok(Self {
+            run_dir,
+            tmp_dir,
+            qemu: None,
+            virtiofsd: None,
+        })
     }
 }
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
-        for child in [self.qemu.as_mut(), self.virtiofsd.as_mut()].into_iter().flatten() {
+        for child in [self.qemu.as_mut(), self.virtiofsd.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             // Already-exited children make kill fail harmlessly; wait reaps them either way.
             let _ignored = child.kill();
             let _ignored = child.wait();
@@ -461,10 +532,17 @@ impl Drop for RunGuard {
 
 /// Run directories of xtask processes that no longer exist (killed before their cleanup).
 fn remove_stale_runs(runs: &Path) {
-    let Ok(entries) = fs::read_dir(runs) else { return };
+    let Ok(entries) = fs::read_dir(runs) else {
+        return;
+    };
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name();
-        let pid = name.to_string_lossy().split('-').next().unwrap_or_default().to_owned();
+        let pid = name
+            .to_string_lossy()
+            .split('-')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         if !pid.is_empty() && !Path::new("/proc").join(&pid).exists() {
             let _ignored = fs::remove_dir_all(entry.path());
         }
@@ -491,23 +569,50 @@ mod tests {
         forward_console(input, &mut shown, &tx);
         drop(tx);
         let lines: Vec<String> = rx.iter().collect();
-        assert_eq!(lines, ["a", "BUILDCAGE-VM-EXIT=3", "[ 1.0] sysrq: Power Off", "tail"]);
+        assert_eq!(
+            lines,
+            [
+                "a",
+                "BUILDCAGE-VM-EXIT=3",
+                "[ 1.0] sysrq: Power Off",
+                "tail"
+            ]
+        );
         // Nothing after the marker is shown.
         assert_eq!(String::from_utf8_lossy(&shown), "a\nBUILDCAGE-VM-EXIT=3\n");
     }
 
     #[test]
     fn stage2_quotes_the_command() -> Result<()> {
-        let argv = ["sh".to_owned(), "-c".to_owned(), "echo it's $HOME".to_owned()];
+        let argv = [
+            "sh".to_owned(),
+            "-c".to_owned(),
+            "echo it's $HOME".to_owned(),
+        ];
         let env = [("FOO".to_owned(), "a b".to_owned())];
-        let script = stage2_script(Path::new("/work/x y"), &argv, &env, Duration::from_secs(9), true)?;
+        let script = stage2_script(
+            Path::new("/work/x y"),
+            &argv,
+            &env,
+            Duration::from_secs(9),
+            true,
+        )?;
         assert!(script.contains("export FOO='a b'\n"));
         assert!(script.contains("cd '/work/x y' ||"));
         assert!(script.contains(r#"set -- sh -c 'echo it'\''s $HOME'"#));
         assert!(script.contains(r#"timeout -k 10 9 "$@""#));
         assert!(script.contains("mount -t tmpfs -o mode=1777 tmpfs /tmp"));
         let bad_env = [("A-B".to_owned(), String::new())];
-        assert!(stage2_script(Path::new("/"), &argv, &bad_env, Duration::from_secs(1), true).is_err());
+        assert!(
+            stage2_script(
+                Path::new("/"),
+                &argv,
+                &bad_env,
+                Duration::from_secs(1),
+                true
+            )
+            .is_err()
+        );
         Ok(())
     }
 }

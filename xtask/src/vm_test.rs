@@ -73,7 +73,9 @@ impl Tally {
             // "ok. 3 passed; 0 failed; 1 ignored; 0 measured; 2 filtered out; finished in 0.01s"
             for part in rest.split(';') {
                 let mut words = part.split_whitespace().rev();
-                let (Some(kind), Some(n)) = (words.next(), words.next()) else { continue };
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
                 let Ok(n) = n.parse::<u64>() else { continue };
                 match kind {
                     "passed" => self.passed += n,
@@ -99,7 +101,10 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     }
     let script = guest_script(&tests, args.real)?;
     let mut env = vec![
-        ("BUILDCAGE_BIN".to_owned(), buildcage.to_string_lossy().into_owned()),
+        (
+            "BUILDCAGE_BIN".to_owned(),
+            buildcage.to_string_lossy().into_owned(),
+        ),
         ("BUILDCAGE_IN_VM".to_owned(), "1".to_owned()),
         ("RUST_TEST_THREADS".to_owned(), "1".to_owned()),
         ("RUST_BACKTRACE".to_owned(), "1".to_owned()),
@@ -112,13 +117,20 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     let mut summaries = Vec::new();
     let mut all_ok = true;
     for kernel in args.kernel.kernels() {
-        println!("xtask: vm-test on {}: {} test binaries", kernel.label(), tests.len());
+        println!(
+            "xtask: vm-test on {}: {} test binaries",
+            kernel.label(),
+            tests.len()
+        );
         let mut tally = Tally::default();
         let started = Instant::now();
         let result = vm::run_in_vm_observed(
             kernel,
             // From the tests' package like cargo does (it also tells the VM which host dirs to keep).
-            tests.first().map_or_else(workspace_root, |t| t.package_dir.clone()).as_path(),
+            tests
+                .first()
+                .map_or_else(workspace_root, |t| t.package_dir.clone())
+                .as_path(),
             &argv,
             &env,
             Duration::from_secs(args.timeout),
@@ -135,8 +147,14 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         );
         let summary = match result {
             Ok(0) => format!("vm-test {}: ok: {counts}", kernel.label()),
-            Ok(status) => format!("vm-test {}: FAILED (status {status}): {counts}", kernel.label()),
-            Err(err) => format!("vm-test {}: FAILED, the guest died: {err:#}; {counts}", kernel.label()),
+            Ok(status) => format!(
+                "vm-test {}: FAILED (status {status}): {counts}",
+                kernel.label()
+            ),
+            Err(err) => format!(
+                "vm-test {}: FAILED, the guest died: {err:#}; {counts}",
+                kernel.label()
+            ),
         };
         all_ok &= summary.contains(": ok:");
         summaries.push(summary);
@@ -144,7 +162,11 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     for summary in &summaries {
         println!("{summary}");
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The guest runs every test binary in turn, from its package's directory like `cargo test`,
@@ -156,10 +178,18 @@ fn guest_script(tests: &[Executable], real: bool) -> Result<String> {
         format!("--skip {}", shell_quote(REAL_PREFIX))
     };
     // The guest's console is a terminal; colours suit only a host terminal, not a CI log.
-    let color = if std::io::stdout().is_terminal() { "always" } else { "never" };
+    let color = if std::io::stdout().is_terminal() {
+        "always"
+    } else {
+        "never"
+    };
     let mut s = String::from("failed=0\n");
     for test in tests {
-        let running = shell_quote(&format!("xtask: running {} ({})", test.name, test.path.display()));
+        let running = shell_quote(&format!(
+            "xtask: running {} ({})",
+            test.name,
+            test.path.display()
+        ));
         let failed = shell_quote(&format!("xtask: FAILED {}", test.name));
         writeln!(
             s,
@@ -186,6 +216,14 @@ mod tests {
         tally.observe("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s");
         tally.observe("xtask: FAILED policy (exit status 101)");
         tally.observe("test foo ... ok");
-        assert_eq!((tally.passed, tally.failed, tally.ignored, tally.binaries_failed), (4, 2, 1, 1));
+        assert_eq!(
+            (
+                tally.passed,
+                tally.failed,
+                tally.ignored,
+                tally.binaries_failed
+            ),
+            (4, 2, 1, 1)
+        );
     }
 }

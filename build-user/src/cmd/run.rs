@@ -5,9 +5,11 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use buildcage::{
     cgroup,
-    policy::{self, Vars},
+    loader::Root,
+    policy::{self, Mode, Policy, Vars},
     supervise::{self, RunSpec},
 };
+use buildcage_common::policy::{TAG_DEVICE, TAG_FILE, TAG_OWN, TAG_TREE};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
@@ -60,14 +62,53 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     let policy = policy::load(&args.policy, &vars)?;
     policy.check_roots_exist()?;
     let compiled = policy.kernel()?;
+    let mut roots = vec![Root {
+        path: tree.clone(),
+        kind: TAG_TREE,
+    }];
+    roots.extend(allow_write.into_iter().map(|path| Root {
+        path,
+        kind: TAG_TREE,
+    }));
+    roots.extend(kernel_roots(&policy));
     let spec = RunSpec {
         name: args.name,
         tree,
-        allow_write,
+        roots,
         policy: compiled,
         events: args.events,
         argv: args.command,
     };
     let outcome = supervise::run(&spec)?;
     Ok(ExitCode::from(u8::try_from(outcome.code & 0xff).unwrap_or(1)))
+}
+
+/// The policy's write roots as the kernel tags them. A `file` root that does not
+/// exist yet cannot carry a tag, so it stays unwritable (fail closed) and is
+/// said so.
+fn kernel_roots(policy: &Policy) -> Vec<Root> {
+    policy
+        .write
+        .iter()
+        .filter_map(|w| {
+            let kind = match w.mode {
+                Mode::Tree => TAG_TREE,
+                Mode::Own => TAG_OWN,
+                Mode::Device => TAG_DEVICE,
+                Mode::File => TAG_FILE,
+            };
+            if kind == TAG_FILE && !w.path.exists() {
+                tracing::warn!(
+                    "{} ({}) does not exist: a file root must exist before the build starts, so it stays unwritable",
+                    w.path.display(),
+                    w.origin
+                );
+                return None;
+            }
+            Some(Root {
+                path: w.path.clone(),
+                kind,
+            })
+        })
+        .collect()
 }

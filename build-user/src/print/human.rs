@@ -36,6 +36,8 @@ mod tests {
             protocol: Some(0),
             cmd: None,
             path: None,
+            path_partial: None,
+            reason: None,
         };
         assert_eq!(line(&record), "buildcage: deny socket(inet6, stream) pid 4242 curl");
     }

@@ -108,6 +108,8 @@ mod tests {
             protocol: None,
             cmd: None,
             path: None,
+            path_partial: None,
+            reason: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! probe daemon OUT                            double-forks; the grandchild tries
 //!                                             socket(AF_INET), writes "PID RESULT"
 //!                                             to OUT, and sleeps for an hour
+//! probe fs OP ARGS... [; OP ARGS...]...       file operations; see fs_op()
 #![expect(clippy::print_stdout, reason = "the probe's results are its stdout")]
 
 use std::{io::Write as _, process::ExitCode};
@@ -92,6 +93,16 @@ fn main() -> ExitCode {
             println!("socketpair {}", if rc == 0 { "OK".to_owned() } else { errno_name(last_errno()) });
         }
         Some("pid") => println!("{}", std::process::id()),
+        Some("fs") => {
+            // Several operations in one run, separated by ";".
+            for op in args[1..].split(|a| a == ";") {
+                let Some(result) = fs_op(op) else {
+                    eprintln!("probe: unknown fs operation {op:?}");
+                    return ExitCode::from(2);
+                };
+                println!("{} {}", op.join(" "), result);
+            }
+        }
         Some("daemon") => {
             let Some(out) = args.get(1) else {
                 eprintln!("probe: daemon OUT");
@@ -146,4 +157,114 @@ fn daemon(out: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn cstr(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).unwrap_or_default()
+}
+
+/// "OK" when `rc` is not -1, else the errno's name.
+fn result(rc: i64) -> String {
+    if rc == -1 { errno_name(last_errno()) } else { "OK".to_owned() }
+}
+
+/// One file operation, as a build would do it, straight through the system call.
+fn fs_op(args: &[String]) -> Option<String> {
+    let op = args.first()?.as_str();
+    let a = args.get(1).map(|s| cstr(s));
+    let b = args.get(2).map(|s| cstr(s));
+    let p = a.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    let q = b.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: system calls on NUL-terminated paths we own and on fds we open.
+    let rc: i64 = unsafe {
+        match op {
+            // Write to an existing file (no O_CREAT).
+            "write" => {
+                let fd = libc::open(p, libc::O_WRONLY | libc::O_APPEND | libc::O_CLOEXEC);
+                if fd < 0 {
+                    -1
+                } else {
+                    let n = libc::write(fd, b"x".as_ptr().cast(), 1) as i64;
+                    libc::close(fd);
+                    n
+                }
+            }
+            "create" => {
+                let fd = libc::open(p, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o644);
+                if fd >= 0 {
+                    libc::write(fd, b"new\n".as_ptr().cast(), 4);
+                    libc::close(fd);
+                }
+                i64::from(fd)
+            }
+            "mkdir" => i64::from(libc::mkdir(p, 0o755)),
+            "rmdir" => i64::from(libc::rmdir(p)),
+            "unlink" => i64::from(libc::unlink(p)),
+            "mkfifo" => i64::from(libc::mknod(p, libc::S_IFIFO | 0o644, 0)),
+            "mknod-chr" => i64::from(libc::mknod(p, libc::S_IFCHR | 0o600, libc::makedev(1, 3))),
+            "mknod-blk" => i64::from(libc::mknod(p, libc::S_IFBLK | 0o600, libc::makedev(7, 0))),
+            // symlink TARGET LINKPATH
+            "symlink" => i64::from(libc::symlink(p, q)),
+            // link OLD NEW
+            "link" => i64::from(libc::link(p, q)),
+            "rename" => i64::from(libc::rename(p, q)),
+            "exchange" => i64::from(libc::renameat2(libc::AT_FDCWD, p, libc::AT_FDCWD, q, libc::RENAME_EXCHANGE)),
+            "truncate" => i64::from(libc::truncate(p, 0)),
+            "chmod" => i64::from(libc::chmod(p, 0o777)),
+            "chown" => i64::from(libc::chown(p, 65534, 65534)),
+            "utimes" => i64::from(libc::utimes(p, std::ptr::null())),
+            "setxattr" => {
+                let name = cstr("user.buildcage");
+                i64::from(libc::setxattr(p, name.as_ptr(), b"1".as_ptr().cast(), 1, 0))
+            }
+            "removexattr" => {
+                let name = cstr("user.buildcage");
+                i64::from(libc::removexattr(p, name.as_ptr()))
+            }
+            // Metadata changed through a read-only fd.
+            "fchmod" | "fchown" | "fsetxattr" | "chattr" => {
+                let fd = libc::open(p, libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Some(format!("open:{}", errno_name(last_errno())));
+                }
+                let rc = match op {
+                    "fchmod" => libc::fchmod(fd, 0o777),
+                    "fchown" => libc::fchown(fd, 65534, 65534),
+                    "fsetxattr" => {
+                        let name = cstr("user.buildcage");
+                        libc::fsetxattr(fd, name.as_ptr(), b"1".as_ptr().cast(), 1, 0)
+                    }
+                    _ => {
+                        // FS_IOC_SETFLAGS with FS_IMMUTABLE_FL.
+                        let flags: libc::c_long = 0x10;
+                        libc::ioctl(fd, 0x4008_6602, &flags)
+                    }
+                };
+                let errno = last_errno();
+                libc::close(fd);
+                if rc == -1 {
+                    return Some(errno_name(errno));
+                }
+                0
+            }
+            // tmpfile-link DIR NEWPATH: an unnamed file in DIR, then linkat.
+            "tmpfile-link" => {
+                let fd = libc::open(p, libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                if fd < 0 {
+                    return Some(format!("tmpfile:{}", errno_name(last_errno())));
+                }
+                libc::write(fd, b"tmp\n".as_ptr().cast(), 4);
+                let proc_path = cstr(&format!("/proc/self/fd/{fd}"));
+                let rc = libc::linkat(libc::AT_FDCWD, proc_path.as_ptr(), libc::AT_FDCWD, q, libc::AT_SYMLINK_FOLLOW);
+                let errno = last_errno();
+                libc::close(fd);
+                if rc == -1 {
+                    return Some(errno_name(errno));
+                }
+                0
+            }
+            _ => return None,
+        }
+    };
+    Some(result(rc))
 }

@@ -1,0 +1,218 @@
+//! Filesystem confinement: is a dentry beneath one of the build's allowed roots?
+//!
+//! The answer comes from inode ancestry, never from path strings: the programs
+//! walk `d_parent` from the target and look for a tag in the `ROOTS` inode
+//! storage, which user space put on each allowed root (keyed by an open fd, so it
+//! is the kernel's own identity of the directory). Symlinks, `..`, renamed
+//! parents, bind mounts and chroots cannot fool it. The walk is bounded by
+//! `MAX_DEPTH`; running out of budget denies.
+//!
+//! Field accesses go through BTF-typed pointers with offsets from a frozen
+//! read-only global, so the verifier checks each against the kernel's BTF, and
+//! the inode pointers may be passed to `bpf_inode_storage_get`.
+
+use aya_ebpf::bindings::inode;
+use buildcage_common::{
+    InodeTag,
+    policy::{MAX_DEPTH, TAG_DEVICE, TAG_FILE, TAG_OWN, TAG_OWNED, TAG_TREE},
+};
+
+use crate::{maps::ROOTS, offsets};
+
+/// A `struct dentry *` as the kernel handed it to the hook.
+pub(crate) type Dentry = *const u8;
+
+/// Reads the field at byte `off` of the kernel object `base`.
+///
+/// # Safety
+///
+/// `base` must be a BTF-typed pointer the verifier knows, and `off` the offset of
+/// a field of type `T` in it, taken from the running kernel's BTF.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: per the contract; loads through BTF pointers cannot fault (the
+    // kernel marks them PROBE_MEM and fixes up a bad address to 0).
+    unsafe { core::ptr::read_volatile(base.add(off as usize).cast::<T>()) }
+}
+
+#[inline(always)]
+pub(crate) fn parent_of(d: Dentry) -> Dentry {
+    // SAFETY: d is a dentry; d_parent is a `struct dentry *`.
+    unsafe { field(d, offsets().dentry_parent) }
+}
+
+#[inline(always)]
+pub(crate) fn inode_of(d: Dentry) -> *mut inode {
+    // SAFETY: d is a dentry; d_inode is a `struct inode *` (NULL when negative).
+    unsafe { field(d, offsets().dentry_inode) }
+}
+
+#[inline(always)]
+pub(crate) fn name_of(d: Dentry) -> *const u8 {
+    // SAFETY: d is a dentry; d_name.name is a `const unsigned char *`.
+    unsafe { field(d, offsets().dentry_name) }
+}
+
+/// `d->d_sb->s_dev`.
+#[inline(always)]
+pub(crate) fn dev_of(d: Dentry) -> u32 {
+    // SAFETY: d_sb is a `struct super_block *`; s_dev a dev_t (u32).
+    unsafe {
+        let sb: *const u8 = field(d, offsets().dentry_sb);
+        if sb.is_null() {
+            return 0;
+        }
+        field(sb, offsets().sb_dev)
+    }
+}
+
+/// `d->d_sb->s_magic`.
+#[inline(always)]
+pub(crate) fn magic_of(d: Dentry) -> u64 {
+    // SAFETY: as dev_of; s_magic is an unsigned long.
+    unsafe {
+        let sb: *const u8 = field(d, offsets().dentry_sb);
+        if sb.is_null() {
+            return 0;
+        }
+        field(sb, offsets().sb_magic)
+    }
+}
+
+/// `inode->i_mode`.
+#[inline(always)]
+pub(crate) fn mode_of(i: *mut inode) -> u16 {
+    // SAFETY: i_mode is an umode_t (u16).
+    unsafe { field(i.cast::<u8>().cast_const(), offsets().inode_mode) }
+}
+
+/// `current->cred != current->real_cred`: the kernel is between
+/// override_creds() and revert_creds() for this task.
+#[inline(always)]
+pub(crate) fn creds_overridden() -> bool {
+    let offsets = offsets();
+    // SAFETY: reads of the current task through the probe helper.
+    unsafe {
+        let task = aya_ebpf::helpers::bpf_get_current_task() as *const u8;
+        let cred: Result<u64, _> =
+            aya_ebpf::helpers::bpf_probe_read_kernel(task.add(offsets.task_cred as usize).cast());
+        let real: Result<u64, _> =
+            aya_ebpf::helpers::bpf_probe_read_kernel(task.add(offsets.task_real_cred as usize).cast());
+        matches!((cred, real), (Ok(c), Ok(r)) if c != r)
+    }
+}
+
+/// What the ancestry walk found.
+#[derive(Clone, Copy)]
+pub(crate) struct Found {
+    /// `TAG_*` of the nearest tagged inode, 0 when none was found.
+    pub(crate) kind: u32,
+    /// The owner, for `TAG_OWNED`.
+    pub(crate) owner: u64,
+    /// The tag was on the starting dentry itself.
+    pub(crate) at_start: bool,
+    /// The walk ran out of budget before a tag or the root.
+    pub(crate) exhausted: bool,
+}
+
+/// Walks from `d` up to its file system's root and returns the nearest tag.
+#[inline(always)]
+pub(crate) fn nearest_tag(d: Dentry) -> Found {
+    let mut d = d;
+    let mut depth = 0;
+    while depth < MAX_DEPTH {
+        let ino = inode_of(d);
+        if !ino.is_null() {
+            // SAFETY: a BTF-typed inode pointer from d_inode.
+            let tag: *mut InodeTag = unsafe { ROOTS.get_ptr_mut(ino) };
+            if !tag.is_null() {
+                // SAFETY: non-null pointer to the inode's storage.
+                let tag = unsafe { *tag };
+                return Found {
+                    kind: tag.kind,
+                    owner: tag.owner,
+                    at_start: depth == 0,
+                    exhausted: false,
+                };
+            }
+        }
+        let parent = parent_of(d);
+        if parent.is_null() || parent == d {
+            return Found {
+                kind: 0,
+                owner: 0,
+                at_start: false,
+                exhausted: false,
+            };
+        }
+        d = parent;
+        depth += 1;
+    }
+    Found {
+        kind: 0,
+        owner: 0,
+        at_start: false,
+        exhausted: true,
+    }
+}
+
+/// Why a file operation was refused.
+#[derive(Clone, Copy)]
+pub(crate) struct Refusal {
+    pub(crate) exhausted: bool,
+}
+
+/// May the build change (write, truncate, chmod, unlink, rename away...) the
+/// existing object at `d`?
+#[inline(always)]
+pub(crate) fn may_modify(build: u64, d: Dentry) -> Result<(), Refusal> {
+    let found = nearest_tag(d);
+    let ok = match found.kind {
+        TAG_TREE => true,
+        // Beneath something this build created in an `own` root.
+        TAG_OWNED => found.owner == build,
+        // The named file itself.
+        TAG_FILE => found.at_start,
+        // An entry of an `own` root that this build did not create, or the root
+        // itself; a device node is for opening only (see may_open_device).
+        TAG_OWN | TAG_DEVICE => false,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal {
+            exhausted: found.exhausted,
+        })
+    }
+}
+
+/// May the build create a new entry in directory `dir`? Returns whether the new
+/// inode is to be tagged as the build's own (it is in an `own` root).
+#[inline(always)]
+pub(crate) fn may_create(build: u64, dir: Dentry) -> Result<bool, Refusal> {
+    let found = nearest_tag(dir);
+    match found.kind {
+        TAG_TREE => Ok(false),
+        // Directly in the `own` root, or in a directory this build made there.
+        TAG_OWN if found.at_start => Ok(true),
+        TAG_OWNED if found.owner == build => Ok(true),
+        _ => Err(Refusal {
+            exhausted: found.exhausted,
+        }),
+    }
+}
+
+/// May the build open the device node at `d` for writing? Only a `device` root
+/// itself, or a node beneath a `tree` root (/dev/pts).
+#[inline(always)]
+pub(crate) fn may_open_device(d: Dentry) -> Result<(), Refusal> {
+    let found = nearest_tag(d);
+    match found.kind {
+        TAG_DEVICE if found.at_start => Ok(()),
+        TAG_TREE => Ok(()),
+        _ => Err(Refusal {
+            exhausted: found.exhausted,
+        }),
+    }
+}

@@ -1,0 +1,148 @@
+//! Completing the paths of file events in user space.
+//!
+//! The kernel programs can't call `bpf_d_path` in most hooks (it is allowed only
+//! in a few, like file_open), so they send the names from the file up to its file
+//! system's root, plus the file system's device. Here the device is mapped to
+//! where that file system is mounted, from /proc/self/mountinfo.
+
+use std::path::{Path, PathBuf};
+
+use buildcage_common::event::{EVENT_FLAG_PATH_PARTIAL, NAME_LEN, PATH_DEPTH};
+
+/// One line of mountinfo, as much as paths need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mount {
+    /// The kernel's dev_t encoding: major << 20 | minor.
+    dev: u32,
+    /// The directory of the file system mounted here ("/" unless a bind of a subdir).
+    root: PathBuf,
+    mount_point: PathBuf,
+}
+
+/// Where each file system is mounted.
+#[derive(Clone, Debug, Default)]
+pub struct Mounts {
+    mounts: Vec<Mount>,
+}
+
+/// A resolved event path: either whole, or the tail the kernel could name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventPath {
+    Full(String),
+    /// Only the innermost components are known; shown as `…/a/b`.
+    Partial(String),
+}
+
+impl Mounts {
+    pub fn read() -> Self {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|t| Self::parse(&t))
+            .unwrap_or_default()
+    }
+
+    pub fn parse(mountinfo: &str) -> Self {
+        let mounts = mountinfo
+            .lines()
+            .filter_map(|line| {
+                let mut f = line.split_whitespace();
+                let (_, _, devno, root, mount_point) =
+                    (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+                let (major, minor) = devno.split_once(':')?;
+                let dev = (major.parse::<u32>().ok()? << 20) | minor.parse::<u32>().ok()?;
+                Some(Mount {
+                    dev,
+                    root: PathBuf::from(crate::cgroup::unescape_octal(root)),
+                    mount_point: PathBuf::from(crate::cgroup::unescape_octal(mount_point)),
+                })
+            })
+            .collect();
+        Self { mounts }
+    }
+
+    /// Builds the path from the names of an event (innermost first).
+    pub fn resolve(&self, dev: u32, names: &[[u8; NAME_LEN]; PATH_DEPTH], depth: u32, flags: u32) -> EventPath {
+        let depth = usize::try_from(depth).unwrap_or(0).min(PATH_DEPTH);
+        let parts: Vec<String> = names[..depth]
+            .iter()
+            .map(|n| {
+                let len = n.iter().position(|&b| b == 0).unwrap_or(n.len());
+                String::from_utf8_lossy(&n[..len]).into_owned()
+            })
+            .collect();
+        if flags & EVENT_FLAG_PATH_PARTIAL != 0 || parts.is_empty() {
+            let tail: Vec<&str> = parts.iter().rev().map(String::as_str).collect();
+            return EventPath::Partial(format!("…/{}", tail.join("/")));
+        }
+        // The outermost name is the file system's root ("/"); skip it.
+        let inside: Vec<&str> = parts[..parts.len() - 1].iter().rev().map(String::as_str).collect();
+        let fs_path = PathBuf::from(format!("/{}", inside.join("/")));
+        match self.mount_of(dev, &fs_path) {
+            Some(p) => EventPath::Full(p.display().to_string()),
+            None => EventPath::Partial(format!("…{}", fs_path.display())),
+        }
+    }
+
+    /// The path of `fs_path` (relative to its file system's root) through a mount
+    /// of device `dev` that shows it.
+    fn mount_of(&self, dev: u32, fs_path: &Path) -> Option<PathBuf> {
+        self.mounts.iter().filter(|m| m.dev == dev).find_map(|m| {
+            let rest = fs_path.strip_prefix(&m.root).ok()?;
+            Some(if rest.as_os_str().is_empty() {
+                m.mount_point.clone()
+            } else {
+                m.mount_point.join(rest)
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(parts: &[&str]) -> [[u8; NAME_LEN]; PATH_DEPTH] {
+        let mut out = [[0u8; NAME_LEN]; PATH_DEPTH];
+        for (slot, part) in out.iter_mut().zip(parts) {
+            slot[..part.len()].copy_from_slice(part.as_bytes());
+        }
+        out
+    }
+
+    const INFO: &str = "22 1 0:21 / / rw - overlay overlay rw\n\
+                        30 22 0:35 / /tmp rw - tmpfs tmpfs rw\n\
+                        31 22 8:1 /srv/build /work rw - ext4 /dev/sda1 rw\n";
+
+    #[test]
+    fn resolves_through_the_mount_of_the_device() {
+        let m = Mounts::parse(INFO);
+        let tmp_dev = 35;
+        assert_eq!(
+            m.resolve(tmp_dev, &names(&["evil", "cron.d", "/"]), 3, 0),
+            EventPath::Full("/tmp/cron.d/evil".to_owned())
+        );
+        let root_dev = 21;
+        assert_eq!(
+            m.resolve(root_dev, &names(&["passwd", "etc", "/"]), 3, 0),
+            EventPath::Full("/etc/passwd".to_owned())
+        );
+        let sda1 = (8 << 20) | 1;
+        assert_eq!(
+            m.resolve(sda1, &names(&["x", "build", "srv", "/"]), 4, 0),
+            EventPath::Full("/work/x".to_owned())
+        );
+    }
+
+    #[test]
+    fn partial_paths_are_marked_not_invented() {
+        let m = Mounts::parse(INFO);
+        assert_eq!(
+            m.resolve(21, &names(&["c", "b"]), 2, EVENT_FLAG_PATH_PARTIAL),
+            EventPath::Partial("…/b/c".to_owned())
+        );
+        // A device no mount shows.
+        assert_eq!(
+            m.resolve(99, &names(&["f", "/"]), 2, 0),
+            EventPath::Partial("…/f".to_owned())
+        );
+    }
+}
