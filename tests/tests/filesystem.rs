@@ -129,8 +129,9 @@ fn renames_across_the_tree_boundary_are_refused() {
         &[
             denied(&["rename", i, "/etc/buildcage-test-moved"], "rename_to", "/etc/buildcage-test-moved", &[&inside, target]),
             denied(&["rename", out.to_str().unwrap(), dest.to_str().unwrap()], "rename", out.to_str().unwrap(), &[&out, &dest]),
-            // RENAME_EXCHANGE: the kernel checks both directions.
-            denied(&["exchange", i, "/etc/hostname"], "rename_to", "/etc/hostname", &[&inside, hostname]),
+            // RENAME_EXCHANGE: the kernel checks both directions, the swapped one
+            // first, which takes /etc/hostname out of /etc.
+            denied(&["exchange", i, "/etc/hostname"], "rename", "/etc/hostname", &[&inside, hostname]),
         ],
     );
 }

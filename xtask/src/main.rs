@@ -11,6 +11,7 @@ mod cargo;
 mod demo;
 mod kernels;
 mod setup;
+mod test;
 mod util;
 mod vm;
 mod vm_test;
@@ -52,8 +53,10 @@ enum Cmd {
     },
     /// Build the integration tests and run them as root inside each test kernel.
     VmTest(vm_test::Args),
-    /// Show buildcage denying a "configure" step its network access.
+    /// Show buildcage denying a "configure" step its network access (runs setup first).
     Demo,
+    /// The whole suite: setup, host tests, then VM tests on 6.12 and 6.1.
+    Test,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +92,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(util::exit_code(status))
         }
         Cmd::VmTest(args) => vm_test::run(&args),
-        Cmd::Demo => demo::run(),
+        Cmd::Demo => {
+            let setup = setup::run()?;
+            if setup != ExitCode::SUCCESS {
+                return Ok(setup);
+            }
+            demo::run()
+        }
+        Cmd::Test => test::run(),
     }
 }

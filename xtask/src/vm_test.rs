@@ -39,6 +39,20 @@ pub(crate) struct Args {
     buildcage_bin: Option<PathBuf>,
 }
 
+impl Args {
+    /// The default run: the fast set on every kernel.
+    pub(crate) fn all_kernels() -> Self {
+        Self {
+            kernel: KernelChoice::All,
+            real: false,
+            timeout: 3600,
+            tests_package: "buildcage-tests".to_owned(),
+            tests_manifest: None,
+            buildcage_bin: None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum KernelChoice {
     All,

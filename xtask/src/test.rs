@@ -1,0 +1,30 @@
+//! `cargo xtask test`: the whole suite, from a fresh machine. Setup, the host
+//! tests (unit tests, and the integration tests that need no BPF LSM), then the
+//! VM tests on both kernels. Non-zero if anything fails.
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result};
+
+use crate::util::workspace_root;
+
+pub(crate) fn run() -> Result<ExitCode> {
+    let setup = crate::setup::run()?;
+    if setup != ExitCode::SUCCESS {
+        return Ok(setup);
+    }
+    println!("xtask: host tests (cargo test --workspace --exclude buildcage-tests)");
+    // buildcage-tests asserts what a BPF LSM kernel did; this host may have none,
+    // so those run in the VMs below, where they must pass.
+    let status = Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["test", "--workspace", "--exclude", "buildcage-tests", "--exclude", "xtask"])
+        .status()
+        .context("cannot run cargo test")?;
+    if !status.success() {
+        println!("xtask: host tests FAILED");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("xtask: VM tests on 6.12 and 6.1");
+    crate::vm_test::run(&crate::vm_test::Args::all_kernels())
+}
