@@ -261,6 +261,7 @@ pub fn sock_type_name(sock_type: u32) -> String {
 mod tests {
     use super::*;
 
+    #[expect(clippy::as_conversions, reason = "a repr(u32) enum's discriminant, as the kernel sends it")]
     fn event(op: Op, action: Action) -> Event {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"curl");

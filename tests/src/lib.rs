@@ -130,3 +130,34 @@ pub fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("each line of the events file is one JSON object"))
         .collect()
 }
+
+/// A fingerprint of everything below `root`: each entry's path, type, mode,
+/// owner, size and mtime, plus the bytes of regular files up to 1 MiB (larger
+/// ones by metadata; any write changes their size or mtime). Symlinks are not
+/// followed. Used to show that a hostile build changed nothing outside its tree.
+pub fn tree_digest(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf, u64> {
+    use std::{
+        hash::{DefaultHasher, Hash as _, Hasher as _},
+        os::unix::fs::MetadataExt as _,
+    };
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let mut h = DefaultHasher::new();
+        (meta.mode(), meta.uid(), meta.gid(), meta.size(), meta.mtime(), meta.mtime_nsec()).hash(&mut h);
+        if meta.is_file() && meta.size() <= 1 << 20 {
+            std::fs::read(&path).unwrap_or_default().hash(&mut h);
+        } else if meta.is_symlink() {
+            std::fs::read_link(&path).unwrap_or_default().hash(&mut h);
+        } else if meta.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+        out.insert(path, h.finish());
+    }
+    out
+}

@@ -11,6 +11,7 @@ mod cargo;
 mod demo;
 mod kernels;
 mod setup;
+mod sources;
 mod test;
 mod util;
 mod vm;

@@ -125,6 +125,11 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     ];
     if args.real {
         env.push(("BUILDCAGE_REAL".to_owned(), "1".to_owned()));
+        let hello = crate::sources::hello_tarball()?;
+        env.push((
+            "BUILDCAGE_HELLO_TARBALL".to_owned(),
+            hello.to_string_lossy().into_owned(),
+        ));
     }
     let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
 

@@ -184,7 +184,7 @@ fn fs_op(args: &[String]) -> Option<String> {
                 if fd < 0 {
                     -1
                 } else {
-                    let n = libc::write(fd, b"x".as_ptr().cast(), 1) as i64;
+                    let n = i64::try_from(libc::write(fd, b"x".as_ptr().cast(), 1)).unwrap_or(-1);
                     libc::close(fd);
                     n
                 }
@@ -246,6 +246,14 @@ fn fs_op(args: &[String]) -> Option<String> {
                     return Some(errno_name(errno));
                 }
                 0
+            }
+            // tmpfile DIR: can this file system make unnamed files at all?
+            "tmpfile" => {
+                let fd = libc::open(p, libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+                i64::from(fd)
             }
             // tmpfile-link DIR NEWPATH: an unnamed file in DIR, then linkat.
             "tmpfile-link" => {

