@@ -53,30 +53,29 @@ pub(crate) fn name_of(d: Dentry) -> *const u8 {
     unsafe { field(d, offsets().dentry_name) }
 }
 
-/// `d->d_sb->s_dev`.
+/// A field of `d->d_sb`, or 0 for a dentry without a super block.
 #[inline(always)]
-pub(crate) fn dev_of(d: Dentry) -> u32 {
-    // SAFETY: d_sb is a `struct super_block *`; s_dev a dev_t (u32).
+fn sb_field<T: Copy + Default>(d: Dentry, off: u32) -> T {
+    // SAFETY: d_sb is a `struct super_block *`; `off` is a field of type T in it.
     unsafe {
         let sb: *const u8 = field(d, offsets().dentry_sb);
         if sb.is_null() {
-            return 0;
+            return T::default();
         }
-        field(sb, offsets().sb_dev)
+        field(sb, off)
     }
+}
+
+/// `d->d_sb->s_dev`.
+#[inline(always)]
+pub(crate) fn dev_of(d: Dentry) -> u32 {
+    sb_field(d, offsets().sb_dev)
 }
 
 /// `d->d_sb->s_magic`.
 #[inline(always)]
 pub(crate) fn magic_of(d: Dentry) -> u64 {
-    // SAFETY: as dev_of; s_magic is an unsigned long.
-    unsafe {
-        let sb: *const u8 = field(d, offsets().dentry_sb);
-        if sb.is_null() {
-            return 0;
-        }
-        field(sb, offsets().sb_magic)
-    }
+    sb_field(d, offsets().sb_magic)
 }
 
 /// `inode->i_mode`.

@@ -60,7 +60,15 @@ pub fn run_checks() -> Vec<Check> {
         Ok(lsms) => Check::pass("bpf-lsm", format!("active LSMs: {}", lsms.join(","))),
         Err(e) => Check::fail("bpf-lsm", e),
     });
-    let offsets = KernelBtf::from_sys_fs().and_then(|btf| btf.offsets());
+    let btf = KernelBtf::from_sys_fs();
+    checks.push(match &btf {
+        Ok(btf) => hooks_check(btf),
+        Err(_) => Check::fail(
+            "hooks",
+            "not checked: the kernel's BTF is unreadable (see below)\nhint: buildcage needs CONFIG_DEBUG_INFO_BTF=y",
+        ),
+    });
+    let offsets = btf.and_then(|btf| btf.offsets());
     checks.push(match &offsets {
         Ok(o) => Check::pass(
             "btf",
@@ -94,6 +102,44 @@ pub fn run_checks() -> Vec<Check> {
         ),
     });
     checks
+}
+
+/// Which LSM hooks the kernel offers: every hook buildcage attaches to must be
+/// there; the optional ones are reported, since they decide known gaps.
+fn hooks_check(btf: &KernelBtf) -> Check {
+    let missing: Vec<&str> = crate::loader::HOOKS
+        .iter()
+        .map(|(hook, _)| *hook)
+        .filter(|hook| !btf.has_hook(hook))
+        .collect();
+    if !missing.is_empty() {
+        return Check::fail(
+            "hooks",
+            format!(
+                "the kernel lacks the LSM hooks {}\nhint: buildcage needs CONFIG_BPF_LSM=y on Linux 6.1 or newer",
+                missing.join(", ")
+            ),
+        );
+    }
+    let optional = [
+        ("path_truncate", "CONFIG_SECURITY_PATH"),
+        ("inode_set_acl", "ACL hooks (6.2+), not hooked yet"),
+    ];
+    let extras: Vec<String> = optional
+        .iter()
+        .map(|(hook, what)| {
+            let has = if btf.has_hook(hook) { "yes" } else { "no" };
+            format!("{what}: {has}")
+        })
+        .collect();
+    Check::pass(
+        "hooks",
+        format!(
+            "all {} hooks buildcage uses are present; {}",
+            crate::loader::HOOKS.len(),
+            extras.join("; ")
+        ),
+    )
 }
 
 /// Loads the programs for a scratch build, makes a child in it try

@@ -21,7 +21,7 @@ fn doctor_verdict_matches_its_checks() {
         .filter(|l| l.starts_with("pass ") || l.starts_with("FAIL "))
         .collect();
     let names: Vec<&str> = checks.iter().map(|l| l.split_whitespace().nth(1).unwrap_or("")).collect();
-    assert_eq!(names, ["root", "bpf-lsm", "btf", "cgroup2", "bpffs", "enforce"], "{err}");
+    assert_eq!(names, ["root", "bpf-lsm", "hooks", "btf", "cgroup2", "bpffs", "enforce"], "{err}");
     let failed = checks.iter().any(|l| l.starts_with("FAIL "));
     assert_eq!(out.status.success(), !failed, "exit status agrees with the checks: {err}");
     if failed {
