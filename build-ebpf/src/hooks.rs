@@ -73,6 +73,7 @@ fn try_socket_create(ctx: &LsmContext) -> Verdict {
         family,
         sock_type: sock_type & SOCK_TYPE_MASK,
         protocol,
+        addr: [0; 16],
     };
     refuse(build, policy.flags, Op::Socket, details, None, 0)
 }
@@ -83,9 +84,8 @@ fn try_socket_create(ctx: &LsmContext) -> Verdict {
 #[lsm_cgroup(hook = "bpf")]
 pub fn bpf(ctx: LsmContext) -> i32 {
     let details = Details {
-        family: 0,
         sock_type: ctx.arg::<i32>(0) as u32,
-        protocol: 0,
+        ..Details::default()
     };
     crate::report::decision(current_build(), Op::Bpf, buildcage_common::Action::Deny, details, None, 0);
     Verdict::Deny.cgroup()
@@ -95,7 +95,7 @@ pub fn bpf(ctx: LsmContext) -> i32 {
 
 /// Runs a file check for the current build and reports a refusal on `target`.
 #[inline(always)]
-fn check_file(op: Op, target: Dentry, check: impl FnOnce(u64) -> Result<(), fs::Refusal>) -> Verdict {
+pub(crate) fn check_file(op: Op, target: Dentry, check: impl FnOnce(u64) -> Result<(), fs::Refusal>) -> Verdict {
     // The kernel acting on the task's behalf with other credentials: overlayfs
     // creating, copying up or removing on its upper layer. The operation the task
     // itself asked for was checked already, on the overlay's own dentries; the
@@ -218,8 +218,10 @@ pub fn inode_rename(ctx: LsmContext) -> i32 {
     if check_modify(Op::Rename, old) == Verdict::Deny {
         return Verdict::Deny.cgroup();
     }
-    if !fs::inode_of(new).is_null() && check_modify(Op::RenameTo, new) == Verdict::Deny {
-        return Verdict::Deny.cgroup();
+    // Replacing an existing entry is changing it (a `file` root may be replaced
+    // this way); a new name is a create in the target directory.
+    if !fs::inode_of(new).is_null() {
+        return check_modify(Op::RenameTo, new).cgroup();
     }
     check_file(Op::RenameTo, new, |build| {
         fs::may_create(build, fs::parent_of(new)).map(|_| ())
@@ -269,7 +271,7 @@ fn setattr(dentry: Dentry, attr: *const u8) -> Verdict {
 
 /// Runs `check` only for tasks of this build, keeping an earlier refusal.
 #[inline(always)]
-fn global(previous: i32, check: impl FnOnce() -> Verdict) -> i32 {
+pub(crate) fn global(previous: i32, check: impl FnOnce() -> Verdict) -> i32 {
     if previous != 0 {
         return previous;
     }

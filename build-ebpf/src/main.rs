@@ -19,6 +19,7 @@
 mod fs;
 mod hooks;
 mod maps;
+mod net;
 mod report;
 
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_send_signal};
@@ -58,6 +59,12 @@ static OFFSETS: Offsets = Offsets {
     file_dentry: 0,
     file_mode: 0,
     setattr_dentry_arg: 0,
+    socket_sk: 0,
+    sock_family: 0,
+    sock_num: 0,
+    msghdr_name: 0,
+    unix_dentry: 0,
+    _pad: 0,
 };
 
 /// The offsets, read through a volatile load so that the verifier, not LLVM,

@@ -115,3 +115,8 @@ pub(crate) fn tag_if_created(dentry: *const u8, ino: *mut aya_ebpf::bindings::in
         unsafe { *slot = tag };
     }
 }
+
+/// Loopback ports a process of this build bound or listens on (host order): the
+/// only ones it may connect or send to in loopback mode.
+#[map]
+pub(crate) static BOUND: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);

@@ -24,7 +24,9 @@ use crate::{
 pub(crate) struct Details {
     pub(crate) family: u32,
     pub(crate) sock_type: u32,
+    /// The protocol, or the port for connect/bind/sendmsg.
     pub(crate) protocol: u32,
+    pub(crate) addr: [u8; 16],
 }
 
 /// Counts a decision and sends it to user space, with the path of `dentry` when
@@ -63,6 +65,7 @@ pub(crate) fn decision(
         (*e).family = details.family;
         (*e).sock_type = details.sock_type;
         (*e).protocol = details.protocol;
+        (*e).addr = details.addr;
         (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*e).dev = 0;
         (*e).depth = 0;

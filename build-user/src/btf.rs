@@ -81,6 +81,12 @@ impl KernelBtf {
             file_dentry: self.field_offset("file", "f_path")? + self.field_offset("path", "dentry")?,
             file_mode: self.field_offset("file", "f_mode")?,
             setattr_dentry_arg: self.hook_param("inode_setattr", "dentry")?,
+            socket_sk: self.field_offset("socket", "sk")?,
+            sock_family: self.field_offset("sock_common", "skc_family")?,
+            sock_num: self.field_offset("sock_common", "skc_num")?,
+            msghdr_name: self.field_offset("msghdr", "msg_name")?,
+            unix_dentry: self.field_offset("unix_sock", "path")? + self.field_offset("path", "dentry")?,
+            _pad: 0,
         })
     }
 

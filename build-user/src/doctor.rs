@@ -168,7 +168,7 @@ fn probe_in(
     let policy = BuildPolicy {
         socket_families: 1 << AF_UNIX,
         flags: 0,
-        _pad: 0,
+        net: buildcage_common::policy::NET_NONE,
     };
     let mut confinement = Confinement::attach(cg, policy, &[], offsets, bpffs)?;
     let mut events = confinement.take_events()?;

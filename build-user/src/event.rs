@@ -47,6 +47,11 @@ pub struct Record {
     pub sock_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<u32>,
+    /// connect/bind/sendmsg: the inet address and port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
     /// The bpf(2) command number (`bpf` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cmd: Option<u32>,
@@ -117,6 +122,10 @@ impl Record {
         let action = Action::try_from(event.action).map_err(EventError::Action)?;
         let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
         let comm = String::from_utf8_lossy(&event.comm[..comm_len]).into_owned();
+        let (address, port) = match op {
+            Op::Connect | Op::Bind | Op::Sendmsg => (Some(inet_address(event.family, &event.addr)), Some(event.protocol)),
+            _ => (None, None),
+        };
         let (family, sock_type, protocol, cmd) = match op {
             Op::Socket => (
                 Some(family_name(event.family)),
@@ -125,6 +134,7 @@ impl Record {
                 None,
             ),
             Op::Bpf => (None, None, None, Some(event.sock_type)),
+            Op::Connect | Op::Bind | Op::Sendmsg => (Some(family_name(event.family)), None, None, None),
             _ => (None, None, None, None),
         };
         let (path, path_partial) = if event.depth == 0 {
@@ -155,6 +165,8 @@ impl Record {
             family,
             sock_type,
             protocol,
+            address,
+            port,
             cmd,
             path,
             path_partial,
@@ -171,6 +183,13 @@ impl Record {
                 self.sock_type.as_deref().unwrap_or("?")
             ),
             Op::Bpf => format!("bpf(cmd {})", self.cmd.unwrap_or(0)),
+            Op::Connect | Op::Bind | Op::Sendmsg => format!(
+                "{}({}, {} port {})",
+                self.op.name(),
+                self.family.as_deref().unwrap_or("?"),
+                self.address.as_deref().unwrap_or("?"),
+                self.port.unwrap_or(0)
+            ),
             op => format!(
                 "{}({})",
                 op.name(),
@@ -180,6 +199,15 @@ impl Record {
                     .unwrap_or("?")
             ),
         }
+    }
+}
+
+/// An inet address as text: 4 bytes for inet (family 2), 16 for inet6.
+fn inet_address(family: u32, addr: &[u8; 16]) -> String {
+    if family == 2 {
+        std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).to_string()
+    } else {
+        std::net::Ipv6Addr::from(*addr).to_string()
     }
 }
 
@@ -224,6 +252,7 @@ mod tests {
             family: 10,
             sock_type: 1,
             protocol: 0,
+            addr: [0; 16],
             comm,
             dev: 0,
             depth: 0,

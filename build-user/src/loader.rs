@@ -48,10 +48,12 @@ pub const HOOKS: &[(&str, Attach)] = &[
     ("bpf", Attach::Cgroup),
     ("file_open", Attach::Cgroup),
     ("inode_create", Attach::Cgroup),
-    ("inode_mkdir", Attach::Cgroup),
+    ("socket_connect", Attach::Cgroup),
+    ("socket_sendmsg", Attach::Cgroup),
     ("inode_unlink", Attach::Cgroup),
     ("inode_rename", Attach::Cgroup),
     ("inode_setattr", Attach::Cgroup),
+    ("inode_mkdir", Attach::Global),
     ("inode_rmdir", Attach::Global),
     ("inode_mknod", Attach::Global),
     ("inode_symlink", Attach::Global),
@@ -60,6 +62,10 @@ pub const HOOKS: &[(&str, Attach)] = &[
     ("inode_removexattr", Attach::Global),
     ("file_ioctl", Attach::Global),
     ("d_instantiate", Attach::Global),
+    ("socket_bind", Attach::Global),
+    ("socket_listen", Attach::Global),
+    ("unix_stream_connect", Attach::Global),
+    ("unix_may_send", Attach::Global),
 ];
 
 /// A directory or file the build may write, and how: a `TAG_*` kind.

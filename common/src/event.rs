@@ -38,6 +38,14 @@ pub enum Op {
     Removexattr = 18,
     /// ioctl(2) changing inode flags: chattr.
     Ioctl = 19,
+    /// connect(2) to an inet address the policy does not allow.
+    Connect = 20,
+    /// bind(2) to a non-loopback inet address in loopback mode.
+    Bind = 21,
+    /// sendto(2)/sendmsg(2) with an inet destination the policy does not allow.
+    Sendmsg = 22,
+    /// connect(2) or send to an AF_UNIX socket outside the writable roots.
+    UnixConnect = 23,
 }
 
 impl Op {
@@ -62,6 +70,10 @@ impl Op {
             Self::Setxattr => "setxattr",
             Self::Removexattr => "removexattr",
             Self::Ioctl => "ioctl",
+            Self::Connect => "connect",
+            Self::Bind => "bind",
+            Self::Sendmsg => "sendmsg",
+            Self::UnixConnect => "unix_connect",
         }
     }
 }
@@ -90,6 +102,10 @@ impl TryFrom<u32> for Op {
             17 => Ok(Self::Setxattr),
             18 => Ok(Self::Removexattr),
             19 => Ok(Self::Ioctl),
+            20 => Ok(Self::Connect),
+            21 => Ok(Self::Bind),
+            22 => Ok(Self::Sendmsg),
+            23 => Ok(Self::UnixConnect),
             other => Err(other),
         }
     }
@@ -173,8 +189,10 @@ pub struct Event {
     pub family: u32,
     /// Socket: type (`SOCK_*`, without `SOCK_NONBLOCK`/`SOCK_CLOEXEC`). bpf: the command.
     pub sock_type: u32,
-    /// Socket: protocol.
+    /// Socket: protocol. connect/bind/sendmsg: the port, host order.
     pub protocol: u32,
+    /// connect/bind/sendmsg: the address, 4 bytes for inet, 16 for inet6.
+    pub addr: [u8; 16],
     /// `task_struct::comm`, NUL padded.
     pub comm: [u8; COMM_LEN],
     /// File events: `super_block::s_dev` of the file system, in the kernel's
@@ -188,7 +206,7 @@ pub struct Event {
 }
 
 const _: () = assert!(
-    size_of::<Event>() == 8 * 2 + 4 * 10 + COMM_LEN + 4 * 2 + NAME_LEN * PATH_DEPTH
+    size_of::<Event>() == 8 * 2 + 4 * 10 + 16 + COMM_LEN + 4 * 2 + NAME_LEN * PATH_DEPTH
 );
 
 #[cfg(feature = "user")]

@@ -4,6 +4,15 @@
 pub const POLICY_AUDIT: u32 = 1 << 0;
 /// Policy flag: SIGKILL the offending process as well as denying.
 pub const POLICY_KILL: u32 = 1 << 1;
+/// May connect to AF_UNIX sockets outside the writable roots (`unix_connect`).
+pub const POLICY_UNIX_CONNECT: u32 = 1 << 2;
+
+/// `BuildPolicy::net`: no inet sockets at all (only the families in the mask).
+pub const NET_NONE: u32 = 0;
+/// inet sockets, but connect/sendmsg only to loopback ports the build bound.
+pub const NET_LOOPBACK: u32 = 1;
+/// Unrestricted.
+pub const NET_ALLOW: u32 = 2;
 
 /// The compiled policy of one build, as the kernel programs read it.
 #[repr(C)]
@@ -14,7 +23,8 @@ pub struct BuildPolicy {
     pub socket_families: u64,
     /// `POLICY_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// `NET_*`.
+    pub net: u32,
 }
 
 const _: () = assert!(size_of::<BuildPolicy>() == 16);
@@ -83,9 +93,20 @@ pub struct Offsets {
     /// Index of the `struct dentry *` argument of `inode_setattr`: 0 before
     /// Linux 6.3, 1 once an idmap argument came first.
     pub setattr_dentry_arg: u32,
+    /// `offsetof(struct socket, sk)`.
+    pub socket_sk: u32,
+    /// `offsetof(struct sock_common, skc_family)` (`struct sock` starts with it).
+    pub sock_family: u32,
+    /// `offsetof(struct sock_common, skc_num)`: the bound local port, host order.
+    pub sock_num: u32,
+    /// `offsetof(struct msghdr, msg_name)`.
+    pub msghdr_name: u32,
+    /// `offsetof(struct unix_sock, path) + offsetof(struct path, dentry)`.
+    pub unix_dentry: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 14 * 4);
+const _: () = assert!(size_of::<Offsets>() == 20 * 4);
 
 /// What an allowed root lets a build do, stored on the root's inode (BPF inode
 /// storage), and on the inodes a build creates in an `own` root.

@@ -134,15 +134,17 @@ pub fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
 /// A fingerprint of everything below `root`: each entry's path, type, mode,
 /// owner, size and mtime, plus the bytes of regular files up to 1 MiB (larger
 /// ones by metadata; any write changes their size or mtime). Symlinks are not
-/// followed. Used to show that a hostile build changed nothing outside its tree.
-pub fn tree_digest(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf, u64> {
+/// followed, and nothing deeper than `max_depth` below `root` is looked at (the
+/// guest's /root is the host's, with whole toolchains in it). Used to show that
+/// a hostile build changed nothing outside its tree.
+pub fn tree_digest(root: &std::path::Path, max_depth: usize) -> std::collections::BTreeMap<PathBuf, u64> {
     use std::{
         hash::{DefaultHasher, Hash as _, Hasher as _},
         os::unix::fs::MetadataExt as _,
     };
     let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(path) = stack.pop() {
+    let mut stack = vec![(root.to_path_buf(), 0)];
+    while let Some((path, depth)) = stack.pop() {
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;
         };
@@ -153,9 +155,10 @@ pub fn tree_digest(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf
         } else if meta.is_symlink() {
             std::fs::read_link(&path).unwrap_or_default().hash(&mut h);
         } else if meta.is_dir()
+            && depth < max_depth
             && let Ok(entries) = std::fs::read_dir(&path)
         {
-            stack.extend(entries.flatten().map(|e| e.path()));
+            stack.extend(entries.flatten().map(|e| (e.path(), depth + 1)));
         }
         out.insert(path, h.finish());
     }

@@ -51,3 +51,47 @@ fn kill_on_violation_kills_the_offender() {
     assert_eq!(ev[0]["action"], "kill");
     assert_eq!(ev[0]["comm"], "probe");
 }
+
+#[test]
+fn a_suggested_policy_lets_the_same_build_run_with_zero_denials() {
+    let tree = scratch_in(Path::new("/var/tmp"), "suggest");
+    let outside = format!("/etc/buildcage-suggest-{}", std::process::id());
+    let script = format!(
+        "mkdir -p {outside}/sub && echo x > {outside}/sub/f && echo y > {outside}/g && {PROBE} socket inet stream"
+    );
+    let audit_events = tree.join("audit.jsonl");
+    let audited = run_confined(
+        &["--tree", tree.to_str().unwrap(), "--policy", "audit", "--events", audit_events.to_str().unwrap()],
+        &["sh", "-c", &script],
+    );
+    assert_eq!(audited.status.code(), Some(0), "{}", stderr(&audited));
+    let audit = events(&audit_events);
+    assert!(audit.len() >= 3 && audit.iter().all(|e| e["action"] == "audit"), "{audit:?}");
+
+    let suggested = std::process::Command::new(buildcage_tests::buildcage_bin())
+        .args(["policy", "suggest"])
+        .arg(&audit_events)
+        .args(["--base", "default"])
+        .output()
+        .unwrap();
+    assert!(suggested.status.success(), "{}", String::from_utf8_lossy(&suggested.stderr));
+    let policy = tree.join("suggested.toml");
+    std::fs::write(&policy, &suggested.stdout).unwrap();
+    eprintln!("suggested:\n{}", String::from_utf8_lossy(&suggested.stdout));
+
+    let rerun_events = tree.join("rerun.jsonl");
+    let rerun = run_confined(
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+            "--events",
+            rerun_events.to_str().unwrap(),
+        ],
+        &["sh", "-c", &script],
+    );
+    assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
+    assert_eq!(stdout(&rerun), "socket inet stream OK\n");
+    assert_eq!(events(&rerun_events), Vec::<serde_json::Value>::new(), "zero denials");
+}

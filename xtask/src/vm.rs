@@ -404,15 +404,18 @@ impl Virtiofsd {
             )?;
         }
         let sock_q = shell_quote_path(socket)?;
+        // virtiofsd holds an fd for every inode the guest has looked up and not
+        // forgotten; a real build (compiler, headers) plus a scan of /etc and
+        // /usr/bin passes the usual 20,000.
         match self {
             Self::C(bin) => writeln!(
                 script,
-                "exec {} --socket-path={sock_q} -o source={share_q} -o cache=always -o sandbox=chroot",
+                "exec {} --socket-path={sock_q} -o source={share_q} -o cache=always -o sandbox=chroot --rlimit-nofile=1048576",
                 shell_quote_path(bin)?
             )?,
             Self::Rust(bin) => writeln!(
                 script,
-                "exec {} --socket-path={sock_q} --shared-dir={share_q} --cache=always --sandbox=chroot",
+                "exec {} --socket-path={sock_q} --shared-dir={share_q} --cache=always --sandbox=chroot --rlimit-nofile=1048576",
                 shell_quote_path(bin)?
             )?,
         }

@@ -192,7 +192,8 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
 /// and fails if any of them did.
 fn guest_script(tests: &[Executable], real: bool) -> Result<String> {
     let filter = if real {
-        shell_quote(REAL_PREFIX)
+        // --show-output: the real builds print how long they took.
+        format!("{} --show-output", shell_quote(REAL_PREFIX))
     } else {
         format!("--skip {}", shell_quote(REAL_PREFIX))
     };

@@ -34,6 +34,8 @@ mod tests {
             family: Some("inet6".to_owned()),
             sock_type: Some("stream".to_owned()),
             protocol: Some(0),
+            address: None,
+            port: None,
             cmd: None,
             path: None,
             path_partial: None,

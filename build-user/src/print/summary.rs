@@ -106,6 +106,8 @@ mod tests {
             family: Some(family.to_owned()),
             sock_type: Some("stream".to_owned()),
             protocol: None,
+            address: None,
+            port: None,
             cmd: None,
             path: None,
             path_partial: None,

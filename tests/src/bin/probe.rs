@@ -8,6 +8,7 @@
 //!                                             socket(AF_INET), writes "PID RESULT"
 //!                                             to OUT, and sleeps for an hour
 //! probe fs OP ARGS... [; OP ARGS...]...       file operations; see fs_op()
+//! probe net OP ARGS...                        connect, listen, send; see net_op()
 #![expect(clippy::print_stdout, reason = "the probe's results are its stdout")]
 
 use std::{io::Write as _, process::ExitCode};
@@ -93,6 +94,13 @@ fn main() -> ExitCode {
             println!("socketpair {}", if rc == 0 { "OK".to_owned() } else { errno_name(last_errno()) });
         }
         Some("pid") => println!("{}", std::process::id()),
+        Some("net") => {
+            let Some(result) = net_op(&args[1..]) else {
+                eprintln!("probe: unknown net operation {:?}", &args[1..]);
+                return ExitCode::from(2);
+            };
+            println!("{} {}", args[1..].join(" "), result);
+        }
         Some("fs") => {
             // Several operations in one run, separated by ";".
             for op in args[1..].split(|a| a == ";") {
@@ -275,4 +283,62 @@ fn fs_op(args: &[String]) -> Option<String> {
         }
     };
     Some(result(rc))
+}
+
+fn io_result<T>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => "OK".to_owned(),
+        Err(e) => errno_name(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// One network operation through std's sockets.
+fn net_op(args: &[String]) -> Option<String> {
+    use std::{
+        net::{TcpListener, TcpStream, UdpSocket},
+        os::unix::net::{UnixDatagram, UnixListener, UnixStream},
+    };
+    let arg = |i: usize| args.get(i).map(String::as_str);
+    Some(match arg(0)? {
+        // connect ADDR:PORT
+        "connect" => io_result(TcpStream::connect(arg(1)?)),
+        // udp-send ADDR:PORT
+        "udp-send" => {
+            let to = arg(1)?;
+            io_result(UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"x", to)))
+        }
+        // A test server of the build's own: bind to port 0, listen, connect.
+        "listen-connect" => {
+            let listener = match TcpListener::bind(arg(1)?) {
+                Ok(l) => l,
+                Err(e) => return Some(format!("bind:{}", io_result::<()>(Err(e)))),
+            };
+            let addr = listener.local_addr().ok()?;
+            io_result(TcpStream::connect(addr))
+        }
+        // listen ADDR:PORT SECS: prints "listening", then serves for SECS.
+        "listen" => {
+            let listener = match TcpListener::bind(arg(1)?) {
+                Ok(l) => l,
+                Err(e) => return Some(format!("bind:{}", io_result::<()>(Err(e)))),
+            };
+            println!("listening {}", listener.local_addr().ok()?);
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            std::thread::sleep(std::time::Duration::from_secs(arg(2)?.parse().ok()?));
+            "OK".to_owned()
+        }
+        // unix-connect PATH
+        "unix-connect" => io_result(UnixStream::connect(arg(1)?)),
+        // unix-send PATH (datagram)
+        "unix-send" => {
+            let to = arg(1)?;
+            io_result(UnixDatagram::unbound().and_then(|s| s.send_to(b"x", to)))
+        }
+        // unix-listen-connect PATH: a unix server of the build's own.
+        "unix-listen-connect" => {
+            let _listener = UnixListener::bind(arg(1)?).ok()?;
+            io_result(UnixStream::connect(arg(1)?))
+        }
+        _ => return None,
+    })
 }
