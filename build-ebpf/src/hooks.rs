@@ -187,15 +187,6 @@ pub fn inode_create(ctx: LsmContext) -> i32 {
     check_create(Op::Create, ctx.arg(1)).cgroup()
 }
 
-/// `inode_mkdir(dir, dentry, mode)`.
-#[lsm_cgroup(hook = "inode_mkdir")]
-pub fn inode_mkdir(ctx: LsmContext) -> i32 {
-    if ctx.arg::<i32>(3) != 0 {
-        return Verdict::Deny.cgroup();
-    }
-    check_create(Op::Mkdir, ctx.arg(1)).cgroup()
-}
-
 /// `inode_unlink(dir, dentry)`.
 #[lsm_cgroup(hook = "inode_unlink")]
 pub fn inode_unlink(ctx: LsmContext) -> i32 {
@@ -279,6 +270,13 @@ pub(crate) fn global(previous: i32, check: impl FnOnce() -> Verdict) -> i32 {
         return 0;
     }
     check().mac()
+}
+
+/// `inode_mkdir(dir, dentry, mode)`. Per task rather than per cgroup: mkdir is
+/// rarer than the cgroup hooks' calls, and the system has only 10 such slots.
+#[lsm(hook = "inode_mkdir")]
+pub fn inode_mkdir(ctx: LsmContext) -> i32 {
+    global(ctx.arg(3), || check_create(Op::Mkdir, ctx.arg(1)))
 }
 
 /// `inode_rmdir(dir, dentry)`.

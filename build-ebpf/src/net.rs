@@ -37,23 +37,23 @@ struct Dest {
     addr: [u8; 16],
 }
 
+// No loops over the address bytes here: the 6.1 verifier loses track of a
+// slice bound that depends on the family and refuses the program.
 impl Dest {
     fn loopback(&self) -> bool {
+        let a = u128::from_be_bytes(self.addr);
         match self.family {
             AF_INET => self.addr[0] == 127,
-            _ => {
-                let a = &self.addr;
-                let v6_loopback = a[..15].iter().all(|&b| b == 0) && a[15] == 1;
-                // ::ffff:127.x.y.z, a v4-mapped loopback address.
-                let mapped = a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff && a[12] == 127;
-                v6_loopback || mapped
-            }
+            // ::1, or ::ffff:127.x.y.z (v4-mapped loopback).
+            _ => a == 1 || (a >> 32 == 0xffff && self.addr[12] == 127),
         }
     }
 
     fn any(&self) -> bool {
-        let len = if self.family == AF_INET { 4 } else { 16 };
-        self.addr[..len].iter().all(|&b| b == 0)
+        match self.family {
+            AF_INET => u32::from_be_bytes([self.addr[0], self.addr[1], self.addr[2], self.addr[3]]) == 0,
+            _ => u128::from_be_bytes(self.addr) == 0,
+        }
     }
 
     fn details(&self) -> Details {
@@ -198,7 +198,7 @@ fn check_unix_peer(other: *mut core::ffi::c_void) -> Verdict {
         Ok(p) => p,
         Err(v) => return v,
     };
-    if policy.flags & POLICY_UNIX_CONNECT != 0 {
+    if policy.flags & POLICY_UNIX_CONNECT != 0 || other.is_null() {
         return Verdict::Allow;
     }
     // SAFETY: `other` is the hook's BTF-typed `struct sock *`; the helper checks
@@ -222,8 +222,16 @@ pub fn unix_stream_connect(ctx: LsmContext) -> i32 {
     global(ctx.arg(3), || check_unix_peer(ctx.arg(1)))
 }
 
-/// `unix_may_send(sock, other)`: datagrams, such as syslog's /dev/log.
+/// `unix_may_send(sock, other)`: datagrams, such as syslog's /dev/log. Unlike
+/// unix_stream_connect, it gets `struct socket *`s; the peer's sock is `->sk`.
 #[lsm(hook = "unix_may_send")]
 pub fn unix_may_send(ctx: LsmContext) -> i32 {
-    global(ctx.arg(2), || check_unix_peer(ctx.arg(1)))
+    global(ctx.arg(2), || {
+        let other: *const u8 = ctx.arg(1);
+        // SAFETY: `other` is the hook's BTF-typed `struct socket *`; sk is a
+        // `struct sock *` at an offset from this kernel's BTF.
+        let sk: *mut core::ffi::c_void =
+            unsafe { core::ptr::read_volatile(other.add(offsets().socket_sk as usize).cast()) };
+        check_unix_peer(sk)
+    })
 }

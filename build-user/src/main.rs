@@ -47,8 +47,22 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("buildcage: error: {err:#}");
+            eprintln!("buildcage: error: {}", message(&err));
             ExitCode::from(EXIT_BUILDCAGE_FAILED)
         }
     }
+}
+
+/// The error and its causes, each cause only once: many of buildcage's errors
+/// already say what caused them, before their `hint:` line.
+fn message(err: &anyhow::Error) -> String {
+    let mut msg = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !msg.contains(&cause) {
+            msg.push_str(": ");
+            msg.push_str(&cause);
+        }
+    }
+    msg
 }
