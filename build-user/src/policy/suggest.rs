@@ -24,7 +24,7 @@ use super::{
 pub struct Event {
     /// `socket`, `connect`, `open`, `create`, `unlink`, `rename`, `mkdir`, …
     pub op: String,
-    /// `deny` or `audit` are what a policy could allow; anything else is skipped.
+    /// `deny` or `audit` are what a policy could allow; anything else is left out.
     pub action: String,
     #[serde(default)]
     pub family: Option<String>,
@@ -46,7 +46,7 @@ impl Event {
     }
 }
 
-/// Reads JSON lines; blank lines are skipped.
+/// Reads JSON lines; blank lines are passed over.
 pub fn parse_events(text: &str, file: &Path) -> Result<Vec<Event>, PolicyError> {
     text.lines()
         .enumerate()
