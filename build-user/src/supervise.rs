@@ -145,11 +145,13 @@ async fn supervise(
     let (stop_tx, stop_rx) = oneshot::channel();
     let name = spec.name.clone();
     let reader = read_events(events, name, json, stop_rx);
+    // Listen for SIGINT/SIGTERM before the command exists, so none is missed.
+    let signals = Signals::new()?;
     let child = spawn(spec, cg);
     let (code, reader_result) = match child {
         Ok(child) => {
             let waiter = async {
-                let code = wait_forwarding_signals(child, cg).await;
+                let code = wait_forwarding_signals(child, cg, signals).await;
                 // Whatever the command left behind goes now, before the events
                 // are drained, so that their last decisions are in.
                 let survivors = cg.kill_all(KILL_TIMEOUT);
@@ -220,12 +222,30 @@ fn spawn(spec: &RunSpec, cg: &BuildCgroup) -> Result<tokio::process::Child, RunE
 
 /// Waits for the command; SIGINT and SIGTERM are passed on to it. A second
 /// signal ends the whole build at once.
+/// The signals passed on to the command.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, RunError> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).map_err(RunError::Runtime)?,
+            term: signal(SignalKind::terminate()).map_err(RunError::Runtime)?,
+        })
+    }
+}
+
 async fn wait_forwarding_signals(
     mut child: tokio::process::Child,
     cg: &BuildCgroup,
+    signals: Signals,
 ) -> Result<i32, RunError> {
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
+    let Signals {
+        int: mut sigint,
+        term: mut sigterm,
+    } = signals;
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
     let mut signals = 0;
     let status = loop {

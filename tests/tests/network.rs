@@ -136,3 +136,33 @@ fn doctor_passes_where_bpf_lsm_works() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("pass enforce  socket(AF_INET) in a scratch build got EPERM"), "{err}");
 }
+
+#[test]
+fn sigterm_is_passed_on_and_the_build_cleaned_up() {
+    use std::io::{BufRead as _, BufReader};
+    let dir = scratch("sigterm");
+    let mut run = std::process::Command::new(buildcage_tests::buildcage_bin())
+        .args(["run", "--tree", dir.to_str().unwrap(), "--"])
+        .args(["sh", "-c", "trap 'echo got-term; exit 7' TERM; sleep 300 & echo ready; wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = i32::try_from(run.id()).unwrap();
+    // SAFETY: signalling the child we spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = run.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(rest, "got-term\n", "the shell got the SIGTERM: {err}");
+    assert_eq!(status.code(), Some(7), "{err}");
+    assert!(err.contains("buildcage: SIGTERM: passing it on to pid"), "{err}");
+    // The sleep it left behind was killed and named.
+    assert!(err.contains(" sleep (parent "), "{err}");
+}
