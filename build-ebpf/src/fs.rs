@@ -95,8 +95,9 @@ pub(crate) fn creds_overridden() -> bool {
         let task = aya_ebpf::helpers::bpf_get_current_task() as *const u8;
         let cred: Result<u64, _> =
             aya_ebpf::helpers::bpf_probe_read_kernel(task.add(offsets.task_cred as usize).cast());
-        let real: Result<u64, _> =
-            aya_ebpf::helpers::bpf_probe_read_kernel(task.add(offsets.task_real_cred as usize).cast());
+        let real: Result<u64, _> = aya_ebpf::helpers::bpf_probe_read_kernel(
+            task.add(offsets.task_real_cred as usize).cast(),
+        );
         matches!((cred, real), (Ok(c), Ok(r)) if c != r)
     }
 }

@@ -87,7 +87,14 @@ pub fn bpf(ctx: LsmContext) -> i32 {
         sock_type: ctx.arg::<i32>(0) as u32,
         ..Details::default()
     };
-    crate::report::decision(current_build(), Op::Bpf, buildcage_common::Action::Deny, details, None, 0);
+    crate::report::decision(
+        current_build(),
+        Op::Bpf,
+        buildcage_common::Action::Deny,
+        details,
+        None,
+        0,
+    );
     Verdict::Deny.cgroup()
 }
 
@@ -95,7 +102,11 @@ pub fn bpf(ctx: LsmContext) -> i32 {
 
 /// Runs a file check for the current build and reports a refusal on `target`.
 #[inline(always)]
-pub(crate) fn check_file(op: Op, target: Dentry, check: impl FnOnce(u64) -> Result<(), fs::Refusal>) -> Verdict {
+pub(crate) fn check_file(
+    op: Op,
+    target: Dentry,
+    check: impl FnOnce(u64) -> Result<(), fs::Refusal>,
+) -> Verdict {
     // The kernel acting on the task's behalf with other credentials: overlayfs
     // creating, copying up or removing on its upper layer. The operation the task
     // itself asked for was checked already, on the overlay's own dentries; the
@@ -110,7 +121,14 @@ pub(crate) fn check_file(op: Op, target: Dentry, check: impl FnOnce(u64) -> Resu
     };
     match check(build) {
         Ok(()) => Verdict::Allow,
-        Err(r) => refuse(build, policy.flags, op, Details::default(), Some(target), refusal_flags(r)),
+        Err(r) => refuse(
+            build,
+            policy.flags,
+            op,
+            Details::default(),
+            Some(target),
+            refusal_flags(r),
+        ),
     }
 }
 
@@ -162,7 +180,11 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
         return Verdict::Allow;
     }
     let inode = fs::inode_of(dentry);
-    let kind = if inode.is_null() { 0 } else { fs::mode_of(inode) & S_IFMT };
+    let kind = if inode.is_null() {
+        0
+    } else {
+        fs::mode_of(inode) & S_IFMT
+    };
     if kind == S_IFCHR || kind == S_IFBLK {
         return check_file(Op::Open, dentry, |_| fs::may_open_device(dentry));
     }
@@ -316,7 +338,9 @@ pub fn inode_link(ctx: LsmContext) -> i32 {
         if check_modify(Op::Link, old) == Verdict::Deny {
             return Verdict::Deny;
         }
-        check_file(Op::Link, new, |build| fs::may_create(build, fs::parent_of(new)).map(|_| ()))
+        check_file(Op::Link, new, |build| {
+            fs::may_create(build, fs::parent_of(new)).map(|_| ())
+        })
     })
 }
 

@@ -161,7 +161,14 @@ pub(crate) fn policy_or_deny(build: u64, op: Op) -> Result<buildcage_common::Bui
         Some(p) => Ok(p),
         None => {
             maps::count_error(build);
-            report::decision(build, op, Action::Deny, Details::default(), None, EVENT_FLAG_ERROR);
+            report::decision(
+                build,
+                op,
+                Action::Deny,
+                Details::default(),
+                None,
+                EVENT_FLAG_ERROR,
+            );
             Err(Verdict::Deny)
         }
     }
@@ -170,7 +177,11 @@ pub(crate) fn policy_or_deny(build: u64, op: Op) -> Result<buildcage_common::Bui
 /// Flags for the event of a file refusal.
 #[inline(always)]
 pub(crate) fn refusal_flags(r: fs::Refusal) -> u32 {
-    if r.exhausted { EVENT_FLAG_WALK_EXHAUSTED } else { 0 }
+    if r.exhausted {
+        EVENT_FLAG_WALK_EXHAUSTED
+    } else {
+        0
+    }
 }
 
 #[cfg(not(test))]

@@ -51,7 +51,9 @@ impl Dest {
 
     fn any(&self) -> bool {
         match self.family {
-            AF_INET => u32::from_be_bytes([self.addr[0], self.addr[1], self.addr[2], self.addr[3]]) == 0,
+            AF_INET => {
+                u32::from_be_bytes([self.addr[0], self.addr[1], self.addr[2], self.addr[3]]) == 0
+            }
             _ => u128::from_be_bytes(self.addr) == 0,
         }
     }
@@ -125,7 +127,8 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
     // SAFETY: msg is the hook's BTF-typed `struct msghdr *`; msg_name points to
     // the kernel's copy of the destination, or is NULL on a connected socket.
     let name: *const u8 = unsafe {
-        bpf_probe_read_kernel(msg.add(offsets().msghdr_name as usize).cast()).unwrap_or(core::ptr::null())
+        bpf_probe_read_kernel(msg.add(offsets().msghdr_name as usize).cast())
+            .unwrap_or(core::ptr::null())
     };
     if name.is_null() {
         return Verdict::Allow.cgroup();
@@ -203,7 +206,9 @@ fn check_unix_peer(other: *mut core::ffi::c_void) -> Verdict {
     }
     // SAFETY: `other` is the hook's BTF-typed `struct sock *`; the helper checks
     // that it is a unix socket and returns a `struct unix_sock *` or NULL.
-    let usk = unsafe { bpf_skc_to_unix_sock(other) }.cast::<u8>().cast_const();
+    let usk = unsafe { bpf_skc_to_unix_sock(other) }
+        .cast::<u8>()
+        .cast_const();
     if usk.is_null() {
         return Verdict::Allow;
     }
@@ -213,7 +218,9 @@ fn check_unix_peer(other: *mut core::ffi::c_void) -> Verdict {
     if dentry.is_null() {
         return Verdict::Allow;
     }
-    check_file(Op::UnixConnect, dentry, |build| fs::may_modify(build, dentry))
+    check_file(Op::UnixConnect, dentry, |build| {
+        fs::may_modify(build, dentry)
+    })
 }
 
 /// `unix_stream_connect(sock, other, newsk)`.

@@ -4,9 +4,8 @@
 //! ring buffer, field by field, never built on the stack.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-    bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
-    bpf_probe_read_kernel_str_bytes,
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+    bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
 };
 use buildcage_common::{
     Action, Event, Op,

@@ -15,15 +15,21 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read kernel BTF from {path}: {source}\nhint: buildcage needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    #[error(
+        "cannot read kernel BTF from {path}: {source}\nhint: buildcage needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
     Read {
         path: String,
         #[source]
         source: btf_rs::Error,
     },
-    #[error("kernel BTF has no struct {0}\nhint: this kernel is too different from the ones buildcage knows (6.1 to 6.18); please report it")]
+    #[error(
+        "kernel BTF has no struct {0}\nhint: this kernel is too different from the ones buildcage knows (6.1 to 6.18); please report it"
+    )]
     NoStruct(&'static str),
-    #[error("kernel BTF has no field {field} in struct {ty}\nhint: this kernel is too different from the ones buildcage knows (6.1 to 6.18); please report it")]
+    #[error(
+        "kernel BTF has no field {field} in struct {ty}\nhint: this kernel is too different from the ones buildcage knows (6.1 to 6.18); please report it"
+    )]
     NoField {
         ty: &'static str,
         field: &'static str,
@@ -33,7 +39,9 @@ pub enum BtfError {
         ty: &'static str,
         field: &'static str,
     },
-    #[error("kernel BTF has no LSM hook {0}\nhint: the kernel lacks CONFIG_BPF_LSM=y, or names the hook differently")]
+    #[error(
+        "kernel BTF has no LSM hook {0}\nhint: the kernel lacks CONFIG_BPF_LSM=y, or names the hook differently"
+    )]
     NoHook(String),
     #[error("kernel BTF is inconsistent: {0}")]
     Parse(#[from] btf_rs::Error),
@@ -78,14 +86,16 @@ impl KernelBtf {
             inode_mode: self.field_offset("inode", "i_mode")?,
             sb_dev: self.field_offset("super_block", "s_dev")?,
             sb_magic: self.field_offset("super_block", "s_magic")?,
-            file_dentry: self.field_offset("file", "f_path")? + self.field_offset("path", "dentry")?,
+            file_dentry: self.field_offset("file", "f_path")?
+                + self.field_offset("path", "dentry")?,
             file_mode: self.field_offset("file", "f_mode")?,
             setattr_dentry_arg: self.hook_param("inode_setattr", "dentry")?,
             socket_sk: self.field_offset("socket", "sk")?,
             sock_family: self.field_offset("sock_common", "skc_family")?,
             sock_num: self.field_offset("sock_common", "skc_num")?,
             msghdr_name: self.field_offset("msghdr", "msg_name")?,
-            unix_dentry: self.field_offset("unix_sock", "path")? + self.field_offset("path", "dentry")?,
+            unix_dentry: self.field_offset("unix_sock", "path")?
+                + self.field_offset("path", "dentry")?,
             _pad: 0,
         })
     }
@@ -125,15 +135,9 @@ impl KernelBtf {
             .ok_or(BtfError::NoStruct(name))?;
         let bits = self
             .find_member(&members.members, field, 0)?
-            .ok_or(BtfError::NoField {
-                ty: name,
-                field,
-            })?;
+            .ok_or(BtfError::NoField { ty: name, field })?;
         if bits % 8 != 0 {
-            return Err(BtfError::Unaligned {
-                ty: name,
-                field,
-            });
+            return Err(BtfError::Unaligned { ty: name, field });
         }
         Ok(bits / 8)
     }
@@ -196,18 +200,28 @@ mod tests {
         assert!(offsets.task_tgid > 0 && offsets.task_tgid < 16384);
         assert_eq!(btf.hook_args("socket_create").expect("socket_create"), 4);
         // The dentry moved from first to second argument in Linux 6.3.
-        let setattr = btf.hook_param("inode_setattr", "dentry").expect("inode_setattr");
+        let setattr = btf
+            .hook_param("inode_setattr", "dentry")
+            .expect("inode_setattr");
         assert!(setattr == 0 || setattr == 1);
         assert_eq!(offsets.setattr_dentry_arg, setattr);
         // d_name.name and f_path.dentry are one pointer into their structs.
-        assert_eq!(offsets.dentry_name, btf.field_offset("dentry", "d_name").unwrap() + 8);
-        assert_eq!(offsets.file_dentry, btf.field_offset("file", "f_path").unwrap() + 8);
+        assert_eq!(
+            offsets.dentry_name,
+            btf.field_offset("dentry", "d_name").unwrap() + 8
+        );
+        assert_eq!(
+            offsets.file_dentry,
+            btf.field_offset("file", "f_path").unwrap() + 8
+        );
     }
 
     #[test]
     fn unknown_field_is_named() {
         let btf = KernelBtf::from_sys_fs().expect("kernel BTF");
-        let err = btf.field_offset("task_struct", "no_such_field").unwrap_err();
+        let err = btf
+            .field_offset("task_struct", "no_such_field")
+            .unwrap_err();
         assert_eq!(
             err.to_string().lines().next(),
             Some("kernel BTF has no field no_such_field in struct task_struct")

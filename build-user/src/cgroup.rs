@@ -16,7 +16,9 @@ pub const PARENT: &str = "buildcage";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)\nhint: mount one with `mount -t cgroup2 none /sys/fs/cgroup`, or boot with systemd.unified_cgroup_hierarchy=1")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)\nhint: mount one with `mount -t cgroup2 none /sys/fs/cgroup`, or boot with systemd.unified_cgroup_hierarchy=1"
+    )]
     NotMounted,
     #[error("cannot read /proc/self/mountinfo: {0}")]
     MountInfo(#[source] io::Error),
@@ -27,11 +29,15 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
-    #[error("{path} has no cgroup.kill: the kernel is older than 5.14\nhint: buildcage needs Linux 5.14 or newer to end every process of a build")]
+    #[error(
+        "{path} has no cgroup.kill: the kernel is older than 5.14\nhint: buildcage needs Linux 5.14 or newer to end every process of a build"
+    )]
     NoKill { path: PathBuf },
     #[error("processes in {path} did not exit within {secs} s of cgroup.kill")]
     KillTimeout { path: PathBuf, secs: u64 },
-    #[error("invalid build name {0:?}\nhint: use letters, digits, '.', '_' and '-' only, at most 64 characters")]
+    #[error(
+        "invalid build name {0:?}\nhint: use letters, digits, '.', '_' and '-' only, at most 64 characters"
+    )]
     BadName(String),
 }
 
@@ -77,7 +83,9 @@ pub(crate) fn unescape_octal(s: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = bytes[i + 1..i + 4]
                 .iter()
@@ -294,7 +302,12 @@ pub fn proc_comm_ppid(pid: u32) -> Option<(String, u32)> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     let comm = stat.get(open + 1..close)?.to_owned();
-    let ppid = stat.get(close + 2..)?.split_whitespace().nth(1)?.parse().ok()?;
+    let ppid = stat
+        .get(close + 2..)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some((comm, ppid))
 }
 
@@ -320,7 +333,10 @@ mod tests {
             parse_mount_point(info),
             Some(PathBuf::from("/sys/fs/my cgroup"))
         );
-        assert_eq!(parse_mount_point("1 2 0:1 / /x rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            parse_mount_point("1 2 0:1 / /x rw - tmpfs tmpfs rw\n"),
+            None
+        );
     }
 
     #[test]

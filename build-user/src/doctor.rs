@@ -220,7 +220,9 @@ fn probe_in(
         }
     );
     let event = event.ok_or_else(|| {
-        anyhow::anyhow!("socket(AF_INET) was refused, but no event arrived\nhint: please report this")
+        anyhow::anyhow!(
+            "socket(AF_INET) was refused, but no event arrived\nhint: please report this"
+        )
     })?;
     released?;
     Ok(format!(

@@ -120,10 +120,17 @@ impl Record {
     ) -> Result<Self, EventError> {
         let op = Op::try_from(event.op).map_err(EventError::Op)?;
         let action = Action::try_from(event.action).map_err(EventError::Action)?;
-        let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
+        let comm_len = event
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(event.comm.len());
         let comm = String::from_utf8_lossy(&event.comm[..comm_len]).into_owned();
         let (address, port) = match op {
-            Op::Connect | Op::Bind | Op::Sendmsg => (Some(inet_address(event.family, &event.addr)), Some(event.protocol)),
+            Op::Connect | Op::Bind | Op::Sendmsg => (
+                Some(inet_address(event.family, &event.addr)),
+                Some(event.protocol),
+            ),
             _ => (None, None),
         };
         let (family, sock_type, protocol, cmd) = match op {
@@ -134,7 +141,9 @@ impl Record {
                 None,
             ),
             Op::Bpf => (None, None, None, Some(event.sock_type)),
-            Op::Connect | Op::Bind | Op::Sendmsg => (Some(family_name(event.family)), None, None, None),
+            Op::Connect | Op::Bind | Op::Sendmsg => {
+                (Some(family_name(event.family)), None, None, None)
+            }
             _ => (None, None, None, None),
         };
         let (path, path_partial) = if event.depth == 0 {
@@ -235,7 +244,10 @@ pub fn sock_type_name(sock_type: u32) -> String {
 mod tests {
     use super::*;
 
-    #[expect(clippy::as_conversions, reason = "a repr(u32) enum's discriminant, as the kernel sends it")]
+    #[expect(
+        clippy::as_conversions,
+        reason = "a repr(u32) enum's discriminant, as the kernel sends it"
+    )]
     fn event(op: Op, action: Action) -> Event {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"curl");
@@ -265,8 +277,13 @@ mod tests {
         let clock = Clock {
             epoch_at_boot: SystemTime::UNIX_EPOCH,
         };
-        let rec = Record::from_event(&event(Op::Socket, Action::Deny), "hello", &clock, &Mounts::default())
-            .expect("decode");
+        let rec = Record::from_event(
+            &event(Op::Socket, Action::Deny),
+            "hello",
+            &clock,
+            &Mounts::default(),
+        )
+        .expect("decode");
         assert_eq!(rec.what(), "socket(inet6, stream)");
         let json = serde_json::to_value(&rec).expect("json");
         assert_eq!(
@@ -314,7 +331,9 @@ mod tests {
         let mut e = event(Op::Socket, Action::Deny);
         e.op = 99;
         assert_eq!(
-            Record::from_event(&e, "b", &clock, &Mounts::default()).unwrap_err().to_string(),
+            Record::from_event(&e, "b", &clock, &Mounts::default())
+                .unwrap_err()
+                .to_string(),
             "event with unknown op 99"
         );
         let mut e = event(Op::Socket, Action::Deny);

@@ -6,11 +6,11 @@
 
 pub mod btf;
 pub mod cgroup;
+pub mod doctor;
 pub mod event;
 pub mod loader;
 pub mod paths;
 pub mod policy;
-pub mod doctor;
 pub mod print;
 pub mod supervise;
 pub mod sysfs;

@@ -79,30 +79,40 @@ pub struct Root {
 pub enum LoadError {
     #[error(transparent)]
     Btf(#[from] BtfError),
-    #[error("cannot parse kernel BTF for attaching LSM programs: {0}\nhint: buildcage needs CONFIG_DEBUG_INFO_BTF=y")]
+    #[error(
+        "cannot parse kernel BTF for attaching LSM programs: {0}\nhint: buildcage needs CONFIG_DEBUG_INFO_BTF=y"
+    )]
     AyaBtf(#[source] aya::BtfError),
     #[error("cannot create the maps of the kernel programs: {0}")]
     Object(#[source] aya::EbpfError),
-    #[error("the kernel refused to load the LSM program `{program}` (EPERM): {source}\nhint: this kernel does not allow BPF trampoline programs (BPF LSM, fentry, fexit), not even to root. Boot a kernel with CONFIG_BPF_LSM=y, CONFIG_BPF_JIT=y and `bpf` in lsm=, or run `cargo xtask demo`, which uses a VM")]
+    #[error(
+        "the kernel refused to load the LSM program `{program}` (EPERM): {source}\nhint: this kernel does not allow BPF trampoline programs (BPF LSM, fentry, fexit), not even to root. Boot a kernel with CONFIG_BPF_LSM=y, CONFIG_BPF_JIT=y and `bpf` in lsm=, or run `cargo xtask demo`, which uses a VM"
+    )]
     LoadPermission {
         program: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("the kernel refused the LSM program `{program}`: {source}\nhint: run `buildcage doctor` to see what this kernel lacks")]
+    #[error(
+        "the kernel refused the LSM program `{program}`: {source}\nhint: run `buildcage doctor` to see what this kernel lacks"
+    )]
     Load {
         program: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("cannot attach `{program}` to cgroup {cgroup}: {source}\nhint: BPF_LSM_CGROUP needs Linux 6.0 or newer")]
+    #[error(
+        "cannot attach `{program}` to cgroup {cgroup}: {source}\nhint: BPF_LSM_CGROUP needs Linux 6.0 or newer"
+    )]
     Attach {
         program: &'static str,
         cgroup: PathBuf,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("cannot pin `{program}` at {path}: {source}\nhint: buildcage pins its programs so that a build stays confined if it dies; mount bpffs with `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "cannot pin `{program}` at {path}: {source}\nhint: buildcage pins its programs so that a build stays confined if it dies; mount bpffs with `mount -t bpf bpf /sys/fs/bpf`"
+    )]
     Pin {
         program: &'static str,
         path: PathBuf,
@@ -115,7 +125,9 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("cannot mark the allowed root {path} in the kernel: {source}\nhint: check that {path} exists and is on a local file system")]
+    #[error(
+        "cannot mark the allowed root {path} in the kernel: {source}\nhint: check that {path} exists and is on a local file system"
+    )]
     Root {
         path: PathBuf,
         #[source]
@@ -163,7 +175,9 @@ impl Confinement {
         // The policy goes in before any program is attached: a program that finds
         // no policy denies.
         {
-            let map = ebpf.map_mut("BUILDS").ok_or(LoadError::Missing("map BUILDS"))?;
+            let map = ebpf
+                .map_mut("BUILDS")
+                .ok_or(LoadError::Missing("map BUILDS"))?;
             let mut builds: HashMap<_, u64, BuildPolicy> =
                 HashMap::try_from(map).map_err(|source| LoadError::Map { build, source })?;
             builds
@@ -176,15 +190,18 @@ impl Confinement {
                 path: PathBuf::from("/sys/devices/system/cpu/possible"),
                 source: e,
             })?;
-            let map = ebpf.map_mut("STATS").ok_or(LoadError::Missing("map STATS"))?;
+            let map = ebpf
+                .map_mut("STATS")
+                .ok_or(LoadError::Missing("map STATS"))?;
             let mut stats: PerCpuHashMap<_, u64, BuildStats> =
                 PerCpuHashMap::try_from(map).map_err(|source| LoadError::Map { build, source })?;
-            let zero = PerCpuValues::try_from(vec![BuildStats::default(); cpus])
-                .map_err(|e| LoadError::Io {
+            let zero = PerCpuValues::try_from(vec![BuildStats::default(); cpus]).map_err(|e| {
+                LoadError::Io {
                     action: "cannot size per-CPU counters for",
                     path: PathBuf::from("STATS"),
                     source: e,
-                })?;
+                }
+            })?;
             stats
                 .insert(build, zero, 0)
                 .map_err(|source| LoadError::Map { build, source })?;
@@ -226,7 +243,8 @@ impl Confinement {
                     let prog: &mut LsmCgroup = prog
                         .try_into()
                         .map_err(|source| LoadError::Load { program, source })?;
-                    prog.load(hook, &btf).map_err(|source| load_error(program, source))?;
+                    prog.load(hook, &btf)
+                        .map_err(|source| load_error(program, source))?;
                     let id = prog.attach(&dir).map_err(attach_err)?;
                     prog.take_link(id)
                         .map_err(|source| LoadError::Load { program, source })?
@@ -236,7 +254,8 @@ impl Confinement {
                     let prog: &mut Lsm = prog
                         .try_into()
                         .map_err(|source| LoadError::Load { program, source })?;
-                    prog.load(hook, &btf).map_err(|source| load_error(program, source))?;
+                    prog.load(hook, &btf)
+                        .map_err(|source| load_error(program, source))?;
                     let id = prog.attach().map_err(attach_err)?;
                     prog.take_link(id)
                         .map_err(|source| LoadError::Load { program, source })?
@@ -246,12 +265,11 @@ impl Confinement {
             let path = this.pin_dir.join(program);
             let _ = fs::remove_file(&path);
             // Dropping the PinnedLink closes our fd; the pin keeps the link alive.
-            link.pin(&path)
-                .map_err(|source| LoadError::Pin {
-                    program,
-                    path: path.clone(),
-                    source,
-                })?;
+            link.pin(&path).map_err(|source| LoadError::Pin {
+                program,
+                path: path.clone(),
+                source,
+            })?;
             this.pins.push(path);
         }
         Ok(this)
@@ -277,17 +295,22 @@ impl Confinement {
     /// The build's counters, added up over CPUs.
     pub fn stats(&self) -> Result<BuildStats, LoadError> {
         let build = self.build;
-        let map = self.ebpf.map("STATS").ok_or(LoadError::Missing("map STATS"))?;
+        let map = self
+            .ebpf
+            .map("STATS")
+            .ok_or(LoadError::Missing("map STATS"))?;
         let stats: PerCpuHashMap<_, u64, BuildStats> =
             PerCpuHashMap::try_from(map).map_err(|source| LoadError::Map { build, source })?;
         let per_cpu = stats
             .get(&build, 0)
             .map_err(|source| LoadError::Map { build, source })?;
-        Ok(per_cpu.iter().fold(BuildStats::default(), |acc, s| BuildStats {
-            denials: acc.denials + s.denials,
-            lost: acc.lost + s.lost,
-            errors: acc.errors + s.errors,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(BuildStats::default(), |acc, s| BuildStats {
+                denials: acc.denials + s.denials,
+                lost: acc.lost + s.lost,
+                errors: acc.errors + s.errors,
+            }))
     }
 
     /// Removes the pins, so the programs detach once this instance is dropped.
@@ -318,7 +341,9 @@ fn program_for(hook: &'static str, offsets: &Offsets) -> &'static str {
 /// Puts each root's tag on its inode, through an O_PATH fd: the kernel's own
 /// identity of the file, whatever path or mount it is reached by.
 fn tag_roots(ebpf: &mut Ebpf, roots: &[Root]) -> Result<(), LoadError> {
-    let map = ebpf.map_mut("ROOTS").ok_or(LoadError::Missing("map ROOTS"))?;
+    let map = ebpf
+        .map_mut("ROOTS")
+        .ok_or(LoadError::Missing("map ROOTS"))?;
     let mut tags: InodeStorage<_, InodeTag> =
         InodeStorage::try_from(map).map_err(|source| LoadError::Root {
             path: PathBuf::from("ROOTS"),
@@ -339,10 +364,11 @@ fn tag_roots(ebpf: &mut Ebpf, roots: &[Root]) -> Result<(), LoadError> {
             _pad: 0,
             owner: 0,
         };
-        tags.insert(&file, tag, 0).map_err(|source| LoadError::Root {
-            path: root.path.clone(),
-            source,
-        })?;
+        tags.insert(&file, tag, 0)
+            .map_err(|source| LoadError::Root {
+                path: root.path.clone(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -352,7 +378,9 @@ fn load_error(program: &'static str, source: aya::programs::ProgramError) -> Loa
         aya::programs::ProgramError::LoadError { io_error, .. } => {
             io_error.raw_os_error() == Some(libc::EPERM)
         }
-        aya::programs::ProgramError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::EPERM),
+        aya::programs::ProgramError::SyscallError(e) => {
+            e.io_error.raw_os_error() == Some(libc::EPERM)
+        }
         _ => false,
     };
     if eperm {

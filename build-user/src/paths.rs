@@ -60,7 +60,13 @@ impl Mounts {
     }
 
     /// Builds the path from the names of an event (innermost first).
-    pub fn resolve(&self, dev: u32, names: &[[u8; NAME_LEN]; PATH_DEPTH], depth: u32, flags: u32) -> EventPath {
+    pub fn resolve(
+        &self,
+        dev: u32,
+        names: &[[u8; NAME_LEN]; PATH_DEPTH],
+        depth: u32,
+        flags: u32,
+    ) -> EventPath {
         let depth = usize::try_from(depth).unwrap_or(0).min(PATH_DEPTH);
         let parts: Vec<String> = names[..depth]
             .iter()
@@ -74,7 +80,11 @@ impl Mounts {
             return EventPath::Partial(format!("…/{}", tail.join("/")));
         }
         // The outermost name is the file system's root ("/"); skip it.
-        let inside: Vec<&str> = parts[..parts.len() - 1].iter().rev().map(String::as_str).collect();
+        let inside: Vec<&str> = parts[..parts.len() - 1]
+            .iter()
+            .rev()
+            .map(String::as_str)
+            .collect();
         let fs_path = PathBuf::from(format!("/{}", inside.join("/")));
         match self.mount_of(dev, &fs_path) {
             Some(p) => EventPath::Full(p.display().to_string()),

@@ -71,7 +71,9 @@ pub enum RunError {
     Load(#[from] crate::loader::LoadError),
     #[error("buildcage must run as root to confine a build\nhint: run it with sudo")]
     NotRoot,
-    #[error("cannot create the events file {path}: {source}\nhint: check that its directory exists and is writable")]
+    #[error(
+        "cannot create the events file {path}: {source}\nhint: check that its directory exists and is writable"
+    )]
     EventsFile {
         path: PathBuf,
         #[source]
@@ -283,18 +285,19 @@ async fn read_events(
     // always returns that same fd; the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(io::Error::from)?;
-    let mut handle = |item: &[u8], summary: &mut Summary| match Record::decode(item, &build, &clock, &mounts) {
-        Ok(record) => {
-            eprintln!("{}", human::line(&record));
-            if let Some(json) = json.as_deref_mut()
-                && let Err(e) = json.write(&record)
-            {
-                tracing::error!("cannot write to the events file: {e}");
+    let mut handle =
+        |item: &[u8], summary: &mut Summary| match Record::decode(item, &build, &clock, &mounts) {
+            Ok(record) => {
+                eprintln!("{}", human::line(&record));
+                if let Some(json) = json.as_deref_mut()
+                    && let Err(e) = json.write(&record)
+                {
+                    tracing::error!("cannot write to the events file: {e}");
+                }
+                summary.add(&record);
             }
-            summary.add(&record);
-        }
-        Err(e) => tracing::error!("undecodable event: {e}"),
-    };
+            Err(e) => tracing::error!("undecodable event: {e}"),
+        };
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {

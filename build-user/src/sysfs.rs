@@ -13,7 +13,9 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysfsError {
-    #[error("securityfs is not mounted at {SECURITYFS} and mounting it failed: {0}\nhint: mount it with `mount -t securityfs securityfs {SECURITYFS}`")]
+    #[error(
+        "securityfs is not mounted at {SECURITYFS} and mounting it failed: {0}\nhint: mount it with `mount -t securityfs securityfs {SECURITYFS}`"
+    )]
     SecurityFs(#[source] nix::Error),
     #[error("cannot read the active LSM list from {path}: {source}")]
     LsmList {
@@ -21,9 +23,13 @@ pub enum SysfsError {
         #[source]
         source: io::Error,
     },
-    #[error("BPF LSM is not active: the kernel runs the LSMs `{0}`, without `bpf`\nhint: add bpf to the kernel command line, e.g. lsm={0},bpf (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub and reboot); the kernel also needs CONFIG_BPF_LSM=y")]
+    #[error(
+        "BPF LSM is not active: the kernel runs the LSMs `{0}`, without `bpf`\nhint: add bpf to the kernel command line, e.g. lsm={0},bpf (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub and reboot); the kernel also needs CONFIG_BPF_LSM=y"
+    )]
     NoBpfLsm(String),
-    #[error("bpffs is not mounted at {BPFFS} and mounting it failed: {0}\nhint: mount it with `mount -t bpf bpf {BPFFS}`")]
+    #[error(
+        "bpffs is not mounted at {BPFFS} and mounting it failed: {0}\nhint: mount it with `mount -t bpf bpf {BPFFS}`"
+    )]
     BpfFs(#[source] nix::Error),
     #[error("cannot read /proc/self/mountinfo: {0}")]
     MountInfo(#[source] io::Error),
@@ -52,7 +58,8 @@ fn ensure_mounted(fstype: &str, target: &str) -> Result<(PathBuf, bool), nix::Er
 
 /// The active LSMs, in order, from securityfs.
 pub fn active_lsms() -> Result<(Vec<String>, bool), SysfsError> {
-    let (mnt, mounted) = ensure_mounted("securityfs", SECURITYFS).map_err(SysfsError::SecurityFs)?;
+    let (mnt, mounted) =
+        ensure_mounted("securityfs", SECURITYFS).map_err(SysfsError::SecurityFs)?;
     let path = mnt.join("lsm");
     let list = fs::read_to_string(&path).map_err(|source| SysfsError::LsmList { path, source })?;
     Ok((

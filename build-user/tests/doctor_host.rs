@@ -20,20 +20,42 @@ fn doctor_verdict_matches_its_checks() {
         .copied()
         .filter(|l| l.starts_with("pass ") || l.starts_with("FAIL "))
         .collect();
-    let names: Vec<&str> = checks.iter().map(|l| l.split_whitespace().nth(1).unwrap_or("")).collect();
-    assert_eq!(names, ["root", "bpf-lsm", "hooks", "btf", "cgroup2", "bpffs", "enforce"], "{err}");
+    let names: Vec<&str> = checks
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "root", "bpf-lsm", "hooks", "btf", "cgroup2", "bpffs", "enforce"
+        ],
+        "{err}"
+    );
     let failed = checks.iter().any(|l| l.starts_with("FAIL "));
-    assert_eq!(out.status.success(), !failed, "exit status agrees with the checks: {err}");
+    assert_eq!(
+        out.status.success(),
+        !failed,
+        "exit status agrees with the checks: {err}"
+    );
     if failed {
         assert!(err.contains("hint: "), "a failure says what to do: {err}");
         assert!(err.contains("`run` will refuse to start"), "{err}");
     }
     let enforce = checks.last().copied().unwrap_or_default();
     if enforce.contains("(EPERM)") {
-        assert!(enforce.starts_with("FAIL enforce  the kernel refused to load the LSM program"), "{err}");
-        assert!(err.contains("does not allow BPF trampoline programs"), "{err}");
+        assert!(
+            enforce.starts_with("FAIL enforce  the kernel refused to load the LSM program"),
+            "{err}"
+        );
+        assert!(
+            err.contains("does not allow BPF trampoline programs"),
+            "{err}"
+        );
     } else if !failed {
-        assert!(enforce.contains("socket(AF_INET) in a scratch build got EPERM"), "{err}");
+        assert!(
+            enforce.contains("socket(AF_INET) in a scratch build got EPERM"),
+            "{err}"
+        );
     }
 }
 

@@ -205,9 +205,8 @@ pub struct Event {
     pub names: [[u8; NAME_LEN]; PATH_DEPTH],
 }
 
-const _: () = assert!(
-    size_of::<Event>() == 8 * 2 + 4 * 10 + 16 + COMM_LEN + 4 * 2 + NAME_LEN * PATH_DEPTH
-);
+const _: () =
+    assert!(size_of::<Event>() == 8 * 2 + 4 * 10 + 16 + COMM_LEN + 4 * 2 + NAME_LEN * PATH_DEPTH);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers and byte arrays, and the size assertion above shows

@@ -14,7 +14,12 @@ use std::{
 /// debug build.
 pub fn buildcage_bin() -> PathBuf {
     std::env::var_os("BUILDCAGE_BIN").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/buildcage")),
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/debug/buildcage"
+            ))
+        },
         PathBuf::from,
     )
 }
@@ -137,7 +142,10 @@ pub fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
 /// followed, and nothing deeper than `max_depth` below `root` is looked at (the
 /// guest's /root is the host's, with whole toolchains in it). Used to show that
 /// a hostile build changed nothing outside its tree.
-pub fn tree_digest(root: &std::path::Path, max_depth: usize) -> std::collections::BTreeMap<PathBuf, u64> {
+pub fn tree_digest(
+    root: &std::path::Path,
+    max_depth: usize,
+) -> std::collections::BTreeMap<PathBuf, u64> {
     use std::{
         hash::{DefaultHasher, Hash as _, Hasher as _},
         os::unix::fs::MetadataExt as _,
@@ -149,7 +157,15 @@ pub fn tree_digest(root: &std::path::Path, max_depth: usize) -> std::collections
             continue;
         };
         let mut h = DefaultHasher::new();
-        (meta.mode(), meta.uid(), meta.gid(), meta.size(), meta.mtime(), meta.mtime_nsec()).hash(&mut h);
+        (
+            meta.mode(),
+            meta.uid(),
+            meta.gid(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        )
+            .hash(&mut h);
         if meta.is_file() && meta.size() <= 1 << 20 {
             std::fs::read(&path).unwrap_or_default().hash(&mut h);
         } else if meta.is_symlink() {

@@ -1,6 +1,10 @@
 //! Filesystem confinement, as the kernel enforces it (run in the VM): for each
 //! write path, the call fails with EPERM, the event names the op and the path,
 //! and the target is byte for byte unchanged, or still absent.
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
 
 use std::path::{Path, PathBuf};
 
@@ -27,7 +31,12 @@ fn confined_ops(tree: &Path, ops: &[Vec<String>]) -> (Vec<String>, Vec<serde_jso
     }
     let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--events", events_file.to_str().unwrap()],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
         &cmd,
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -65,13 +74,18 @@ fn denied(args: &[&str], op: &'static str, path: &str, watch: &[&Path]) -> Denie
 /// Each call is refused with EPERM, reported as its op on its path, and every
 /// watched file is unchanged.
 fn assert_denied_all(tree: &Path, cases: &[Denied]) {
-    let before: Vec<Vec<_>> = cases.iter().map(|c| c.watch.iter().map(|p| snapshot(p)).collect()).collect();
+    let before: Vec<Vec<_>> = cases
+        .iter()
+        .map(|c| c.watch.iter().map(|p| snapshot(p)).collect())
+        .collect();
     let ops: Vec<Vec<String>> = cases.iter().map(|c| c.args.clone()).collect();
     let (results, events) = confined_ops(tree, &ops);
     for ((case, result), before) in cases.iter().zip(results).zip(before) {
         assert_eq!(result, "EPERM", "{:?}", case.args);
         assert!(
-            events.iter().any(|e| e["op"] == case.op && e["path"] == case.path.as_str() && e["action"] == "deny"),
+            events.iter().any(|e| e["op"] == case.op
+                && e["path"] == case.path.as_str()
+                && e["action"] == "deny"),
             "{:?}: no deny event for {} {}: {events:?}",
             case.args,
             case.op,
@@ -93,7 +107,9 @@ fn unconfined_tmpfile_works(dir: &Path) -> bool {
         .args(["fs", "tmpfile", dir.to_str().unwrap()])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim_end().ends_with(" OK")
+    String::from_utf8_lossy(&out.stdout)
+        .trim_end()
+        .ends_with(" OK")
 }
 
 fn outside(name: &str, contents: &str) -> PathBuf {
@@ -115,8 +131,18 @@ fn writes_to_system_files_are_refused() {
         &tree,
         &[
             denied(&["write", "/etc/passwd"], "open", "/etc/passwd", &[passwd]),
-            denied(&["write", "/root/.bashrc"], "open", "/root/.bashrc", &[bashrc]),
-            denied(&["create", "/usr/local/bin/x"], "create", "/usr/local/bin/x", &[x]),
+            denied(
+                &["write", "/root/.bashrc"],
+                "open",
+                "/root/.bashrc",
+                &[bashrc],
+            ),
+            denied(
+                &["create", "/usr/local/bin/x"],
+                "create",
+                "/usr/local/bin/x",
+                &[x],
+            ),
         ],
     );
     assert!(!x.exists(), "a refused create leaves no empty file behind");
@@ -135,11 +161,26 @@ fn renames_across_the_tree_boundary_are_refused() {
     assert_denied_all(
         &tree,
         &[
-            denied(&["rename", i, "/etc/buildcage-test-moved"], "rename_to", "/etc/buildcage-test-moved", &[&inside, target]),
-            denied(&["rename", out.to_str().unwrap(), dest.to_str().unwrap()], "rename", out.to_str().unwrap(), &[&out, &dest]),
+            denied(
+                &["rename", i, "/etc/buildcage-test-moved"],
+                "rename_to",
+                "/etc/buildcage-test-moved",
+                &[&inside, target],
+            ),
+            denied(
+                &["rename", out.to_str().unwrap(), dest.to_str().unwrap()],
+                "rename",
+                out.to_str().unwrap(),
+                &[&out, &dest],
+            ),
             // RENAME_EXCHANGE: the kernel checks both directions, the swapped one
             // first, which takes /etc/hostname out of /etc.
-            denied(&["exchange", i, "/etc/hostname"], "rename", "/etc/hostname", &[&inside, hostname]),
+            denied(
+                &["exchange", i, "/etc/hostname"],
+                "rename",
+                "/etc/hostname",
+                &[&inside, hostname],
+            ),
         ],
     );
 }
@@ -164,7 +205,11 @@ fn links_and_symlinks_do_not_smuggle_writes_out() {
     if unconfined_tmpfile_works(&tree) {
         assert_denied(
             &tree,
-            &["tmpfile-link", tree.to_str().unwrap(), "/etc/buildcage-test-tmpfile"],
+            &[
+                "tmpfile-link",
+                tree.to_str().unwrap(),
+                "/etc/buildcage-test-tmpfile",
+            ],
             "link",
             "/etc/buildcage-test-tmpfile",
             &[tmpf],
@@ -174,11 +219,18 @@ fn links_and_symlinks_do_not_smuggle_writes_out() {
     let (run_tree, run_out) = (run.join("tree"), run.join("out"));
     std::fs::create_dir_all(&run_tree).unwrap();
     std::fs::create_dir_all(&run_out).unwrap();
-    assert!(unconfined_tmpfile_works(&run_tree), "tmpfs makes unnamed files");
+    assert!(
+        unconfined_tmpfile_works(&run_tree),
+        "tmpfs makes unnamed files"
+    );
     let target = run_out.join("f");
     assert_denied(
         &run_tree,
-        &["tmpfile-link", run_tree.to_str().unwrap(), target.to_str().unwrap()],
+        &[
+            "tmpfile-link",
+            run_tree.to_str().unwrap(),
+            target.to_str().unwrap(),
+        ],
         "link",
         target.to_str().unwrap(),
         &[&target],
@@ -188,7 +240,13 @@ fn links_and_symlinks_do_not_smuggle_writes_out() {
     let sym = tree.join("evil");
     let (made, _) = confined_op(&tree, &["symlink", "/etc/hosts", sym.to_str().unwrap()]);
     assert_eq!(made, "OK");
-    assert_denied(&tree, &["write", sym.to_str().unwrap()], "open", "/etc/hosts", &[hosts]);
+    assert_denied(
+        &tree,
+        &["write", sym.to_str().unwrap()],
+        "open",
+        "/etc/hosts",
+        &[hosts],
+    );
 }
 
 #[test]
@@ -213,18 +271,48 @@ fn metadata_changes_outside_are_refused() {
     .map(|(op, event)| denied(&[op, v], event, v, &[&victim]))
     .collect();
     let env = Path::new("/usr/bin/env");
-    cases.push(denied(&["chmod", "/usr/bin/env"], "chmod", "/usr/bin/env", &[env]));
+    cases.push(denied(
+        &["chmod", "/usr/bin/env"],
+        "chmod",
+        "/usr/bin/env",
+        &[env],
+    ));
     let hosts = Path::new("/etc/hosts");
-    cases.push(denied(&["setxattr", "/etc/hosts"], "setxattr", "/etc/hosts", &[hosts]));
+    cases.push(denied(
+        &["setxattr", "/etc/hosts"],
+        "setxattr",
+        "/etc/hosts",
+        &[hosts],
+    ));
     let dir = Path::new("/etc/buildcage-test-emptydir");
     std::fs::create_dir_all(dir).unwrap();
-    cases.push(denied(&["rmdir", dir.to_str().unwrap()], "rmdir", dir.to_str().unwrap(), &[dir]));
+    cases.push(denied(
+        &["rmdir", dir.to_str().unwrap()],
+        "rmdir",
+        dir.to_str().unwrap(),
+        &[dir],
+    ));
     let newdir = Path::new("/etc/buildcage-test-newdir");
-    cases.push(denied(&["mkdir", newdir.to_str().unwrap()], "mkdir", newdir.to_str().unwrap(), &[newdir]));
+    cases.push(denied(
+        &["mkdir", newdir.to_str().unwrap()],
+        "mkdir",
+        newdir.to_str().unwrap(),
+        &[newdir],
+    ));
     let fifo = Path::new("/etc/buildcage-test-fifo");
-    cases.push(denied(&["mkfifo", fifo.to_str().unwrap()], "mknod", fifo.to_str().unwrap(), &[fifo]));
+    cases.push(denied(
+        &["mkfifo", fifo.to_str().unwrap()],
+        "mknod",
+        fifo.to_str().unwrap(),
+        &[fifo],
+    ));
     let sl = Path::new("/etc/buildcage-test-symlink");
-    cases.push(denied(&["symlink", "/etc/passwd", sl.to_str().unwrap()], "symlink", sl.to_str().unwrap(), &[sl]));
+    cases.push(denied(
+        &["symlink", "/etc/passwd", sl.to_str().unwrap()],
+        "symlink",
+        sl.to_str().unwrap(),
+        &[sl],
+    ));
     assert_denied_all(&tree, &cases);
 }
 
@@ -236,8 +324,18 @@ fn device_nodes_are_refused_even_in_the_tree() {
     assert_denied_all(
         &tree,
         &[
-            denied(&["mknod-chr", chr.to_str().unwrap()], "mknod", chr.to_str().unwrap(), &[&chr]),
-            denied(&["mknod-blk", blk.to_str().unwrap()], "mknod", blk.to_str().unwrap(), &[&blk]),
+            denied(
+                &["mknod-chr", chr.to_str().unwrap()],
+                "mknod",
+                chr.to_str().unwrap(),
+                &[&chr],
+            ),
+            denied(
+                &["mknod-blk", blk.to_str().unwrap()],
+                "mknod",
+                blk.to_str().unwrap(),
+                &[&blk],
+            ),
             // A device outside the policy's device roots is not writable either...
             denied(&["write", "/dev/kmsg"], "open", "/dev/kmsg", &[]),
         ],
@@ -261,18 +359,35 @@ fn tmp_is_own_files_only() {
     );
     let events_file = tree.join(".events.jsonl");
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--events", events_file.to_str().unwrap()],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
         &["sh", "-c", &script],
     );
     let text = stdout(&out);
     assert!(text.contains("mine\nmore\ncreated-ok\n"), "{text}");
-    assert!(!text.contains("pre-written") && !text.contains("pre-removed"), "{text}");
+    assert!(
+        !text.contains("pre-written") && !text.contains("pre-removed"),
+        "{text}"
+    );
     assert_eq!(std::fs::read_to_string(&pre).unwrap(), "someone else's\n");
     let ev = events(&events_file);
     let pre_s = pre.to_str().unwrap();
-    assert!(ev.iter().any(|e| e["op"] == "open" && e["path"] == pre_s), "{ev:?}");
-    assert!(ev.iter().any(|e| e["op"] == "unlink" && e["path"] == pre_s), "{ev:?}");
-    assert!(ev.iter().all(|e| e["path"] != mine.as_str()), "own files were refused: {ev:?}");
+    assert!(
+        ev.iter().any(|e| e["op"] == "open" && e["path"] == pre_s),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| e["op"] == "unlink" && e["path"] == pre_s),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().all(|e| e["path"] != mine.as_str()),
+        "own files were refused: {ev:?}"
+    );
 }
 
 #[test]
@@ -280,15 +395,33 @@ fn the_build_cannot_leave_its_cgroup() {
     let tree = scratch("fs-cgroup");
     let events_file = tree.join(".events.jsonl");
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--events", events_file.to_str().unwrap()],
-        &["sh", "-c", &format!("echo $$ > /sys/fs/cgroup/cgroup.procs; cat /proc/self/cgroup; {PROBE} socket inet stream")],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "echo $$ > /sys/fs/cgroup/cgroup.procs; cat /proc/self/cgroup; {PROBE} socket inet stream"
+            ),
+        ],
     );
     let text = stdout(&out);
-    assert!(text.contains("/buildcage/"), "still in its build cgroup: {text}");
-    assert!(text.contains("socket inet stream EPERM"), "still confined: {text}");
+    assert!(
+        text.contains("/buildcage/"),
+        "still in its build cgroup: {text}"
+    );
+    assert!(
+        text.contains("socket inet stream EPERM"),
+        "still confined: {text}"
+    );
     let ev = events(&events_file);
     assert!(
-        ev.iter().any(|e| e["op"] == "open" && e["path"] == "/sys/fs/cgroup/cgroup.procs"),
+        ev.iter()
+            .any(|e| e["op"] == "open" && e["path"] == "/sys/fs/cgroup/cgroup.procs"),
         "{ev:?}"
     );
 }
@@ -304,11 +437,20 @@ fn everything_inside_the_tree_still_works() {
     );
     let events_file = tree.join(".events.jsonl");
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--events", events_file.to_str().unwrap()],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
         &["sh", "-c", &script],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "done\n");
     assert_eq!(events(&events_file), Vec::<serde_json::Value>::new());
-    assert!(stderr(&out).contains("buildcage: 0 denied, 0 reported"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("buildcage: 0 denied, 0 reported"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -35,7 +35,11 @@ fn every_family_but_unix_is_eperm_inside_a_build() {
     let got = results(&stdout(&out));
     assert_eq!(got.len(), 10, "one line per attempt: {got:?}");
     for (what, result) in &got {
-        let want = if what.starts_with("unix ") { "OK" } else { "EPERM" };
+        let want = if what.starts_with("unix ") {
+            "OK"
+        } else {
+            "EPERM"
+        };
         assert_eq!(result, want, "{what}");
     }
     let pair = run_confined(&[], &[PROBE, "socketpair"]);
@@ -44,7 +48,10 @@ fn every_family_but_unix_is_eperm_inside_a_build() {
 
 #[test]
 fn the_same_calls_succeed_outside_a_build() {
-    let out = std::process::Command::new(PROBE).args(ATTEMPTS).output().expect("probe");
+    let out = std::process::Command::new(PROBE)
+        .args(ATTEMPTS)
+        .output()
+        .expect("probe");
     let got = results(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(got.len(), 10);
     for (what, result) in &got {
@@ -63,9 +70,17 @@ fn events_file_holds_one_object_per_denial() {
     let dir = scratch("events");
     let events = dir.join("events.jsonl");
     // The shell prints its pid, then becomes the probe: the events must name that pid.
-    let script = format!("echo $$; exec {PROBE} socket inet stream inet6 dgram netlink raw unix stream");
+    let script =
+        format!("echo $$; exec {PROBE} socket inet stream inet6 dgram netlink raw unix stream");
     let out = run_confined(
-        &["--tree", dir.to_str().unwrap(), "--name", "evt", "--events", events.to_str().unwrap()],
+        &[
+            "--tree",
+            dir.to_str().unwrap(),
+            "--name",
+            "evt",
+            "--events",
+            events.to_str().unwrap(),
+        ],
         &["sh", "-c", &script],
     );
     assert_eq!(out.status.code(), Some(0));
@@ -76,7 +91,10 @@ fn events_file_holds_one_object_per_denial() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
         .collect();
-    let families: Vec<&str> = lines.iter().map(|e| e["family"].as_str().unwrap()).collect();
+    let families: Vec<&str> = lines
+        .iter()
+        .map(|e| e["family"].as_str().unwrap())
+        .collect();
     assert_eq!(families, ["inet", "inet6", "netlink"], "{lines:?}");
     for e in &lines {
         assert_eq!(e["pid"].as_u64(), Some(u64::from(pid)), "{e}");
@@ -89,9 +107,20 @@ fn events_file_holds_one_object_per_denial() {
     }
     // The live lines and the summary on stderr.
     let err = stderr(&out);
-    assert!(err.contains(&format!("buildcage: deny socket(inet, stream) pid {pid} probe")), "{err}");
-    assert!(err.contains("ACCESS VIOLATION SUMMARY for build evt"), "{err}");
-    assert!(err.contains("buildcage: 3 denied, 3 reported, 0 lost, 0 internal errors"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "buildcage: deny socket(inet, stream) pid {pid} probe"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("ACCESS VIOLATION SUMMARY for build evt"),
+        "{err}"
+    );
+    assert!(
+        err.contains("buildcage: 3 denied, 3 reported, 0 lost, 0 internal errors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -114,12 +143,20 @@ fn a_double_forked_daemon_is_confined_then_killed_and_named() {
     );
     assert!(!alive(pid), "the daemon is gone when run returns");
     let pins = Path::new("/sys/fs/bpf/buildcage").read_dir();
-    assert!(!pins.is_ok_and(|mut d| d.next().is_some()), "no pins left behind");
+    assert!(
+        !pins.is_ok_and(|mut d| d.next().is_some()),
+        "no pins left behind"
+    );
 }
 
 #[test]
 fn exit_status_is_propagated() {
-    for (script, want) in [("exit 0", 0), ("exit 3", 3), ("kill -TERM $$", 128 + 15), ("kill -KILL $$", 128 + 9)] {
+    for (script, want) in [
+        ("exit 0", 0),
+        ("exit 3", 3),
+        ("kill -TERM $$", 128 + 15),
+        ("kill -KILL $$", 128 + 9),
+    ] {
         let out = run_confined(&[], &["sh", "-c", script]);
         assert_eq!(out.status.code(), Some(want), "{script}");
     }
@@ -134,7 +171,10 @@ fn doctor_passes_where_bpf_lsm_works() {
     let err = stderr(&out);
     eprintln!("{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("pass enforce  socket(AF_INET) in a scratch build got EPERM"), "{err}");
+    assert!(
+        err.contains("pass enforce  socket(AF_INET) in a scratch build got EPERM"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -143,7 +183,11 @@ fn sigterm_is_passed_on_and_the_build_cleaned_up() {
     let dir = scratch("sigterm");
     let mut run = std::process::Command::new(buildcage_tests::buildcage_bin())
         .args(["run", "--tree", dir.to_str().unwrap(), "--"])
-        .args(["sh", "-c", "trap 'echo got-term; exit 7' TERM; sleep 300 & echo ready; wait"])
+        .args([
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; sleep 300 & echo ready; wait",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -162,7 +206,10 @@ fn sigterm_is_passed_on_and_the_build_cleaned_up() {
     std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(rest, "got-term\n", "the shell got the SIGTERM: {err}");
     assert_eq!(status.code(), Some(7), "{err}");
-    assert!(err.contains("buildcage: SIGTERM: passing it on to pid"), "{err}");
+    assert!(
+        err.contains("buildcage: SIGTERM: passing it on to pid"),
+        "{err}"
+    );
     // The sleep it left behind was killed and named.
     assert!(err.contains(" sleep (parent "), "{err}");
 }

@@ -1,4 +1,8 @@
 //! `network = "loopback"` and `unix_connect`, as the kernel enforces them (VM).
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -15,7 +19,14 @@ const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 fn net(tree: &Path, policy: &str, ops: &str) -> (String, Vec<serde_json::Value>) {
     let events_file = tree.join("events.jsonl");
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--policy", policy, "--events", events_file.to_str().unwrap()],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--policy",
+            policy,
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
         &["sh", "-c", ops],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -36,10 +47,15 @@ fn loopback_reaches_its_own_servers_only() {
     let results: Vec<&str> = out.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
     assert_eq!(results, ["OK", "EPERM", "EPERM", "EPERM"], "{out}");
     let has = |op: &str, addr: &str, port: u64| {
-        ev.iter().any(|e| e["op"] == op && e["address"] == addr && e["port"] == port && e["action"] == "deny")
+        ev.iter().any(|e| {
+            e["op"] == op && e["address"] == addr && e["port"] == port && e["action"] == "deny"
+        })
     };
     assert!(has("connect", "10.0.2.2", 80), "{ev:?}");
-    assert!(has("connect", "127.0.0.1", u64::from(host_addr.port())), "{ev:?}");
+    assert!(
+        has("connect", "127.0.0.1", u64::from(host_addr.port())),
+        "{ev:?}"
+    );
     assert!(has("sendmsg", "10.0.2.2", 53), "{ev:?}");
 }
 
@@ -48,15 +64,30 @@ fn loopback_builds_cannot_reach_each_other() {
     let tree_a = scratch_in(Path::new("/var/tmp"), "loopback-a");
     let tree_b = scratch_in(Path::new("/var/tmp"), "loopback-b");
     let mut a = Command::new(buildcage_bin())
-        .args(["run", "--tree", tree_a.to_str().unwrap(), "--policy", "loopback", "--name", "a", "--"])
+        .args([
+            "run",
+            "--tree",
+            tree_a.to_str().unwrap(),
+            "--policy",
+            "loopback",
+            "--name",
+            "a",
+            "--",
+        ])
         .args([PROBE, "net", "listen", "127.0.0.1:0", "60"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(a.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening ").expect("build a listens").to_owned();
+    BufReader::new(a.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .expect("build a listens")
+        .to_owned();
     let (out, ev) = net(&tree_b, "loopback", &format!("{PROBE} net connect {addr}"));
     // Build a's server is there (the test itself, outside any build, reaches it)...
     assert!(std::net::TcpStream::connect(&addr).is_ok());
@@ -64,7 +95,11 @@ fn loopback_builds_cannot_reach_each_other() {
     let _ = a.wait();
     // ...but build b may not.
     assert!(out.trim_end().ends_with("EPERM"), "{out}");
-    assert!(ev.iter().any(|e| e["op"] == "connect" && e["build"] == "build"), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| e["op"] == "connect" && e["build"] == "build"),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -83,14 +118,22 @@ fn unix_connect_is_limited_to_the_builds_own_sockets() {
     let results: Vec<&str> = out.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
     assert_eq!(results[0], "EPERM", "{out}");
     // /dev/log may have no listener in the VM; what matters is no EPERM-free pass.
-    assert_eq!(results[2], "OK", "the build's own socket in its tree: {out}");
+    assert_eq!(
+        results[2], "OK",
+        "the build's own socket in its tree: {out}"
+    );
     assert!(
-        ev.iter().any(|e| e["op"] == "unix_connect" && e["path"] == outside.to_str().unwrap()),
+        ev.iter()
+            .any(|e| e["op"] == "unix_connect" && e["path"] == outside.to_str().unwrap()),
         "{ev:?}"
     );
     // With unix_connect = true the same connection goes through.
     let policy = tree.join("unix.toml");
     std::fs::write(&policy, "inherits = \"default\"\nunix_connect = true\n").unwrap();
-    let (out, _) = net(&tree, policy.to_str().unwrap(), &format!("{PROBE} net unix-connect {}", outside.display()));
+    let (out, _) = net(
+        &tree,
+        policy.to_str().unwrap(),
+        &format!("{PROBE} net unix-connect {}", outside.display()),
+    );
     assert!(out.trim_end().ends_with(" OK"), "{out}");
 }

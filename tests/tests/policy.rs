@@ -12,24 +12,57 @@ fn audit_mode_allows_and_reports() {
     let target = format!("/etc/buildcage-audit-{}", std::process::id());
     let events_file = tree.join("events.jsonl");
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--policy", "audit", "--events", events_file.to_str().unwrap()],
-        &["sh", "-c", &format!("{PROBE} fs create {target}; {PROBE} socket inet stream")],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--policy",
+            "audit",
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            &format!("{PROBE} fs create {target}; {PROBE} socket inet stream"),
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), format!("create {target} OK\nsocket inet stream OK\n"));
-    assert!(Path::new(&target).is_file(), "audit mode let the write through");
+    assert_eq!(
+        stdout(&out),
+        format!("create {target} OK\nsocket inet stream OK\n")
+    );
+    assert!(
+        Path::new(&target).is_file(),
+        "audit mode let the write through"
+    );
     let ev = events(&events_file);
-    assert!(ev.iter().any(|e| e["op"] == "create" && e["path"] == target.as_str() && e["action"] == "audit"), "{ev:?}");
-    assert!(ev.iter().any(|e| e["op"] == "socket" && e["family"] == "inet" && e["action"] == "audit"), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| e["op"] == "create" && e["path"] == target.as_str() && e["action"] == "audit"),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e["op"] == "socket" && e["family"] == "inet" && e["action"] == "audit"),
+        "{ev:?}"
+    );
     assert!(ev.iter().all(|e| e["action"] == "audit"), "{ev:?}");
-    assert!(stderr(&out).contains("buildcage: audit socket(inet, stream)"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("buildcage: audit socket(inet, stream)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn kill_on_violation_kills_the_offender() {
     let tree = scratch_in(Path::new("/var/tmp"), "kill");
     let policy = tree.join("kill.toml");
-    std::fs::write(&policy, "inherits = \"default\"\nkill_on_violation = true\n").unwrap();
+    std::fs::write(
+        &policy,
+        "inherits = \"default\"\nkill_on_violation = true\n",
+    )
+    .unwrap();
     let events_file = tree.join("events.jsonl");
     let out = run_confined(
         &[
@@ -40,7 +73,11 @@ fn kill_on_violation_kills_the_offender() {
             "--events",
             events_file.to_str().unwrap(),
         ],
-        &["sh", "-c", &format!("exec {PROBE} socket inet stream unix stream")],
+        &[
+            "sh",
+            "-c",
+            &format!("exec {PROBE} socket inet stream unix stream"),
+        ],
     );
     // SIGKILL: 128 + 9. The probe never got to print its result.
     assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
@@ -61,12 +98,22 @@ fn a_suggested_policy_lets_the_same_build_run_with_zero_denials() {
     );
     let audit_events = tree.join("audit.jsonl");
     let audited = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--policy", "audit", "--events", audit_events.to_str().unwrap()],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--policy",
+            "audit",
+            "--events",
+            audit_events.to_str().unwrap(),
+        ],
         &["sh", "-c", &script],
     );
     assert_eq!(audited.status.code(), Some(0), "{}", stderr(&audited));
     let audit = events(&audit_events);
-    assert!(audit.len() >= 3 && audit.iter().all(|e| e["action"] == "audit"), "{audit:?}");
+    assert!(
+        audit.len() >= 3 && audit.iter().all(|e| e["action"] == "audit"),
+        "{audit:?}"
+    );
 
     let suggested = std::process::Command::new(buildcage_tests::buildcage_bin())
         .args(["policy", "suggest"])
@@ -74,7 +121,11 @@ fn a_suggested_policy_lets_the_same_build_run_with_zero_denials() {
         .args(["--base", "default"])
         .output()
         .unwrap();
-    assert!(suggested.status.success(), "{}", String::from_utf8_lossy(&suggested.stderr));
+    assert!(
+        suggested.status.success(),
+        "{}",
+        String::from_utf8_lossy(&suggested.stderr)
+    );
     let policy = tree.join("suggested.toml");
     std::fs::write(&policy, &suggested.stdout).unwrap();
     eprintln!("suggested:\n{}", String::from_utf8_lossy(&suggested.stdout));
@@ -93,5 +144,9 @@ fn a_suggested_policy_lets_the_same_build_run_with_zero_denials() {
     );
     assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
     assert_eq!(stdout(&rerun), "socket inet stream OK\n");
-    assert_eq!(events(&rerun_events), Vec::<serde_json::Value>::new(), "zero denials");
+    assert_eq!(
+        events(&rerun_events),
+        Vec::<serde_json::Value>::new(),
+        "zero denials"
+    );
 }

@@ -3,6 +3,10 @@
 //! into a DESTDIR in the tree with zero denials under the default policy; a
 //! hostile variant must complete with every outside write and its socket
 //! refused, and nothing outside its tree changed.
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
 
 use std::{
     path::{Path, PathBuf},
@@ -32,7 +36,8 @@ fn unpack(name: &str) -> (PathBuf, PathBuf) {
     (tree, src)
 }
 
-const BUILD: &str = "./configure --prefix=/usr && make -j2 && make install DESTDIR=\"$TREE/destdir\"";
+const BUILD: &str =
+    "./configure --prefix=/usr && make -j2 && make install DESTDIR=\"$TREE/destdir\"";
 
 #[test]
 fn real_hello_builds_with_zero_denials() {
@@ -40,13 +45,31 @@ fn real_hello_builds_with_zero_denials() {
     let events_file = tree.join("events.jsonl");
     let started = Instant::now();
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--name", "hello", "--events", events_file.to_str().unwrap()],
-        &["sh", "-c", &format!("cd {} && TREE={} && {BUILD}", src.display(), tree.display())],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--name",
+            "hello",
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            &format!("cd {} && TREE={} && {BUILD}", src.display(), tree.display()),
+        ],
     );
     let took = started.elapsed();
-    eprintln!("real_hello: configure + make + install took {:.0} s", took.as_secs_f64());
+    eprintln!(
+        "real_hello: configure + make + install took {:.0} s",
+        took.as_secs_f64()
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(events(&events_file), Vec::<serde_json::Value>::new(), "zero denials");
+    assert_eq!(
+        events(&events_file),
+        Vec::<serde_json::Value>::new(),
+        "zero denials"
+    );
     assert!(stderr(&out).contains("buildcage: 0 denied, 0 reported, 0 lost, 0 internal errors"));
     let hello = tree.join("destdir/usr/bin/hello");
     let ran = std::process::Command::new(&hello).output().unwrap();
@@ -83,19 +106,46 @@ fn real_hostile_hello_in_audit_mode_reports_everything() {
     tamper(&src, &hostile);
     let events_file = tree.join("events.jsonl");
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--name", "audit", "--policy", "audit", "--events", events_file.to_str().unwrap()],
-        &["sh", "-c", &format!("export HOME=/root; cd {} && TREE={} && {BUILD}", src.display(), tree.display())],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--name",
+            "audit",
+            "--policy",
+            "audit",
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "export HOME=/root; cd {} && TREE={} && {BUILD}",
+                src.display(),
+                tree.display()
+            ),
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(tree.join("destdir/usr/bin/hello").is_file());
     let ev = events(&events_file);
-    assert!(!ev.is_empty() && ev.iter().all(|e| e["action"] == "audit"), "{ev:?}");
+    assert!(
+        !ev.is_empty() && ev.iter().all(|e| e["action"] == "audit"),
+        "{ev:?}"
+    );
     let has = |op: &str, path: &str| ev.iter().any(|e| e["op"] == op && e["path"] == path);
     assert!(has("open", "/root/.bashrc"), "{ev:?}");
     assert!(has("create", "/etc/cron.d/evil-audit"), "{ev:?}");
     assert!(has("create", "/usr/local/bin/cc-audit"), "{ev:?}");
-    assert!(ev.iter().any(|e| e["op"] == "socket" && e["family"] == "inet"), "{ev:?}");
-    assert!(Path::new("/etc/cron.d/evil-audit").exists(), "audit mode let it through");
+    assert!(
+        ev.iter()
+            .any(|e| e["op"] == "socket" && e["family"] == "inet"),
+        "{ev:?}"
+    );
+    assert!(
+        Path::new("/etc/cron.d/evil-audit").exists(),
+        "audit mode let it through"
+    );
 }
 
 #[test]
@@ -109,25 +159,62 @@ fn real_hostile_hello_is_contained() {
     // /etc and /usr/bin whole; /root three levels deep (dotfiles, ~/.ssh/...,
     // ~/.config/x/...), not the toolchains the host keeps there.
     let watched = [("/etc", usize::MAX), ("/usr/bin", usize::MAX), ("/root", 3)];
-    let before: Vec<_> = watched.iter().map(|(d, depth)| tree_digest(Path::new(d), *depth)).collect();
+    let before: Vec<_> = watched
+        .iter()
+        .map(|(d, depth)| tree_digest(Path::new(d), *depth))
+        .collect();
 
     let events_file = tree.join("events.jsonl");
     let out = run_confined(
-        &["--tree", tree.to_str().unwrap(), "--name", "hostile", "--events", events_file.to_str().unwrap()],
-        &["sh", "-c", &format!("export HOME=/root; cd {} && TREE={} && {BUILD}", src.display(), tree.display())],
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--name",
+            "hostile",
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "export HOME=/root; cd {} && TREE={} && {BUILD}",
+                src.display(),
+                tree.display()
+            ),
+        ],
     );
-    assert_eq!(out.status.code(), Some(0), "the build still completes: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the build still completes: {}",
+        stderr(&out)
+    );
     assert!(tree.join("destdir/usr/bin/hello").is_file());
 
     let ev = events(&events_file);
-    let has = |op: &str, path: &str| ev.iter().any(|e| e["op"] == op && e["path"] == path && e["action"] == "deny");
+    let has = |op: &str, path: &str| {
+        ev.iter()
+            .any(|e| e["op"] == op && e["path"] == path && e["action"] == "deny")
+    };
     assert!(has("open", "/root/.bashrc"), "{ev:?}");
     assert!(has("create", "/etc/cron.d/evil"), "{ev:?}");
     let cc = std::fs::canonicalize("/usr/bin/cc").unwrap();
-    assert!(has("open", cc.to_str().unwrap()), "overwriting cc's target: {ev:?}");
-    assert!(ev.iter().any(|e| e["op"] == "socket" && e["family"] == "inet"), "{ev:?}");
+    assert!(
+        has("open", cc.to_str().unwrap()),
+        "overwriting cc's target: {ev:?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e["op"] == "socket" && e["family"] == "inet"),
+        "{ev:?}"
+    );
     let err = stderr(&out);
-    for what in ["open(/root/.bashrc)", "create(/etc/cron.d/evil)", "socket(inet, stream)"] {
+    for what in [
+        "open(/root/.bashrc)",
+        "create(/etc/cron.d/evil)",
+        "socket(inet, stream)",
+    ] {
         assert!(err.contains(what), "the summary lists {what}: {err}");
     }
     assert!(stdout(&out).contains("config.status: creating Makefile"));
@@ -140,6 +227,10 @@ fn real_hostile_hello_is_contained() {
             .map(|(p, _)| p.clone())
             .chain(b.keys().filter(|p| !after.contains_key(*p)).cloned())
             .collect();
-        assert_eq!(changed, Vec::<PathBuf>::new(), "nothing changed under {dir}");
+        assert_eq!(
+            changed,
+            Vec::<PathBuf>::new(),
+            "nothing changed under {dir}"
+        );
     }
 }

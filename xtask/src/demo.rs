@@ -15,7 +15,10 @@ use crate::util::{shell_quote_path, workspace_root};
 
 /// What buildcage prints on stderr when it refuses the demo's socket() and its
 /// cron job; the demo fails unless both appear.
-const DENIALS: [&str; 2] = ["deny socket(inet, stream)", "deny create(/etc/cron.d/buildcage-demo)"];
+const DENIALS: [&str; 2] = [
+    "deny socket(inet, stream)",
+    "deny create(/etc/cron.d/buildcage-demo)",
+];
 
 fn seen(line: &str, seen: &mut [bool; 2]) {
     for (s, d) in seen.iter_mut().zip(DENIALS) {

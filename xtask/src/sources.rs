@@ -23,7 +23,9 @@ pub(crate) fn hello_tarball() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir)?;
     ensure_deb_src()?;
-    println!("xtask: downloading GNU hello 2.10's source (apt-get source --download-only hello=2.10-3)");
+    println!(
+        "xtask: downloading GNU hello 2.10's source (apt-get source --download-only hello=2.10-3)"
+    );
     run_quiet(
         Command::new("apt-get")
             .args(["source", "--download-only", "-q", "hello=2.10-3"])
@@ -44,10 +46,19 @@ fn ensure_deb_src() -> Result<()> {
         .with_context(|| format!("cannot read {DEBIAN_SOURCES} to derive a deb-src entry"))?;
     let twin = system
         .lines()
-        .map(|l| if l.trim() == "Types: deb" { "Types: deb-src" } else { l })
+        .map(|l| {
+            if l.trim() == "Types: deb" {
+                "Types: deb-src"
+            } else {
+                l
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
-    std::fs::write(SRC_LIST, format!("# Written by `cargo xtask vm-test --real` for GNU hello's source.\n{twin}\n"))?;
+    std::fs::write(
+        SRC_LIST,
+        format!("# Written by `cargo xtask vm-test --real` for GNU hello's source.\n{twin}\n"),
+    )?;
     run_quiet(
         Command::new("apt-get")
             .args(["update", "-q"])

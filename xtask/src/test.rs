@@ -18,7 +18,15 @@ pub(crate) fn run() -> Result<ExitCode> {
     // so those run in the VMs below, where they must pass.
     let status = Command::new(env!("CARGO"))
         .current_dir(workspace_root())
-        .args(["test", "-p", "buildcage", "-p", "buildcage-common", "-p", "xtask"])
+        .args([
+            "test",
+            "-p",
+            "buildcage",
+            "-p",
+            "buildcage-common",
+            "-p",
+            "xtask",
+        ])
         .status()
         .context("cannot run cargo test")?;
     if !status.success() {

@@ -42,15 +42,21 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(t) => t,
         None => std::env::current_dir().context("cannot read the current directory")?,
     };
-    let tree = tree
-        .canonicalize()
-        .with_context(|| format!("build tree {}\nhint: pass an existing directory to --tree", tree.display()))?;
+    let tree = tree.canonicalize().with_context(|| {
+        format!(
+            "build tree {}\nhint: pass an existing directory to --tree",
+            tree.display()
+        )
+    })?;
     let allow_write = args
         .allow_write
         .iter()
         .map(|d| {
             d.canonicalize().with_context(|| {
-                format!("--allow-write {}\nhint: the directory must exist", d.display())
+                format!(
+                    "--allow-write {}\nhint: the directory must exist",
+                    d.display()
+                )
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -80,7 +86,9 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         argv: args.command,
     };
     let outcome = supervise::run(&spec)?;
-    Ok(ExitCode::from(u8::try_from(outcome.code & 0xff).unwrap_or(1)))
+    Ok(ExitCode::from(
+        u8::try_from(outcome.code & 0xff).unwrap_or(1),
+    ))
 }
 
 /// The policy's write roots as the kernel tags them. A `file` root that does not

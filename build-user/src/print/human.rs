@@ -41,6 +41,9 @@ mod tests {
             path_partial: None,
             reason: None,
         };
-        assert_eq!(line(&record), "buildcage: deny socket(inet6, stream) pid 4242 curl");
+        assert_eq!(
+            line(&record),
+            "buildcage: deny socket(inet6, stream) pid 4242 curl"
+        );
     }
 }

@@ -79,7 +79,11 @@ impl Summary {
                 survivors.len()
             );
             for s in survivors {
-                let _ = writeln!(out, "buildcage:   pid {} {} (parent {})", s.pid, s.comm, s.ppid);
+                let _ = writeln!(
+                    out,
+                    "buildcage:   pid {} {} (parent {})",
+                    s.pid, s.comm, s.ppid
+                );
             }
         }
         out
@@ -134,13 +138,19 @@ mod tests {
         }];
         let text = s.render("hello", &stats, &survivors);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "buildcage: ACCESS VIOLATION SUMMARY for build hello");
+        assert_eq!(
+            lines[0],
+            "buildcage: ACCESS VIOLATION SUMMARY for build hello"
+        );
         assert_eq!(
             lines[1],
             "buildcage:   deny  socket   curl                 3  socket(inet, stream), socket(inet6, stream)"
         );
         assert!(lines[2].contains("wget") && lines[2].contains(" 1 "));
-        assert_eq!(lines[3], "buildcage: 5 denied, 4 reported, 1 lost, 0 internal errors");
+        assert_eq!(
+            lines[3],
+            "buildcage: 5 denied, 4 reported, 1 lost, 0 internal errors"
+        );
         assert!(lines[4].contains("1 events did not fit"));
         assert_eq!(lines[6], "buildcage:   pid 77 sleep (parent 1)");
     }

@@ -90,8 +90,16 @@ fn main() -> ExitCode {
         Some("socketpair") => {
             let mut fds = [0; 2];
             // SAFETY: fds has room for two descriptors.
-            let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
-            println!("socketpair {}", if rc == 0 { "OK".to_owned() } else { errno_name(last_errno()) });
+            let rc =
+                unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+            println!(
+                "socketpair {}",
+                if rc == 0 {
+                    "OK".to_owned()
+                } else {
+                    errno_name(last_errno())
+                }
+            );
         }
         Some("pid") => println!("{}", std::process::id()),
         Some("net") => {
@@ -173,7 +181,11 @@ fn cstr(s: &str) -> std::ffi::CString {
 
 /// "OK" when `rc` is not -1, else the errno's name.
 fn result(rc: i64) -> String {
-    if rc == -1 { errno_name(last_errno()) } else { "OK".to_owned() }
+    if rc == -1 {
+        errno_name(last_errno())
+    } else {
+        "OK".to_owned()
+    }
 }
 
 /// One file operation, as a build would do it, straight through the system call.
@@ -198,7 +210,11 @@ fn fs_op(args: &[String]) -> Option<String> {
                 }
             }
             "create" => {
-                let fd = libc::open(p, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o644);
+                let fd = libc::open(
+                    p,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                    0o644,
+                );
                 if fd >= 0 {
                     libc::write(fd, b"new\n".as_ptr().cast(), 4);
                     libc::close(fd);
@@ -216,7 +232,13 @@ fn fs_op(args: &[String]) -> Option<String> {
             // link OLD NEW
             "link" => i64::from(libc::link(p, q)),
             "rename" => i64::from(libc::rename(p, q)),
-            "exchange" => i64::from(libc::renameat2(libc::AT_FDCWD, p, libc::AT_FDCWD, q, libc::RENAME_EXCHANGE)),
+            "exchange" => i64::from(libc::renameat2(
+                libc::AT_FDCWD,
+                p,
+                libc::AT_FDCWD,
+                q,
+                libc::RENAME_EXCHANGE,
+            )),
             "truncate" => i64::from(libc::truncate(p, 0)),
             "chmod" => i64::from(libc::chmod(p, 0o777)),
             "chown" => i64::from(libc::chown(p, 65534, 65534)),
@@ -271,7 +293,13 @@ fn fs_op(args: &[String]) -> Option<String> {
                 }
                 libc::write(fd, b"tmp\n".as_ptr().cast(), 4);
                 let proc_path = cstr(&format!("/proc/self/fd/{fd}"));
-                let rc = libc::linkat(libc::AT_FDCWD, proc_path.as_ptr(), libc::AT_FDCWD, q, libc::AT_SYMLINK_FOLLOW);
+                let rc = libc::linkat(
+                    libc::AT_FDCWD,
+                    proc_path.as_ptr(),
+                    libc::AT_FDCWD,
+                    q,
+                    libc::AT_SYMLINK_FOLLOW,
+                );
                 let errno = last_errno();
                 libc::close(fd);
                 if rc == -1 {
