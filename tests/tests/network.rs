@@ -210,6 +210,14 @@ fn sigterm_is_passed_on_and_the_build_cleaned_up() {
         err.contains("buildcage: SIGTERM: passing it on to pid"),
         "{err}"
     );
-    // The sleep it left behind was killed and named.
-    assert!(err.contains(" sleep (parent "), "{err}");
+    // The background job it left behind (`sleep`, or still the forked `sh` that
+    // is about to exec it) was killed and named.
+    assert!(err.contains("buildcage: killed 1 process(es) still running when the build ended:"), "{err}");
+    let survivor: u32 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("buildcage:   pid "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("a survivor line");
+    assert!(!alive(survivor), "{err}");
 }
