@@ -8,6 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::apt::Apt;
 use crate::util::{cache_dir, run_quiet};
 
 /// The kernels the project is tested on: the oldest and the newest Debian 12 ships.
@@ -88,19 +89,7 @@ pub(crate) fn download(sel: KernelSel) -> Result<String> {
     remove_if_exists(&dir.join("root"))?;
     fs::create_dir_all(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
 
-    let package = match apt_download(&dl, sel.pinned_package()) {
-        Ok(()) => sel.pinned_package().to_owned(),
-        Err(pinned_err) => {
-            let newest = newest_in_archive(sel).with_context(|| {
-                format!(
-                    "{} is not downloadable ({pinned_err:#})",
-                    sel.pinned_package()
-                )
-            })?;
-            apt_download(&dl, &newest)?;
-            newest
-        }
-    };
+    let package = fetch_deb(&Apt::system(), sel, &dl)?;
     let deb = fs::read_dir(&dl)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
@@ -114,24 +103,34 @@ pub(crate) fn download(sel: KernelSel) -> Result<String> {
     Ok(package)
 }
 
-fn apt_download(dir: &Path, package: &str) -> Result<()> {
+/// Downloads the kernel's .deb into `dl` and returns the package's name: the
+/// pinned package, with apt's lists refreshed if it is unknown or its download
+/// fails, and then the newest package of the series that the fresh lists know.
+fn fetch_deb(apt: &Apt, sel: KernelSel, dl: &Path) -> Result<String> {
+    let pinned = sel.pinned_package();
     // apt-get warns that the download runs unsandboxed as root; that's expected here.
-    run_quiet(
-        Command::new("apt-get")
-            .arg("download")
-            .arg(package)
-            .current_dir(dir),
-    )
-    .map(|_| ())
+    let what = format!("downloading the {} test kernel {pinned}", sel.label());
+    match apt.refreshing(&what, |apt| apt.get(&["download", pinned], Some(dl))) {
+        Ok(_) => Ok(pinned.to_owned()),
+        Err(pinned_err) => {
+            let newest = newest_in_archive(apt, sel).with_context(|| format!("{pinned_err:#}"))?;
+            println!(
+                "setup: {pinned} is gone from the archive; using {newest}, the newest of its series"
+            );
+            apt.get(&["download", &newest], Some(dl))
+                .with_context(|| format!("downloading {newest} failed"))?;
+            Ok(newest)
+        }
+    }
 }
 
 /// The newest package of the kernel's series that apt knows about.
-fn newest_in_archive(sel: KernelSel) -> Result<String> {
+fn newest_in_archive(apt: &Apt, sel: KernelSel) -> Result<String> {
     let pattern = match sel {
         KernelSel::V6_12 => r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64(-unsigned)?$",
         KernelSel::V6_1 => r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64(-unsigned)?$",
     };
-    let listing = run_quiet(Command::new("apt-cache").args(["search", "--names-only", pattern]))?;
+    let listing = apt.cache(&["search", "--names-only", pattern])?;
     listing
         .lines()
         .filter_map(|line| line.split_whitespace().next())
@@ -141,7 +140,7 @@ fn newest_in_archive(sel: KernelSel) -> Result<String> {
         .map(|(_, name)| name.to_owned())
         .with_context(|| {
             format!(
-                "apt-cache knows no {} cloud kernel (run apt-get update?)",
+                "apt knows no {} cloud kernel, even with fresh lists: is Debian 12 (bookworm) in /etc/apt/sources.list.d?",
                 sel.label()
             )
         })
@@ -464,6 +463,46 @@ mod tests {
             None
         );
         assert_eq!(v612.series_rank("linux-image-6.1.0-57-cloud-amd64"), None);
+    }
+
+    #[test]
+    fn an_unknown_pinned_kernel_refreshes_the_lists_and_retries_it() {
+        let pinned = KernelSel::V6_12.pinned_package();
+        let dir = crate::apt::fake::archive("kernel-pinned", &[], &[pinned]);
+        let got = fetch_deb(&Apt::in_dir(&dir), KernelSel::V6_12, &dir).expect("fetched");
+        assert_eq!(got, pinned);
+        let download = format!("apt-get download {pinned}");
+        assert_eq!(
+            crate::apt::fake::calls(&dir),
+            [download.as_str(), "apt-get update -q", download.as_str()]
+        );
+    }
+
+    #[test]
+    fn a_kernel_gone_from_the_archive_falls_back_to_the_newest_of_its_series() {
+        let pinned = KernelSel::V6_1.pinned_package();
+        let newer = "linux-image-6.1.0-99-cloud-amd64-unsigned";
+        let dir = crate::apt::fake::archive(
+            "kernel-newest",
+            &[],
+            &[
+                "linux-image-6.1.0-98-cloud-amd64",
+                newer,
+                "linux-image-6.12.1+deb12-cloud-amd64",
+            ],
+        );
+        let got = fetch_deb(&Apt::in_dir(&dir), KernelSel::V6_1, &dir).expect("fetched");
+        assert_eq!(got, newer);
+        let calls = crate::apt::fake::calls(&dir);
+        assert_eq!(
+            calls.first().map(String::as_str),
+            Some(format!("apt-get download {pinned}").as_str())
+        );
+        assert_eq!(calls.get(1).map(String::as_str), Some("apt-get update -q"));
+        assert_eq!(
+            calls.last().map(String::as_str),
+            Some(format!("apt-get download {newer}").as_str())
+        );
     }
 
     #[test]

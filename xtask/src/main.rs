@@ -7,6 +7,7 @@
     reason = "xtask is a CLI whose job is to report to the terminal"
 )]
 
+mod apt;
 mod cargo;
 mod demo;
 mod kernels;

@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::apt::Apt;
 use crate::kernels::{self, KernelSel};
 use crate::util::{cache_dir, describe, home_dir, is_root, probe, run_quiet};
 
@@ -78,22 +79,11 @@ fn ensure_apt_packages() -> Result<AptOutcome> {
     if !is_root() {
         return Ok(AptOutcome::NeedRoot(missing));
     }
-    let install = || {
-        let mut cmd = Command::new("apt-get");
-        cmd.args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        run_quiet(&mut cmd)
-    };
-    // Package lists may be absent or stale on a fresh machine: update only when needed.
-    if install().is_err() {
-        run_quiet(
-            Command::new("apt-get")
-                .args(["update", "-q"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-        install()?;
-    }
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    Apt::system().refreshing(&format!("installing {}", missing.join(" ")), |apt| {
+        apt.get(&args, None)
+    })?;
     println!("setup: installed {}", missing.join(" "));
     Ok(AptOutcome::Ready)
 }

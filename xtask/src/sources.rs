@@ -3,11 +3,11 @@
 //! reach. Debian's `hello_2.10.orig.tar.gz` is GNU hello's release tarball.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{cache_dir, run_quiet};
+use crate::apt::Apt;
+use crate::util::cache_dir;
 
 /// A deb-src twin of the system's own Debian sources, so `apt-get source` works.
 const SRC_LIST: &str = "/etc/apt/sources.list.d/buildcage-deb-src.sources";
@@ -26,12 +26,12 @@ pub(crate) fn hello_tarball() -> Result<PathBuf> {
     println!(
         "xtask: downloading GNU hello 2.10's source (apt-get source --download-only hello=2.10-3)"
     );
-    run_quiet(
-        Command::new("apt-get")
-            .args(["source", "--download-only", "-q", "hello=2.10-3"])
-            .current_dir(&dir),
-    )
-    .context("apt-get source hello failed")?;
+    Apt::system().refreshing("downloading GNU hello 2.10's source", |apt| {
+        apt.get(
+            &["source", "--download-only", "-q", "hello=2.10-3"],
+            Some(&dir),
+        )
+    })?;
     if !tarball.is_file() {
         bail!("apt-get source hello did not leave {}", tarball.display());
     }
@@ -59,10 +59,7 @@ fn ensure_deb_src() -> Result<()> {
         SRC_LIST,
         format!("# Written by `cargo xtask vm-test --real` for GNU hello's source.\n{twin}\n"),
     )?;
-    run_quiet(
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    // A new source list: its index must be fetched before anything can be found in it.
+    Apt::system().get(&["update", "-q"], None)?;
     Ok(())
 }
