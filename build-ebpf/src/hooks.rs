@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{lsm, lsm_cgroup},
     programs::LsmContext,
 };
-use buildcage_common::Op;
+use buildcage_common::{Op, policy::POLICY_AUDIT};
 
 use crate::{
     Verdict, current_build,
@@ -22,6 +22,9 @@ const SOCK_TYPE_MASK: u32 = 0xf;
 /// `FMODE_WRITE` and `FMODE_CREATED` from include/linux/fs.h.
 const FMODE_WRITE: u32 = 0x2;
 const FMODE_CREATED: u32 = 0x10_0000;
+/// `O_CREAT` and `__O_TMPFILE` from include/uapi/asm-generic/fcntl.h (x86).
+const O_CREAT: u32 = 0o100;
+const O_TMPFILE: u32 = 0o20_000_000;
 /// `S_IFMT`, `S_IFCHR`, `S_IFBLK` from include/uapi/linux/stat.h.
 const S_IFMT: u16 = 0o170_000;
 const S_IFCHR: u16 = 0o020_000;
@@ -136,11 +139,19 @@ pub(crate) fn check_file(
 /// when created in an `own` root, for d_instantiate to tag.
 #[inline(always)]
 fn check_create(op: Op, dentry: Dentry) -> Verdict {
-    check_file(op, dentry, |build| {
-        if fs::may_create(build, fs::parent_of(dentry))? {
-            maps::expect_created(dentry, build);
+    check_file(op, dentry, |build| match fs::may_create(build, fs::parent_of(dentry)) {
+        Ok(own) => {
+            if own {
+                maps::expect_created(dentry, build);
+            }
+            Ok(())
         }
-        Ok(())
+        Err(r) => {
+            if op == Op::Create {
+                maps::note_create_refused(dentry);
+            }
+            Err(r)
+        }
     })
 }
 
@@ -166,9 +177,10 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
     let file: *const u8 = ctx.arg(0);
     let offsets = crate::offsets();
     // SAFETY: `file` is the hook's BTF-typed `struct file *`.
-    let (f_mode, dentry): (u32, Dentry) = unsafe {
+    let (f_mode, f_flags, dentry): (u32, u32, Dentry) = unsafe {
         (
             core::ptr::read_volatile(file.add(offsets.file_mode as usize).cast()),
+            core::ptr::read_volatile(file.add(offsets.file_flags as usize).cast()),
             core::ptr::read_volatile(file.add(offsets.file_dentry as usize).cast()),
         )
     };
@@ -180,6 +192,17 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
         return Verdict::Allow;
     }
     let inode = fs::inode_of(dentry);
+    if f_flags & O_TMPFILE != 0 {
+        // An unnamed new file in its directory (fs/namei.c: vfs_tmpfile). It is a
+        // create there; in an `own` root the file is the build's own, so that it
+        // stays writable and may be linked in later (glibc's tmpfile(3)).
+        return check_file(Op::Create, dentry, |build| {
+            if fs::may_create(build, fs::parent_of(dentry))? {
+                maps::tag_owned(inode, build);
+            }
+            Ok(())
+        });
+    }
     let kind = if inode.is_null() {
         0
     } else {
@@ -196,7 +219,43 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
             fs::may_create(build, fs::parent_of(dentry)).map(|_| ())
         });
     }
+    if f_flags & O_CREAT != 0 {
+        return open_existing_with_o_creat(dentry);
+    }
     check_modify(Op::Open, dentry)
+}
+
+/// open(O_CREAT) of a file that exists. If the name was not in the dentry
+/// cache, inode_create already judged (and reported) this call as a create,
+/// before the lookup found the file: decide again, but report it only once.
+#[inline(always)]
+fn open_existing_with_o_creat(dentry: Dentry) -> Verdict {
+    if fs::creds_overridden() {
+        return check_modify(Op::Open, dentry);
+    }
+    let build = current_build();
+    let Err(refusal) = fs::may_modify(build, dentry) else {
+        return Verdict::Allow;
+    };
+    let policy = match policy_or_deny(build, Op::Open) {
+        Ok(p) => p,
+        Err(v) => return v,
+    };
+    if !maps::take_create_refused(dentry) {
+        return refuse(
+            build,
+            policy.flags,
+            Op::Open,
+            Details::default(),
+            Some(dentry),
+            refusal_flags(refusal),
+        );
+    }
+    if policy.flags & POLICY_AUDIT != 0 {
+        Verdict::Allow
+    } else {
+        Verdict::Deny
+    }
 }
 
 /// `inode_create(dir, dentry, mode)`: creat(2), open(O_CREAT), decided before

@@ -64,7 +64,7 @@ static OFFSETS: Offsets = Offsets {
     sock_num: 0,
     msghdr_name: 0,
     unix_dentry: 0,
-    _pad: 0,
+    file_flags: 0,
 };
 
 /// The offsets, read through a volatile load so that the verifier, not LLVM,

@@ -94,10 +94,18 @@ pub(crate) fn expect_created(dentry: *const u8, build: u64) {
 #[inline(always)]
 pub(crate) fn tag_if_created(dentry: *const u8, ino: *mut aya_ebpf::bindings::inode) {
     let key = dentry as u64;
+    // SAFETY: the value is copied out at once.
     let Some(owner) = CREATING.get_ptr(key).map(|p| unsafe { *p }) else {
         return;
     };
     let _ = CREATING.remove(key);
+    tag_owned(ino, owner);
+}
+
+/// Marks `ino` as created by build `owner` in an `own` root: the build may
+/// change it, and what it creates beneath it.
+#[inline(always)]
+pub(crate) fn tag_owned(ino: *mut aya_ebpf::bindings::inode, owner: u64) {
     if ino.is_null() {
         return;
     }
@@ -114,6 +122,31 @@ pub(crate) fn tag_if_created(dentry: *const u8, ino: *mut aya_ebpf::bindings::in
         // SAFETY: non-null storage of this inode.
         unsafe { *slot = tag };
     }
+}
+
+/// The dentry whose create a thread was last refused, keyed by pid_tgid. An
+/// open(O_CREAT) of a name not yet in the dentry cache is checked at
+/// inode_create before the lookup says whether the file exists
+/// (fs/namei.c: lookup_open calls may_o_create first); when it does exist, the
+/// open goes on to file_open, which must not report the same call again.
+#[map]
+static CREATE_REFUSED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+pub(crate) fn note_create_refused(dentry: *const u8) {
+    let _ = CREATE_REFUSED.insert(aya_ebpf::helpers::bpf_get_current_pid_tgid(), dentry as u64, 0);
+}
+
+/// Whether this thread's refused create was of `dentry`; forgets it either way.
+#[inline(always)]
+pub(crate) fn take_create_refused(dentry: *const u8) -> bool {
+    let key = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out at once.
+    let Some(seen) = CREATE_REFUSED.get_ptr(key).map(|p| unsafe { *p }) else {
+        return false;
+    };
+    let _ = CREATE_REFUSED.remove(key);
+    seen == dentry as u64
 }
 
 /// Loopback ports a process of this build bound or listens on (host order): the

@@ -96,7 +96,7 @@ impl KernelBtf {
             msghdr_name: self.field_offset("msghdr", "msg_name")?,
             unix_dentry: self.field_offset("unix_sock", "path")?
                 + self.field_offset("path", "dentry")?,
-            _pad: 0,
+            file_flags: self.field_offset("file", "f_flags")?,
         })
     }
 

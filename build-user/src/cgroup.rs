@@ -115,6 +115,33 @@ pub fn validate_name(name: &str) -> Result<(), CgroupError> {
     }
 }
 
+/// A build name made from a directory's name (`/w/hello-2.10` → `hello-2.10`):
+/// characters a name may not have become `_`, leading dots go, and it is cut to
+/// 64 bytes. `build` when nothing is left (the root directory).
+pub fn name_from_dir(dir: &Path) -> String {
+    let base = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cleaned: String = base
+        .trim_start_matches('.')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if cleaned.is_empty() {
+        "build".to_owned()
+    } else {
+        cleaned
+    }
+}
+
 /// A process found in a build's cgroup when it ended.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Survivor {
@@ -345,6 +372,22 @@ mod tests {
         for bad in ["", ".hidden", "a/b", "a b", "..", &"x".repeat(65)] {
             assert!(validate_name(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn default_names_come_from_the_tree() {
+        for (dir, name) in [
+            ("/w/hello-2.10", "hello-2.10"),
+            ("/w/my tree", "my_tree"),
+            ("/w/.hidden", "hidden"),
+            ("/", "build"),
+            ("/w/...", "build"),
+        ] {
+            let got = name_from_dir(Path::new(dir));
+            assert_eq!(got, name, "{dir}");
+            validate_name(&got).expect("a valid name");
+        }
+        assert_eq!(name_from_dir(Path::new(&"x".repeat(100))).len(), 64);
     }
 
     #[test]

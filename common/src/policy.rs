@@ -103,7 +103,8 @@ pub struct Offsets {
     pub msghdr_name: u32,
     /// `offsetof(struct unix_sock, path) + offsetof(struct path, dentry)`.
     pub unix_dentry: u32,
-    pub _pad: u32,
+    /// `offsetof(struct file, f_flags)`: the open flags (O_TMPFILE, O_CREAT).
+    pub file_flags: u32,
 }
 
 const _: () = assert!(size_of::<Offsets>() == 20 * 4);

@@ -16,6 +16,7 @@ mod sources;
 mod test;
 mod util;
 mod vm;
+mod vm_check;
 mod vm_test;
 
 use std::path::PathBuf;
@@ -55,6 +56,8 @@ enum Cmd {
     },
     /// Build the integration tests and run them as root inside each test kernel.
     VmTest(vm_test::Args),
+    /// Test the VM harness itself: boot retries before the guest is up, none after.
+    VmCheck,
     /// Show buildcage denying a "configure" step its network access (runs setup first).
     Demo,
     /// The whole suite: setup, host tests, then VM tests on 6.12 and 6.1.
@@ -101,6 +104,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             demo::run()
         }
+        Cmd::VmCheck => vm_check::run(),
         Cmd::Test => test::run(),
     }
 }

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use buildcage::{
     cgroup,
     loader::Root,
-    policy::{self, Mode, Policy, Vars},
+    policy::{self, Mode, Policy, Vars, WriteRoot},
     supervise::{self, RunSpec},
 };
 use buildcage_common::policy::{TAG_DEVICE, TAG_FILE, TAG_OWN, TAG_TREE};
@@ -28,16 +28,18 @@ pub(crate) struct RunArgs {
     /// Write each event as a JSON line to FILE
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
-    /// Build name, shown in events and used for the cgroup
-    #[arg(long, default_value = "build")]
-    name: String,
+    /// Build name, shown in events and used for the cgroup [default: the tree's directory name]
+    #[arg(long)]
+    name: Option<String>,
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
 pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
-    cgroup::validate_name(&args.name)?;
+    if let Some(name) = &args.name {
+        cgroup::validate_name(name)?;
+    }
     let tree = match args.tree {
         Some(t) => t,
         None => std::env::current_dir().context("cannot read the current directory")?,
@@ -66,7 +68,19 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     vars.fill_defaults()?;
     let policy = policy::load(&args.policy, &vars)?;
-    policy.check_roots_exist()?;
+    let absent = policy.check_roots_exist()?;
+    for root in &absent {
+        let path = root.path.display().to_string();
+        let from = if root.origin == path {
+            String::new()
+        } else {
+            format!(", from `{}`", root.origin)
+        };
+        eprintln!(
+            "buildcage: write root {path} ({}{from}) does not exist here: nothing to write there, going on without it",
+            root.mode
+        );
+    }
     let compiled = policy.kernel()?;
     let mut roots = vec![Root {
         path: tree.clone(),
@@ -76,9 +90,12 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         path,
         kind: TAG_TREE,
     }));
-    roots.extend(kernel_roots(&policy));
+    roots.extend(kernel_roots(&policy, &absent));
+    let name = args
+        .name
+        .unwrap_or_else(|| cgroup::name_from_dir(&tree));
     let spec = RunSpec {
-        name: args.name,
+        name,
         tree,
         roots,
         policy: compiled,
@@ -94,10 +111,11 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// The policy's write roots as the kernel tags them. A `file` root that does not
 /// exist yet cannot carry a tag, so it stays unwritable (fail closed) and is
 /// said so.
-fn kernel_roots(policy: &Policy) -> Vec<Root> {
+fn kernel_roots(policy: &Policy, absent: &[&WriteRoot]) -> Vec<Root> {
     policy
         .write
         .iter()
+        .filter(|w| !absent.contains(w))
         .filter_map(|w| {
             let kind = match w.mode {
                 Mode::Tree => TAG_TREE,

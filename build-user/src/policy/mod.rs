@@ -179,6 +179,10 @@ impl Policy {
                 quote(&expand::escape(&path)),
                 quote(root.mode.name())
             );
+            if root.optional {
+                out.truncate(out.len() - 3);
+                out.push_str(", optional = true },");
+            }
             // The unexpanded form, where it differs, says which variable it was.
             if root.origin != path {
                 let _ = write!(out, " # {}", quote(&root.origin));
@@ -209,8 +213,18 @@ impl Policy {
     /// At run time, before confining: every write root must be there and be what
     /// its mode says. A missing root would make the build fail confusingly later,
     /// and for `tree` a root created by the build itself would be a hole.
-    pub fn check_roots_exist(&self) -> Result<(), PolicyError> {
+    ///
+    /// A `device` root or one marked `optional` that does not exist is no error:
+    /// it gives the build nothing to write to, and stays unwritable if it appears
+    /// later (it carries no tag). Those are returned, for the caller to say so
+    /// and to leave out of the kernel's roots.
+    pub fn check_roots_exist(&self) -> Result<Vec<&WriteRoot>, PolicyError> {
+        let mut absent = Vec::new();
         for root in &self.write {
+            if root.may_be_absent() && !root.path.exists() && root.path.symlink_metadata().is_err() {
+                absent.push(root);
+                continue;
+            }
             if let Some((problem, hint)) = root_problem(root) {
                 return Err(PolicyError::Root {
                     root: Box::new(root.clone()),
@@ -220,7 +234,7 @@ impl Policy {
                 });
             }
         }
-        Ok(())
+        Ok(absent)
     }
 }
 

@@ -80,12 +80,23 @@ impl Mode {
     }
 }
 
+impl WriteRoot {
+    /// Whether the build may start without this root when it does not exist.
+    pub fn may_be_absent(&self) -> bool {
+        self.optional || self.mode == Mode::Device
+    }
+}
+
 /// One place the build may write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriteRoot {
     /// Absolute and lexically normal: no `.`, `..`, `//` or trailing `/`.
     pub path: PathBuf,
     pub mode: Mode,
+    /// A root that may be absent on some machines (/dev/pts in a minimal chroot).
+    /// When it does not exist there is nothing to write, so the build goes on
+    /// without it; `device` roots are always treated so.
+    pub optional: bool,
     /// The path as written in the policy, before variables were expanded
     /// (`${WRKDIR}`), so that errors can say where a path came from.
     pub origin: String,

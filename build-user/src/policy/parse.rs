@@ -23,7 +23,7 @@ pub(crate) const KEYS: &[&str] = &[
     "action",
     "kill_on_violation",
 ];
-const WRITE_KEYS: &[&str] = &["path", "mode"];
+const WRITE_KEYS: &[&str] = &["path", "mode", "optional"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +42,8 @@ struct RawPolicy {
 struct RawWrite {
     path: Spanned<String>,
     mode: Spanned<String>,
+    #[serde(default)]
+    optional: bool,
 }
 
 /// One file's keys, validated and expanded; `None` where the file is silent, so
@@ -158,6 +160,7 @@ pub(crate) fn parse_layer(
         let root = WriteRoot {
             path,
             mode,
+            optional: entry.optional,
             origin: entry.path.get_ref().clone(),
         };
         match layer.write.iter().position(|w| w.path == root.path) {

@@ -44,6 +44,7 @@ fn root(path: &str, mode: Mode, origin: &str) -> WriteRoot {
     WriteRoot {
         path: PathBuf::from(path),
         mode,
+        optional: false,
         origin: origin.to_owned(),
     }
 }
@@ -105,7 +106,7 @@ fn unknown_key_names_place_and_suggests() {
     );
     assert_eq!(
         err("write = [\n  { path = \"/x\", modes = \"tree\" },\n]\n"),
-        "/p/test.toml:2:18: unknown key `modes` in a `write` entry: expected one of `path`, `mode`\n  2 |   { path = \"/x\", modes = \"tree\" },\n    |                  ^^^^^\nhint: did you mean `mode`?"
+        "/p/test.toml:2:18: unknown key `modes` in a `write` entry: expected one of `path`, `mode`, `optional`\n  2 |   { path = \"/x\", modes = \"tree\" },\n    |                  ^^^^^\nhint: did you mean `mode`?"
     );
     assert!(err("path = \"/x\"\n").ends_with(
         "hint: `path` belongs in a `write` entry: write = [{ path = \"/dir\", mode = \"tree\" }]"
@@ -372,7 +373,26 @@ fn roots_are_checked_at_run_time() {
         &v,
     )
     .expect("valid");
-    assert!(ok.check_roots_exist().is_ok());
+    assert!(ok.check_roots_exist().is_ok_and(|absent| absent.is_empty()));
+    // Absent device and optional roots give nothing to write to: not an error,
+    // but said; an absent tree root that is not optional stays an error.
+    let absent = parse_str(
+        "write = [{ path = \"${D}\", mode = \"tree\" }, { path = \"/dev/no-such-device\", mode = \"device\" }, { path = \"${D}/no-pts\", mode = \"tree\", optional = true }]",
+        Path::new("/p/a.toml"),
+        &v,
+    )
+    .expect("valid");
+    let skipped: Vec<String> = absent
+        .check_roots_exist()
+        .expect("absent optional roots are fine")
+        .iter()
+        .map(|w| w.path.display().to_string())
+        .collect();
+    assert_eq!(
+        skipped,
+        ["/dev/no-such-device".to_owned(), format!("{}/no-pts", dir.display())]
+    );
+    assert!(absent.to_toml().contains("mode = \"tree\", optional = true },"));
     let missing = parse_str(
         "write = [{ path = \"${D}/gone\", mode = \"tree\" }]",
         Path::new("/p/m.toml"),
@@ -469,7 +489,7 @@ fn every_shipped_policy_passes_check() {
         let roots: Vec<&WriteRoot> = p
             .write
             .iter()
-            .filter(|w| Path::new("/dev/pts").exists() || w.path != Path::new("/dev/pts"))
+            .filter(|w| !w.may_be_absent() || w.path.exists())
             .collect();
         for w in roots {
             assert!(

@@ -221,6 +221,18 @@ fn fs_op(args: &[String]) -> Option<String> {
                 }
                 i64::from(fd)
             }
+            // A shell's `>`: O_CREAT without O_EXCL, on a file that may exist.
+            "creat" => {
+                let fd = libc::open(
+                    p,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+                i64::from(fd)
+            }
             "mkdir" => i64::from(libc::mkdir(p, 0o755)),
             "rmdir" => i64::from(libc::rmdir(p)),
             "unlink" => i64::from(libc::unlink(p)),
