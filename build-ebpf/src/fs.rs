@@ -85,20 +85,46 @@ pub(crate) fn mode_of(i: *mut inode) -> u16 {
     unsafe { field(i.cast::<u8>().cast_const(), offsets().inode_mode) }
 }
 
-/// `current->cred != current->real_cred`: the kernel is between
-/// override_creds() and revert_creds() for this task.
+/// `CAP_SYS_ADMIN` (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether a file system acts here for the task with its mounter's credentials:
+/// overlayfs on its layers (fs/overlayfs/util.c: ovl_override_creds). The task
+/// is between override_creds() and revert_creds(), and the overriding
+/// credentials hold CAP_SYS_ADMIN, which a build's never do (the loader drops it
+/// from the bounding set, and user namespaces are refused). The operation the
+/// task asked for was checked already, on the overlay's own dentries.
+///
+/// Other overrides are the build's own credentials in another guise (io_uring
+/// workers and personalities, core dumps, NFS): they are checked like the task.
 #[inline(always)]
-pub(crate) fn creds_overridden() -> bool {
-    let offsets = offsets();
-    // SAFETY: reads of the current task through the probe helper.
+pub(crate) fn fs_acting_as_mounter() -> bool {
+    let o = offsets();
+    // SAFETY: probe reads of the current task and its credentials, at offsets
+    // from this kernel's BTF.
     unsafe {
         let task = aya_ebpf::helpers::bpf_get_current_task() as *const u8;
-        let cred: Result<u64, _> =
-            aya_ebpf::helpers::bpf_probe_read_kernel(task.add(offsets.task_cred as usize).cast());
-        let real: Result<u64, _> = aya_ebpf::helpers::bpf_probe_read_kernel(
-            task.add(offsets.task_real_cred as usize).cast(),
-        );
-        matches!((cred, real), (Ok(c), Ok(r)) if c != r)
+        let Ok(cred) = aya_ebpf::helpers::bpf_probe_read_kernel::<*const u8>(
+            task.add(o.task_cred as usize).cast(),
+        ) else {
+            return false;
+        };
+        let Ok(real) = aya_ebpf::helpers::bpf_probe_read_kernel::<*const u8>(
+            task.add(o.task_real_cred as usize).cast(),
+        ) else {
+            return false;
+        };
+        if cred == real {
+            return false;
+        }
+        let caps = |c: *const u8| {
+            aya_ebpf::helpers::bpf_probe_read_kernel::<u64>(
+                c.add(o.cred_cap_effective as usize).cast(),
+            )
+            .unwrap_or(0)
+        };
+        let admin = 1u64 << CAP_SYS_ADMIN;
+        caps(cred) & admin != 0 && caps(real) & admin == 0
     }
 }
 

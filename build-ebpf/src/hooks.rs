@@ -110,11 +110,9 @@ pub(crate) fn check_file(
     target: Dentry,
     check: impl FnOnce(u64) -> Result<(), fs::Refusal>,
 ) -> Verdict {
-    // The kernel acting on the task's behalf with other credentials: overlayfs
-    // creating, copying up or removing on its upper layer. The operation the task
-    // itself asked for was checked already, on the overlay's own dentries; the
-    // layer's dentries are not reachable from any allowed root.
-    if fs::creds_overridden() {
+    // Overlayfs creating, copying up or removing on its upper layer with its
+    // mounter's credentials; see fs_acting_as_mounter.
+    if fs::fs_acting_as_mounter() {
         return Verdict::Allow;
     }
     let build = current_build();
@@ -139,18 +137,20 @@ pub(crate) fn check_file(
 /// when created in an `own` root, for d_instantiate to tag.
 #[inline(always)]
 fn check_create(op: Op, dentry: Dentry) -> Verdict {
-    check_file(op, dentry, |build| match fs::may_create(build, fs::parent_of(dentry)) {
-        Ok(own) => {
-            if own {
-                maps::expect_created(dentry, build);
+    check_file(op, dentry, |build| {
+        match fs::may_create(build, fs::parent_of(dentry)) {
+            Ok(own) => {
+                if own {
+                    maps::expect_created(dentry, build);
+                }
+                Ok(())
             }
-            Ok(())
-        }
-        Err(r) => {
-            if op == Op::Create {
-                maps::note_create_refused(dentry);
+            Err(r) => {
+                if op == Op::Create {
+                    maps::note_create_refused(dentry);
+                }
+                Err(r)
             }
-            Err(r)
         }
     })
 }
@@ -230,7 +230,7 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
 /// before the lookup found the file: decide again, but report it only once.
 #[inline(always)]
 fn open_existing_with_o_creat(dentry: Dentry) -> Verdict {
-    if fs::creds_overridden() {
+    if fs::fs_acting_as_mounter() {
         return check_modify(Op::Open, dentry);
     }
     let build = current_build();

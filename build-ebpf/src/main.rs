@@ -17,6 +17,7 @@
 #![no_main]
 
 mod fs;
+mod guard;
 mod hooks;
 mod maps;
 mod net;
@@ -65,6 +66,12 @@ static OFFSETS: Offsets = Offsets {
     msghdr_name: 0,
     unix_dentry: 0,
     file_flags: 0,
+    path_dentry: 0,
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    cred_cap_effective: 0,
 };
 
 /// The offsets, read through a volatile load so that the verifier, not LLVM,

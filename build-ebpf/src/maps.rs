@@ -134,7 +134,11 @@ static CREATE_REFUSED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096,
 
 #[inline(always)]
 pub(crate) fn note_create_refused(dentry: *const u8) {
-    let _ = CREATE_REFUSED.insert(aya_ebpf::helpers::bpf_get_current_pid_tgid(), dentry as u64, 0);
+    let _ = CREATE_REFUSED.insert(
+        aya_ebpf::helpers::bpf_get_current_pid_tgid(),
+        dentry as u64,
+        0,
+    );
 }
 
 /// Whether this thread's refused create was of `dentry`; forgets it either way.

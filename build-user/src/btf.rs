@@ -97,6 +97,12 @@ impl KernelBtf {
             unix_dentry: self.field_offset("unix_sock", "path")?
                 + self.field_offset("path", "dentry")?,
             file_flags: self.field_offset("file", "f_flags")?,
+            path_dentry: self.field_offset("path", "dentry")?,
+            task_cgroups: self.field_offset("task_struct", "cgroups")?,
+            css_set_dfl_cgrp: self.field_offset("css_set", "dfl_cgrp")?,
+            cgroup_kn: self.field_offset("cgroup", "kn")?,
+            kernfs_node_id: self.field_offset("kernfs_node", "id")?,
+            cred_cap_effective: self.field_offset("cred", "cap_effective")?,
         })
     }
 

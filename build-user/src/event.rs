@@ -55,6 +55,14 @@ pub struct Record {
     /// The bpf(2) command number (`bpf` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cmd: Option<u32>,
+    /// For `ptrace` and `signal`: the process outside the build.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_pid: Option<u32>,
+    /// For `signal`: the signal number. For `ptrace`: the kernel's access mode.
+    /// For `kernel_load`: the kernel's id of what was loaded
+    /// (include/linux/kernel_read_file.h).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<u32>,
     /// The file the operation named (file operations), when it is known whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -154,6 +162,11 @@ impl Record {
                 EventPath::Partial(p) => (None, Some(p)),
             }
         };
+        let (target_pid, code) = match op {
+            Op::Ptrace | Op::Signal => (Some(event.protocol), Some(event.sock_type)),
+            Op::KernelLoad => (None, Some(event.sock_type)),
+            _ => (None, None),
+        };
         let reason = if event.flags & EVENT_FLAG_ERROR != 0 {
             Some("internal-error")
         } else if event.flags & EVENT_FLAG_WALK_EXHAUSTED != 0 {
@@ -177,6 +190,8 @@ impl Record {
             address,
             port,
             cmd,
+            target_pid,
+            code,
             path,
             path_partial,
             reason,
@@ -199,6 +214,14 @@ impl Record {
                 self.address.as_deref().unwrap_or("?"),
                 self.port.unwrap_or(0)
             ),
+            Op::Ptrace => format!("ptrace(pid {})", self.target_pid.unwrap_or(0)),
+            Op::Signal => format!(
+                "signal({} to pid {})",
+                self.code.unwrap_or(0),
+                self.target_pid.unwrap_or(0)
+            ),
+            Op::KernelLoad => format!("kernel_load(id {})", self.code.unwrap_or(0)),
+            Op::Userns | Op::ModuleRequest | Op::UringCreds => format!("{}()", self.op.name()),
             op => format!(
                 "{}({})",
                 op.name(),

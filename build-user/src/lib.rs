@@ -8,6 +8,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod doctor;
 pub mod event;
+pub mod harden;
 pub mod loader;
 pub mod paths;
 pub mod policy;

@@ -66,6 +66,18 @@ pub const HOOKS: &[(&str, Attach)] = &[
     ("socket_listen", Attach::Global),
     ("unix_stream_connect", Attach::Global),
     ("unix_may_send", Attach::Global),
+    // Doors out of the build (build-ebpf/src/guard.rs): rare calls.
+    ("sb_mount", Attach::Global),
+    ("move_mount", Attach::Global),
+    ("sb_umount", Attach::Global),
+    ("sb_pivotroot", Attach::Global),
+    ("userns_create", Attach::Global),
+    ("ptrace_access_check", Attach::Global),
+    ("task_kill", Attach::Global),
+    ("kernel_read_file", Attach::Global),
+    ("kernel_load_data", Attach::Global),
+    ("kernel_module_request", Attach::Global),
+    ("uring_override_creds", Attach::Global),
 ];
 
 /// A directory or file the build may write, and how: a `TAG_*` kind.
@@ -133,6 +145,10 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "refusing the write root {path}: {why}\nhint: name the real path in the policy or on the command line, and remove links a build may have planted there"
+    )]
+    UnsafeRoot { path: PathBuf, why: String },
     #[error("the kernel object lacks {0}: this binary is broken")]
     Missing(&'static str),
     #[error("{action} {path}: {source}")]
@@ -350,15 +366,7 @@ fn tag_roots(ebpf: &mut Ebpf, roots: &[Root]) -> Result<(), LoadError> {
             source,
         })?;
     for root in roots {
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH)
-            .open(&root.path)
-            .map_err(|source| LoadError::Io {
-                action: "cannot open allowed root",
-                path: root.path.clone(),
-                source,
-            })?;
+        let file = open_root(root)?;
         let tag = InodeTag {
             kind: root.kind,
             _pad: 0,
@@ -371,6 +379,49 @@ fn tag_roots(ebpf: &mut Ebpf, roots: &[Root]) -> Result<(), LoadError> {
             })?;
     }
     Ok(())
+}
+
+/// Opens a root for tagging, refusing what a build could have planted: a
+/// symlink at its place (one build swaps pkgsrc's WRKLOG for a link to
+/// /etc/shadow, the next one would write /etc/shadow), a path whose
+/// directories lead elsewhere than its canonical form, and a `file` root with
+/// more than one link (a hard link to an outside file).
+fn open_root(root: &Root) -> Result<fs::File, LoadError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let refuse = |why: String| LoadError::UnsafeRoot {
+        path: root.path.clone(),
+        why,
+    };
+    let io = |source| LoadError::Io {
+        action: "cannot open allowed root",
+        path: root.path.clone(),
+        source,
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&root.path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse("it is a symbolic link".to_owned()));
+    }
+    // What the fd really is, by the kernel's own name for it.
+    let real = fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&file)
+    ))
+    .map_err(io)?;
+    if real != root.path {
+        return Err(refuse(format!("it resolves to {}", real.display())));
+    }
+    if root.kind == buildcage_common::policy::TAG_FILE && meta.nlink() > 1 {
+        return Err(refuse(format!(
+            "it has {} hard links, so writing it would write another name too",
+            meta.nlink()
+        )));
+    }
+    Ok(file)
 }
 
 fn load_error(program: &'static str, source: aya::programs::ProgramError) -> LoadError {

@@ -46,6 +46,8 @@ pub struct RunSpec {
     pub policy: BuildPolicy,
     /// `--events FILE`: JSON lines.
     pub events: Option<PathBuf>,
+    /// Capabilities the policy gives back to the build (see [`crate::harden`]).
+    pub capabilities: Vec<caps::Capability>,
     pub argv: Vec<OsString>,
 }
 
@@ -69,6 +71,8 @@ pub enum RunError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]
     Load(#[from] crate::loader::LoadError),
+    #[error(transparent)]
+    Harden(#[from] crate::harden::HardenError),
     #[error("buildcage must run as root to confine a build\nhint: run it with sudo")]
     NotRoot,
     #[error(
@@ -196,6 +200,7 @@ async fn supervise(
 fn spawn(spec: &RunSpec, cg: &BuildCgroup) -> Result<tokio::process::Child, RunError> {
     let procs = cg.procs_for_writing()?;
     let procs_fd = procs.as_raw_fd();
+    let hardening = crate::harden::Hardening::new(&spec.capabilities)?;
     let (program, args) = spec.argv.split_first().ok_or(RunError::NoCommand)?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args).current_dir(&spec.tree).kill_on_drop(false);
@@ -211,7 +216,8 @@ fn spawn(spec: &RunSpec, cg: &BuildCgroup) -> Result<tokio::process::Child, RunE
             if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            // Last, as it drops the capabilities the steps above needed.
+            hardening.apply()
         });
     }
     let child = cmd.spawn().map_err(|source| RunError::Spawn {

@@ -46,6 +46,27 @@ pub enum Op {
     Sendmsg = 22,
     /// connect(2) or send to an AF_UNIX socket outside the writable roots.
     UnixConnect = 23,
+    /// mount(2), move_mount(2): `sb_mount`, `move_mount`.
+    Mount = 24,
+    /// umount(2): `sb_umount`.
+    Umount = 25,
+    /// pivot_root(2): `sb_pivotroot`.
+    PivotRoot = 26,
+    /// A new user namespace (unshare, clone): `userns_create`.
+    Userns = 27,
+    /// ptrace, process_vm_readv/writev, pidfd_getfd, /proc/PID/mem of a process
+    /// outside the build: `ptrace_access_check`. The target pid is in `protocol`.
+    Ptrace = 28,
+    /// A signal to a process outside the build: `task_kill`. The target pid is
+    /// in `protocol`, the signal in `sock_type`.
+    Signal = 29,
+    /// Loading a module, firmware, kexec image or policy: `kernel_read_file`,
+    /// `kernel_load_data`. The kernel's id of what was loaded is in `sock_type`.
+    KernelLoad = 30,
+    /// A module autoload request: `kernel_module_request`.
+    ModuleRequest = 31,
+    /// io_uring acting with a registered personality: `uring_override_creds`.
+    UringCreds = 32,
 }
 
 impl Op {
@@ -74,6 +95,15 @@ impl Op {
             Self::Bind => "bind",
             Self::Sendmsg => "sendmsg",
             Self::UnixConnect => "unix_connect",
+            Self::Mount => "mount",
+            Self::Umount => "umount",
+            Self::PivotRoot => "pivot_root",
+            Self::Userns => "userns",
+            Self::Ptrace => "ptrace",
+            Self::Signal => "signal",
+            Self::KernelLoad => "kernel_load",
+            Self::ModuleRequest => "module_request",
+            Self::UringCreds => "uring_creds",
         }
     }
 }
@@ -106,6 +136,15 @@ impl TryFrom<u32> for Op {
             21 => Ok(Self::Bind),
             22 => Ok(Self::Sendmsg),
             23 => Ok(Self::UnixConnect),
+            24 => Ok(Self::Mount),
+            25 => Ok(Self::Umount),
+            26 => Ok(Self::PivotRoot),
+            27 => Ok(Self::Userns),
+            28 => Ok(Self::Ptrace),
+            29 => Ok(Self::Signal),
+            30 => Ok(Self::KernelLoad),
+            31 => Ok(Self::ModuleRequest),
+            32 => Ok(Self::UringCreds),
             other => Err(other),
         }
     }

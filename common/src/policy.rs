@@ -105,9 +105,22 @@ pub struct Offsets {
     pub unix_dentry: u32,
     /// `offsetof(struct file, f_flags)`: the open flags (O_TMPFILE, O_CREAT).
     pub file_flags: u32,
+    /// `offsetof(struct path, dentry)`.
+    pub path_dentry: u32,
+    /// `offsetof(struct task_struct, cgroups)`, `offsetof(struct css_set,
+    /// dfl_cgrp)`, `offsetof(struct cgroup, kn)` and `offsetof(struct
+    /// kernfs_node, id)`: another task's cgroup id, to tell whether it is in
+    /// the same build.
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    /// `offsetof(struct cred, cap_effective)`: 64 capability bits on every
+    /// kernel (two u32 before 6.3, one u64 since), little-endian.
+    pub cred_cap_effective: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 20 * 4);
+const _: () = assert!(size_of::<Offsets>() == 26 * 4);
 
 /// What an allowed root lets a build do, stored on the root's inode (BPF inode
 /// storage), and on the inodes a build creates in an `own` root.

@@ -64,7 +64,10 @@ fn a_first_build_goes_through_with_one_event_per_refusal() {
     assert_eq!(out.status.code(), Some(0), "{err}");
 
     // Absent roots: said once each, and the build went on.
-    for (path, mode) in [("/dev/buildcage-absent", "device"), ("/buildcage-absent-pts", "tree")] {
+    for (path, mode) in [
+        ("/dev/buildcage-absent", "device"),
+        ("/buildcage-absent-pts", "tree"),
+    ] {
         let said = format!("buildcage: write root {path} ({mode}) does not exist here");
         assert_eq!(err.matches(&said).count(), 1, "{said:?} once in:\n{err}");
     }
@@ -73,13 +76,18 @@ fn a_first_build_goes_through_with_one_event_per_refusal() {
         .lines()
         .map(|l| l.split_whitespace().last().unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(results, ["OK", "EPERM"], "tmpfile-link in /tmp, then creat outside");
+    assert_eq!(
+        results,
+        ["OK", "EPERM"],
+        "tmpfile-link in /tmp, then creat outside"
+    );
 
     // O_TMPFILE in /tmp: allowed, not reported, written and linked by the build.
     assert_eq!(std::fs::read_to_string(&linked).unwrap(), "tmp\n");
     let evs = events(&events_file);
     assert!(
-        evs.iter().all(|e| !e["path"].as_str().unwrap_or_default().starts_with("/tmp")),
+        evs.iter()
+            .all(|e| !e["path"].as_str().unwrap_or_default().starts_with("/tmp")),
         "no event for the build's own unnamed file in /tmp: {evs:?}"
     );
 
@@ -88,13 +96,20 @@ fn a_first_build_goes_through_with_one_event_per_refusal() {
         .iter()
         .filter(|e| e["path"] == victim.to_str().unwrap())
         .collect();
-    assert_eq!(about_victim.len(), 1, "one event for one refused call: {evs:?}");
+    assert_eq!(
+        about_victim.len(),
+        1,
+        "one event for one refused call: {evs:?}"
+    );
     assert_eq!(about_victim[0]["action"], "deny");
     assert_eq!(snapshot(victim), before);
 
     // The default name is the tree's directory name, in events and summary.
     assert!(evs.iter().all(|e| e["build"] == "hello-2.10"), "{evs:?}");
-    assert!(err.contains("ACCESS VIOLATION SUMMARY for build hello-2.10"), "{err}");
+    assert!(
+        err.contains("ACCESS VIOLATION SUMMARY for build hello-2.10"),
+        "{err}"
+    );
 }
 
 /// An absent root that is neither a device nor optional is still an error, and
@@ -110,11 +125,19 @@ fn an_absent_tree_root_still_refuses_to_start() {
     .unwrap();
     let marker = parent.join("ran");
     let out = run_confined(
-        &["--tree", parent.to_str().unwrap(), "--policy", policy.to_str().unwrap()],
+        &[
+            "--tree",
+            parent.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
         &["touch", marker.to_str().unwrap()],
     );
     assert_eq!(out.status.code(), Some(125));
     let err = stderr(&out);
-    assert!(err.contains("/buildcage-absent-tree") && err.contains("hint:"), "{err}");
+    assert!(
+        err.contains("/buildcage-absent-tree") && err.contains("hint:"),
+        "{err}"
+    );
     assert!(!marker.exists(), "the command did not start");
 }

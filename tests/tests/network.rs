@@ -212,7 +212,10 @@ fn sigterm_is_passed_on_and_the_build_cleaned_up() {
     );
     // The background job it left behind (`sleep`, or still the forked `sh` that
     // is about to exec it) was killed and named.
-    assert!(err.contains("buildcage: killed 1 process(es) still running when the build ended:"), "{err}");
+    assert!(
+        err.contains("buildcage: killed 1 process(es) still running when the build ended:"),
+        "{err}"
+    );
     let survivor: u32 = err
         .lines()
         .find_map(|l| l.strip_prefix("buildcage:   pid "))

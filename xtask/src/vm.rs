@@ -703,7 +703,10 @@ mod tests {
         });
         let text = format!("{:#}", broken.expect_err("never up"));
         assert_eq!(boots, 3);
-        assert!(text.contains("3 boots in a row") && text.contains("Kernel panic"), "{text}");
+        assert!(
+            text.contains("3 boots in a row") && text.contains("Kernel panic"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -91,15 +91,14 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         kind: TAG_TREE,
     }));
     roots.extend(kernel_roots(&policy, &absent));
-    let name = args
-        .name
-        .unwrap_or_else(|| cgroup::name_from_dir(&tree));
+    let name = args.name.unwrap_or_else(|| cgroup::name_from_dir(&tree));
     let spec = RunSpec {
         name,
         tree,
         roots,
         policy: compiled,
         events: args.events,
+        capabilities: policy.capabilities.clone(),
         argv: args.command,
     };
     let outcome = supervise::run(&spec)?;

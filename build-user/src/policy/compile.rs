@@ -120,7 +120,12 @@ pub(crate) fn merge(parent: Layer, child: Layer) -> Layer {
     families.extend(child.families);
     families.sort_unstable();
     families.dedup();
+    let mut capabilities = parent.capabilities;
+    capabilities.extend(child.capabilities);
+    capabilities.sort_unstable_by_key(|c| c.index());
+    capabilities.dedup();
     Layer {
+        capabilities,
         inherits: None,
         network: child.network.or(parent.network),
         families,
@@ -138,6 +143,7 @@ pub(crate) fn finish(layer: Layer, name: String, source: PathBuf) -> Policy {
         source,
         network: layer.network.unwrap_or(Network::None),
         families: layer.families,
+        capabilities: layer.capabilities,
         unix_connect: layer.unix_connect.unwrap_or(false),
         write: layer.write,
         action: layer.action.unwrap_or(Enforcement::Enforce),

@@ -25,7 +25,10 @@ pub use error::{Location, PolicyError};
 pub use expand::Vars;
 pub use kernel::KernelPolicyError;
 pub use lookup::{PATH_ENV, is_path_spec, search_dirs};
-pub use model::{Enforcement, Mode, Network, WriteRoot, family_name, family_names, family_number};
+pub use model::{
+    Enforcement, Mode, Network, WriteRoot, capability_name, capability_names, capability_number,
+    family_name, family_names, family_number,
+};
 
 use compile::Loader;
 
@@ -39,6 +42,9 @@ pub struct Policy {
     pub network: Network,
     /// `AF_*` numbers allowed at `socket()` on top of what `network` allows, sorted.
     pub families: Vec<u32>,
+    /// Capabilities given back to the build, on top of those it keeps
+    /// ([`crate::harden::KEPT`]); sorted.
+    pub capabilities: Vec<caps::Capability>,
     /// Whether the build may connect to `AF_UNIX` sockets outside its write roots.
     pub unix_connect: bool,
     /// Parent's roots first, then the child's.
@@ -167,6 +173,12 @@ impl Policy {
             .map(|&n| family_name(n).map_or_else(|| format!("\"af{n}\""), quote))
             .collect();
         let _ = writeln!(out, "families = [{}]", families.join(", "));
+        let capabilities: Vec<String> = self
+            .capabilities
+            .iter()
+            .map(|c| quote(&capability_name(*c)))
+            .collect();
+        let _ = writeln!(out, "capabilities = [{}]", capabilities.join(", "));
         let _ = writeln!(out, "unix_connect = {}", self.unix_connect);
         let _ = writeln!(out, "action = {}", quote(self.action.name()));
         let _ = writeln!(out, "kill_on_violation = {}", self.kill_on_violation);
@@ -221,7 +233,8 @@ impl Policy {
     pub fn check_roots_exist(&self) -> Result<Vec<&WriteRoot>, PolicyError> {
         let mut absent = Vec::new();
         for root in &self.write {
-            if root.may_be_absent() && !root.path.exists() && root.path.symlink_metadata().is_err() {
+            if root.may_be_absent() && !root.path.exists() && root.path.symlink_metadata().is_err()
+            {
                 absent.push(root);
                 continue;
             }

@@ -194,6 +194,27 @@ pub(crate) const AF_UNIX: u32 = 1;
 pub(crate) const AF_INET: u32 = 2;
 pub(crate) const AF_INET6: u32 = 10;
 
+/// A capability's policy name: `CAP_SYS_PTRACE` → `sys_ptrace`.
+pub fn capability_name(cap: caps::Capability) -> String {
+    let text = cap.to_string();
+    text.strip_prefix("CAP_")
+        .unwrap_or(&text)
+        .to_ascii_lowercase()
+}
+
+/// The capability a policy name stands for (`sys_ptrace`).
+pub fn capability_number(name: &str) -> Option<caps::Capability> {
+    if name != name.to_ascii_lowercase() {
+        return None;
+    }
+    format!("CAP_{}", name.to_ascii_uppercase()).parse().ok()
+}
+
+/// Every capability name a policy accepts.
+pub fn capability_names() -> Vec<String> {
+    caps::all().into_iter().map(capability_name).collect()
+}
+
 /// The number of an address family name (`netlink` → 16).
 pub fn family_number(name: &str) -> Option<u32> {
     FAMILY_ALIASES

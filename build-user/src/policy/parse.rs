@@ -18,6 +18,7 @@ pub(crate) const KEYS: &[&str] = &[
     "inherits",
     "network",
     "families",
+    "capabilities",
     "unix_connect",
     "write",
     "action",
@@ -31,6 +32,7 @@ struct RawPolicy {
     inherits: Option<Spanned<String>>,
     network: Option<Spanned<String>>,
     families: Option<Vec<Spanned<String>>>,
+    capabilities: Option<Vec<Spanned<String>>>,
     unix_connect: Option<bool>,
     write: Option<Vec<RawWrite>>,
     action: Option<Spanned<String>>,
@@ -54,6 +56,7 @@ pub(crate) struct Layer {
     pub(crate) inherits: Option<(String, Location)>,
     pub(crate) network: Option<Network>,
     pub(crate) families: Vec<u32>,
+    pub(crate) capabilities: Vec<caps::Capability>,
     pub(crate) unix_connect: Option<bool>,
     pub(crate) write: Vec<WriteRoot>,
     pub(crate) action: Option<Enforcement>,
@@ -148,6 +151,13 @@ pub(crate) fn parse_layer(
         }
     }
     layer.families.sort_unstable();
+    for name in raw.capabilities.iter().flatten() {
+        let cap = capability(&src, name)?;
+        if !layer.capabilities.contains(&cap) {
+            layer.capabilities.push(cap);
+        }
+    }
+    layer.capabilities.sort_unstable_by_key(|c| c.index());
     for (i, entry) in raw.write.iter().flatten().enumerate() {
         let key = format!("write[{i}]");
         let mode = src.choice(
@@ -204,6 +214,36 @@ fn family(src: &Src<'_>, name: &Spanned<String>) -> Result<u32, PolicyError> {
         format!("\"{written}\" in `families` is not a Linux address family"),
         hint,
     ))
+}
+
+fn capability(src: &Src<'_>, name: &Spanned<String>) -> Result<caps::Capability, PolicyError> {
+    let written = name.get_ref();
+    let Some(cap) = model::capability_number(written) else {
+        let bare = written.to_ascii_lowercase();
+        let bare = bare.strip_prefix("cap_").unwrap_or(&bare).to_owned();
+        let hint = if model::capability_number(&bare).is_some() {
+            format!("write \"{bare}\": capability names are lowercase, without `CAP_`")
+        } else if let Some(near) =
+            similar::closest(&bare, model::capability_names().iter().map(String::as_str))
+        {
+            format!("did you mean \"{near}\"?")
+        } else {
+            "use a lowercase CAP_* name without `CAP_`, as in capabilities(7) (\"sys_ptrace\", \"kill\", …)".to_owned()
+        };
+        return Err(src.error(
+            name.span(),
+            format!("\"{written}\" in `capabilities` is not a Linux capability"),
+            hint,
+        ));
+    };
+    if crate::harden::NEVER.contains(&cap) {
+        return Err(src.error(
+            name.span(),
+            format!("\"{written}\" cannot be given back to a build: it would let a root build switch its confinement off"),
+            "remove it; builds that need it (a VM or container test suite) cannot be confined by buildcage".to_owned(),
+        ));
+    }
+    Ok(cap)
 }
 
 fn write_path(

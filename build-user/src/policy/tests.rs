@@ -98,11 +98,11 @@ fn absent_keys_take_the_closed_defaults() {
 fn unknown_key_names_place_and_suggests() {
     assert_eq!(
         err("network = \"none\"\nwrites = []\n"),
-        "/p/test.toml:2:1: unknown key `writes`: expected one of `inherits`, `network`, `families`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  2 | writes = []\n    | ^^^^^^\nhint: did you mean `write`?"
+        "/p/test.toml:2:1: unknown key `writes`: expected one of `inherits`, `network`, `families`, `capabilities`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  2 | writes = []\n    | ^^^^^^\nhint: did you mean `write`?"
     );
     assert_eq!(
         err("netwrok = \"none\"\n"),
-        "/p/test.toml:1:1: unknown key `netwrok`: expected one of `inherits`, `network`, `families`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  1 | netwrok = \"none\"\n    | ^^^^^^^\nhint: did you mean `network`?"
+        "/p/test.toml:1:1: unknown key `netwrok`: expected one of `inherits`, `network`, `families`, `capabilities`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  1 | netwrok = \"none\"\n    | ^^^^^^^\nhint: did you mean `network`?"
     );
     assert_eq!(
         err("write = [\n  { path = \"/x\", modes = \"tree\" },\n]\n"),
@@ -390,9 +390,16 @@ fn roots_are_checked_at_run_time() {
         .collect();
     assert_eq!(
         skipped,
-        ["/dev/no-such-device".to_owned(), format!("{}/no-pts", dir.display())]
+        [
+            "/dev/no-such-device".to_owned(),
+            format!("{}/no-pts", dir.display())
+        ]
     );
-    assert!(absent.to_toml().contains("mode = \"tree\", optional = true },"));
+    assert!(
+        absent
+            .to_toml()
+            .contains("mode = \"tree\", optional = true },")
+    );
     let missing = parse_str(
         "write = [{ path = \"${D}/gone\", mode = \"tree\" }]",
         Path::new("/p/m.toml"),
@@ -529,5 +536,43 @@ fn every_shipped_policy_passes_check() {
             .write
             .iter()
             .all(|w| w.path != Path::new("/tmp") && w.path != Path::new("/var/tmp"))
+    );
+}
+
+#[test]
+fn capabilities_are_named_checked_and_inherited() {
+    let p = parse_str(
+        "capabilities = [\"sys_ptrace\", \"kill\"]",
+        Path::new("/p/c.toml"),
+        &Vars::new(),
+    )
+    .expect("valid");
+    assert_eq!(
+        p.capabilities,
+        [caps::Capability::CAP_KILL, caps::Capability::CAP_SYS_PTRACE]
+    );
+    assert!(
+        p.to_toml()
+            .contains("capabilities = [\"kill\", \"sys_ptrace\"]")
+    );
+    let upper = parse_str(
+        "capabilities = [\"CAP_KILL\"]",
+        Path::new("/p/c.toml"),
+        &Vars::new(),
+    )
+    .expect_err("not a policy name");
+    assert!(
+        upper.to_string().contains("hint: write \"kill\""),
+        "{upper}"
+    );
+    let never = parse_str(
+        "capabilities = [\"sys_admin\"]",
+        Path::new("/p/c.toml"),
+        &Vars::new(),
+    )
+    .expect_err("never given back");
+    assert!(
+        never.to_string().contains("cannot be given back"),
+        "{never}"
     );
 }

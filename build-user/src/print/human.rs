@@ -37,6 +37,8 @@ mod tests {
             address: None,
             port: None,
             cmd: None,
+            target_pid: None,
+            code: None,
             path: None,
             path_partial: None,
             reason: None,

@@ -113,6 +113,8 @@ mod tests {
             address: None,
             port: None,
             cmd: None,
+            target_pid: None,
+            code: None,
             path: None,
             path_partial: None,
             reason: None,
