@@ -53,6 +53,21 @@ pub(crate) fn name_of(d: Dentry) -> *const u8 {
     unsafe { field(d, offsets().dentry_name) }
 }
 
+/// `path->dentry`, for a BTF-typed `struct path *` from a hook's arguments.
+#[inline(always)]
+pub(crate) fn dentry_of_path(path: *const u8) -> Dentry {
+    // SAFETY: path is a `struct path *`; dentry is a `struct dentry *`.
+    unsafe { field(path, offsets().path_dentry) }
+}
+
+/// `mnt->mnt_root`, the first member of struct vfsmount in every kernel since
+/// 2.6 (include/linux/mount.h), for a BTF-typed `struct vfsmount *`.
+#[inline(always)]
+pub(crate) fn root_of_mount(mnt: *const u8) -> Dentry {
+    // SAFETY: mnt is a `struct vfsmount *`; mnt_root is a `struct dentry *`.
+    unsafe { field(mnt, 0) }
+}
+
 /// A field of `d->d_sb`, or 0 for a dentry without a super block.
 #[inline(always)]
 fn sb_field<T: Copy + Default>(d: Dentry, off: u32) -> T {

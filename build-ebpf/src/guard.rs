@@ -31,12 +31,12 @@ fn refuse_op(op: Op, details: Details, dentry: Option<crate::fs::Dentry>) -> Ver
     }
 }
 
-/// The dentry of a `struct path *`.
+/// The dentry of a hook's `struct path *` argument, read as a BTF-typed
+/// pointer (events walk it; a probe-read pointer would not do).
 #[inline(always)]
 fn path_dentry(path: *const u8) -> Option<crate::fs::Dentry> {
-    // SAFETY: a probe read of `path->dentry`, at an offset from this kernel's BTF.
-    unsafe { bpf_probe_read_kernel(path.add(offsets().path_dentry as usize).cast()).ok() }
-        .filter(|d: &crate::fs::Dentry| !d.is_null())
+    let d = crate::fs::dentry_of_path(path);
+    (!d.is_null()).then_some(d)
 }
 
 /// The cgroup id of `task` (`task->cgroups->dfl_cgrp->kn->id`), or 0 when a
@@ -102,12 +102,12 @@ pub fn move_mount(ctx: LsmContext) -> i32 {
 #[lsm(hook = "sb_umount")]
 pub fn sb_umount(ctx: LsmContext) -> i32 {
     global(ctx.arg(2), || {
-        let mnt: *const u8 = ctx.arg(0);
-        // SAFETY: `mnt_root` is the first member of struct vfsmount in every
-        // kernel since 2.6 (include/linux/mount.h).
-        let root: Option<crate::fs::Dentry> = unsafe { bpf_probe_read_kernel(mnt.cast()).ok() }
-            .filter(|d: &crate::fs::Dentry| !d.is_null());
-        refuse_op(Op::Umount, Details::default(), root)
+        let root = crate::fs::root_of_mount(ctx.arg(0));
+        refuse_op(
+            Op::Umount,
+            Details::default(),
+            (!root.is_null()).then_some(root),
+        )
     })
 }
 

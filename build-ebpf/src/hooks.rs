@@ -34,6 +34,8 @@ const S_IFBLK: u16 = 0o060_000;
 const PIPEFS_MAGIC: u64 = 0x5049_5045;
 const SOCKFS_MAGIC: u64 = 0x534f_434b;
 const ANON_INODE_FS_MAGIC: u64 = 0x0904_1934;
+/// pidfds, which pidfd_open(2) opens read-write on pidfs since Linux 6.9.
+const PIDFS_MAGIC: u64 = 0x5049_4446;
 /// `ATTR_*` bits of `iattr::ia_valid` (include/linux/fs.h).
 const ATTR_MODE: u32 = 1;
 const ATTR_UID: u32 = 2;
@@ -188,7 +190,11 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
         return Verdict::Allow;
     }
     let magic = fs::magic_of(dentry);
-    if magic == PIPEFS_MAGIC || magic == SOCKFS_MAGIC || magic == ANON_INODE_FS_MAGIC {
+    if magic == PIPEFS_MAGIC
+        || magic == SOCKFS_MAGIC
+        || magic == ANON_INODE_FS_MAGIC
+        || magic == PIDFS_MAGIC
+    {
         return Verdict::Allow;
     }
     let inode = fs::inode_of(dentry);

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Runs every attempt of attacks.tsv inside the build, each in its own process,
+# and says how each went: "ATTEMPT <name> <pid> <status>". Then it checks from
+# inside that the build is still confined: "STILL <what> <answer>".
+# Usage: run.sh ATTACKS PROBE (run as the build's command, in $TREE).
+attacks=$1
+probe=$2
+export TREE SUP TARGET
+TREE=$(pwd)
+SUP=$PPID
+# Things the attempts use, made inside the tree.
+echo "evil:x:0:0::/:/bin/sh" > "$TREE/passwd"
+mkdir -p "$TREE/p" "$TREE/cg" "$TREE/old"
+grep -v '^#' "$attacks" | grep -v '^[[:space:]]*$' | while IFS= read -r line; do
+    name=$(printf '%s' "$line" | awk -F ' [|] ' '{gsub(/ +$/, "", $1); print $1}')
+    cmd=$(printf '%s' "$line" | awk -F ' [|] ' '{print $3}')
+    sh -c "$cmd" </dev/null >/dev/null 2>&1 &
+    pid=$!
+    wait "$pid"
+    echo "ATTEMPT $name $pid $?"
+done
+echo "STILL cgroup $(cut -d: -f3 /proc/self/cgroup)"
+echo "STILL $("$probe" socket inet stream)"

@@ -1,0 +1,172 @@
+//! The red-team suite (run in the VM): every attempt of `tests/redteam/attacks.tsv`
+//! runs as root inside one confined build, and each must
+//! 1. fail;
+//! 2. produce its event, from its own process (unless an earlier layer, a
+//!    dropped capability or the seccomp filter, refused it before any LSM hook
+//!    ran: the table says so with `-`);
+//! 3. leave the world as it was: /etc, /usr/local/bin and /root unchanged, the
+//!    mount table and the loaded modules unchanged, the outside process alive
+//!    and untraced, no listener up, the build still in its cgroup and still
+//!    confined, and nothing left running.
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use buildcage_tests::{alive, events, scratch_in, stderr, stdout, tree_digest};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const ATTACKS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/redteam/attacks.tsv");
+const RUNNER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/redteam/run.sh");
+
+struct Attempt {
+    name: String,
+    ops: Vec<String>,
+}
+
+fn attempts() -> Vec<Attempt> {
+    std::fs::read_to_string(ATTACKS)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let cols: Vec<&str> = l.splitn(3, " | ").collect();
+            assert_eq!(cols.len(), 3, "three columns: {l}");
+            let ops = cols[1].trim();
+            Attempt {
+                name: cols[0].trim().to_owned(),
+                ops: if ops == "-" {
+                    Vec::new()
+                } else {
+                    ops.split(',').map(str::to_owned).collect()
+                },
+            }
+        })
+        .collect()
+}
+
+/// What must not change, outside the build.
+fn world() -> Vec<(String, String)> {
+    let mut w: Vec<(String, String)> = ["/etc", "/usr/local/bin"]
+        .iter()
+        .map(|d| (d.to_string(), format!("{:?}", tree_digest(Path::new(d), 8))))
+        .collect();
+    w.push((
+        "/root".into(),
+        format!("{:?}", tree_digest(Path::new("/root"), 2)),
+    ));
+    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        // Mount ids and options of the scratch tree aside, the table.
+        .map(|l| l.split(' ').skip(4).take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    w.push(("mounts".into(), mounts.join("\n")));
+    w.push((
+        "modules".into(),
+        std::fs::read_to_string("/proc/modules").unwrap(),
+    ));
+    w
+}
+
+/// Whether anything listens on TCP port `port` (/proc/net/tcp{,6}, state 0A).
+fn listening(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.get(3) == Some(&"0A")
+                    && cols
+                        .get(1)
+                        .and_then(|a| a.rsplit(':').next())
+                        .is_some_and(|p| u16::from_str_radix(p, 16) == Ok(port))
+            })
+    })
+}
+
+#[test]
+fn a_root_build_cannot_get_out() {
+    let attempts = attempts();
+    assert!(attempts.len() >= 60, "{} attempts", attempts.len());
+    let parent = scratch_in(Path::new("/var/tmp"), "redteam");
+    let tree = parent.join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    // A root process outside the build with no capabilities: what commoncap
+    // lets a build reach (same uid, fewer capabilities), so that buildcage's
+    // own hooks must stop it. A sibling build looks like this.
+    let mut target = Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", "sleep", "600"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let target_pid = target.id();
+    // chattr needs a file system with inode flags: tmpfs has them, the
+    // guest's overlay root does not.
+    std::fs::write("/run/buildcage-test-chattr", "x\n").unwrap();
+    let before = world();
+
+    let events_file = parent.join("events.jsonl");
+    let out = Command::new(buildcage_tests::buildcage_bin())
+        .args(["run", "--tree", tree.to_str().unwrap(), "--events"])
+        .arg(&events_file)
+        .args(["--", "sh", RUNNER, ATTACKS, PROBE])
+        .env("TARGET", target_pid.to_string())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    let text = stdout(&out);
+    eprintln!("--- stdout:\n{text}--- stderr:\n{err}");
+    assert_eq!(out.status.code(), Some(0), "the runner finished: {err}");
+
+    let evs = events(&events_file);
+    let mut failures = Vec::new();
+    for a in &attempts {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(a.name.as_str()))
+            .unwrap_or_else(|| panic!("no result for {}", a.name));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (pid, status): (u64, i32) = (cols[2].parse().unwrap(), cols[3].parse().unwrap());
+        if status == 0 {
+            failures.push(format!("{}: the attack WORKED", a.name));
+        }
+        if !a.ops.is_empty() {
+            let seen = evs.iter().any(|e| {
+                a.ops.iter().any(|op| e["op"] == op.as_str())
+                    && (e["pid"] == pid || e["ppid"] == pid)
+            });
+            if !seen {
+                failures.push(format!("{}: no {:?} event from pid {pid}", a.name, a.ops));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Still inside its cgroup, still confined, after every attempt.
+    assert!(text.contains("STILL cgroup /buildcage/"), "{text}");
+    assert!(text.contains("STILL socket inet stream EPERM"), "{text}");
+    // The world is as it was.
+    let after = world();
+    for ((what, b), (_, a)) in before.iter().zip(&after) {
+        assert!(b == a, "{what} changed");
+    }
+    assert!(alive(target_pid), "the outside process lives");
+    let status = std::fs::read_to_string(format!("/proc/{target_pid}/status")).unwrap();
+    assert!(status.contains("TracerPid:\t0\n"), "not traced: {status}");
+    assert!(!listening(4444), "no backdoor listener");
+    assert!(
+        !err.contains("still running when the build ended"),
+        "nothing left running: {err}"
+    );
+    assert!(!Path::new("/etc/core").exists());
+    let _ = target.kill();
+    let _ = target.wait();
+}
