@@ -1,6 +1,6 @@
 //! `cargo xtask test`: the whole suite, from a fresh machine. Setup, the host
-//! tests (unit tests, and the integration tests that need no BPF LSM), then the
-//! VM tests on both kernels. Non-zero if anything fails.
+//! tests (unit tests, and the integration tests that need no BPF LSM), the VM
+//! harness's own check, then the VM tests on both kernels. Non-zero if anything fails.
 
 use std::process::{Command, ExitCode};
 
@@ -31,6 +31,11 @@ pub(crate) fn run() -> Result<ExitCode> {
         .context("cannot run cargo test")?;
     if !status.success() {
         println!("xtask: host tests FAILED");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("xtask: the VM harness's own test (boot retries)");
+    if crate::vm_check::run()? != ExitCode::SUCCESS {
+        println!("xtask: vm-check FAILED");
         return Ok(ExitCode::FAILURE);
     }
     println!("xtask: VM tests on 6.12 and 6.1");
