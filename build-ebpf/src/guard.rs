@@ -56,6 +56,27 @@ fn cgroup_of(task: *const u8) -> u64 {
         else {
             return 0;
         };
+        cgroup_id(cgrp)
+    }
+}
+
+/// The cgroup id of the cgroup that made socket `sk`
+/// (`sk->sk_cgrp_data.cgroup->kn->id`), or 0.
+#[inline(always)]
+pub(crate) fn cgroup_of_sock(sk: *const u8) -> u64 {
+    // SAFETY: a probe read at an offset from this kernel's BTF.
+    match unsafe { bpf_probe_read_kernel::<*const u8>(sk.add(offsets().sock_cgroup as usize).cast()) } {
+        Ok(cgrp) => cgroup_id(cgrp),
+        Err(_) => 0,
+    }
+}
+
+/// `cgrp->kn->id`, or 0.
+#[inline(always)]
+fn cgroup_id(cgrp: *const u8) -> u64 {
+    let o = offsets();
+    // SAFETY: probe reads along kernel pointers, at offsets from this kernel's BTF.
+    unsafe {
         let Ok(kn) = bpf_probe_read_kernel::<*const u8>(cgrp.add(o.cgroup_kn as usize).cast())
         else {
             return 0;

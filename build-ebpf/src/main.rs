@@ -72,6 +72,7 @@ static OFFSETS: Offsets = Offsets {
     cgroup_kn: 0,
     kernfs_node_id: 0,
     cred_cap_effective: 0,
+    sock_cgroup: 0,
 };
 
 /// The offsets, read through a volatile load so that the verifier, not LLVM,

@@ -192,8 +192,9 @@ pub fn socket_listen(ctx: LsmContext) -> i32 {
 }
 
 /// The AF_UNIX peer's socket file must be the build's own, unless the policy
-/// says `unix_connect = true`. Abstract and unnamed sockets have no file and are
-/// not restricted (a known gap).
+/// says `unix_connect = true`. Abstract and unnamed sockets have no file: the
+/// peer must then have been made by a process of this build (a socketpair, a
+/// test server on `@name`), not by the host's services.
 #[inline(always)]
 fn check_unix_peer(other: *mut core::ffi::c_void) -> Verdict {
     let build = current_build();
@@ -216,7 +217,10 @@ fn check_unix_peer(other: *mut core::ffi::c_void) -> Verdict {
     let dentry: fs::Dentry =
         unsafe { core::ptr::read_volatile(usk.add(offsets().unix_dentry as usize).cast()) };
     if dentry.is_null() {
-        return Verdict::Allow;
+        if crate::guard::cgroup_of_sock(other.cast::<u8>().cast_const()) == build {
+            return Verdict::Allow;
+        }
+        return refuse(build, policy.flags, Op::UnixConnect, Details::default(), None, 0);
     }
     check_file(Op::UnixConnect, dentry, |build| {
         fs::may_modify(build, dentry)

@@ -103,6 +103,8 @@ impl KernelBtf {
             cgroup_kn: self.field_offset("cgroup", "kn")?,
             kernfs_node_id: self.field_offset("kernfs_node", "id")?,
             cred_cap_effective: self.field_offset("cred", "cap_effective")?,
+            sock_cgroup: self.field_offset("sock", "sk_cgrp_data")?
+                + self.field_offset("sock_cgroup_data", "cgroup")?,
         })
     }
 

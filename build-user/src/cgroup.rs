@@ -179,6 +179,31 @@ impl BuildCgroup {
         Ok(this)
     }
 
+    /// Build cgroups whose supervisor is gone: `<name>.<pid>` where no
+    /// `buildcage` process has that pid any more (it was SIGKILLed, or the
+    /// machine's buildcage crashed). Their programs stay pinned, so they stay
+    /// confined, until someone reaps them.
+    pub fn orphans(root: &Path) -> Vec<Self> {
+        let Ok(entries) = fs::read_dir(root.join(PARENT)) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| {
+                let name = e.file_name();
+                let pid = name
+                    .to_string_lossy()
+                    .rsplit_once('.')
+                    .and_then(|(_, pid)| pid.parse::<u32>().ok());
+                pid.is_some_and(|pid| {
+                    proc_comm_ppid(pid).is_none_or(|(comm, _)| comm != "buildcage")
+                })
+            })
+            .filter_map(|e| Self::open(root, &e.path()).ok())
+            .collect()
+    }
+
     fn open(root: &Path, path: &Path) -> Result<Self, CgroupError> {
         // On 64-bit kernels the cgroup id is the kernfs node id, which is also the
         // directory's inode number: what bpf_get_current_cgroup_id() returns.

@@ -182,11 +182,18 @@ fn probe_in(
             if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                 libc::_exit(100);
             }
-            let fd = libc::socket(AF_INET, libc::SOCK_STREAM, 0);
-            let code = if fd >= 0 {
-                0
+            // A cgroup hook (socket_create), then a global one (userns_create):
+            // both kinds of attachment must enforce.
+            let code = if libc::socket(AF_INET, libc::SOCK_STREAM, 0) >= 0 {
+                10
+            } else if *libc::__errno_location() != libc::EPERM {
+                11
+            } else if libc::unshare(libc::CLONE_NEWUSER) == 0 {
+                20
+            } else if *libc::__errno_location() != libc::EPERM {
+                21
             } else {
-                *libc::__errno_location()
+                0
             };
             libc::_exit(code);
         }
@@ -198,10 +205,16 @@ fn probe_in(
     let code = libc::WEXITSTATUS(status);
     let clock = Clock::now();
     let mut event = None;
+    let mut userns_event = None;
     while let Some(item) = events.next() {
         let record = Record::decode(&item, "doctor", &clock, &crate::paths::Mounts::default())?;
-        if record.op == Op::Socket && i32::try_from(record.pid).ok() == Some(pid) {
-            event = Some(record);
+        if i32::try_from(record.pid).ok() != Some(pid) {
+            continue;
+        }
+        match record.op {
+            Op::Socket => event = Some(record),
+            Op::Userns => userns_event = Some(record),
+            _ => {}
         }
     }
     let released = confinement.release();
@@ -210,24 +223,34 @@ fn probe_in(
         "could not move a process into the scratch cgroup {}",
         cg.path().display()
     );
-    anyhow::ensure!(
-        code == libc::EPERM,
-        "the programs loaded and attached, but socket(AF_INET) in the scratch build {}\nhint: BPF LSM does not enforce here; check `cat /sys/kernel/security/lsm` lists bpf",
-        if code == 0 {
-            "succeeded".to_owned()
-        } else {
-            format!("failed with errno {code}, not EPERM")
-        }
-    );
+    let failed = match code {
+        0 => None,
+        10 => Some("socket(AF_INET) succeeded (a cgroup-attached hook)"),
+        11 => Some("socket(AF_INET) failed, but not with EPERM (a cgroup-attached hook)"),
+        20 => Some("unshare(CLONE_NEWUSER) succeeded (a hook attached for every task)"),
+        21 => Some("unshare(CLONE_NEWUSER) failed, but not with EPERM (a hook attached for every task)"),
+        _ => Some("the scratch build's process died"),
+    };
+    if let Some(what) = failed {
+        anyhow::bail!(
+            "the programs loaded and attached, but in the scratch build {what}\nhint: BPF LSM does not enforce here; check `cat /sys/kernel/security/lsm` lists bpf"
+        );
+    }
     let event = event.ok_or_else(|| {
         anyhow::anyhow!(
             "socket(AF_INET) was refused, but no event arrived\nhint: please report this"
         )
     })?;
+    let userns_event = userns_event.ok_or_else(|| {
+        anyhow::anyhow!(
+            "unshare(CLONE_NEWUSER) was refused, but no event arrived\nhint: please report this"
+        )
+    })?;
     released?;
     Ok(format!(
-        "socket(AF_INET) in a scratch build got EPERM; event: {} pid {}",
+        "socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM; events: {} and {} pid {}",
         event.what(),
+        userns_event.what(),
         event.pid
     ))
 }

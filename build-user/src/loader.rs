@@ -344,6 +344,21 @@ impl Confinement {
     }
 }
 
+/// Removes a build's pin directory and every pin in it: its programs detach
+/// once nothing else holds them. Call only once the build's cgroup is empty.
+pub fn unpin_dir(dir: &Path) -> io::Result<()> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                fs::remove_file(e?.path())?;
+            }
+            fs::remove_dir(dir)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The program that serves `hook` on this kernel: before Linux 6.3,
 /// inode_setattr had its dentry first (no idmap argument).
 fn program_for(hook: &'static str, offsets: &Offsets) -> &'static str {

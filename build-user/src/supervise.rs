@@ -119,6 +119,7 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         })
         .transpose()?;
 
+    reap_orphans(&cgroot, &bpffs);
     let cg = BuildCgroup::create(&cgroot, &format!("{}.{}", spec.name, std::process::id()))?;
     let confinement = match Confinement::attach(&cg, spec.policy, &spec.roots, offsets, &bpffs) {
         Ok(c) => c,
@@ -139,6 +140,38 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     confinement.release()?;
     cg.remove()?;
     Ok(outcome)
+}
+
+/// Ends the builds that a dead buildcage left behind: kills what still runs
+/// in them, then unpins their programs and removes their cgroups. Until now
+/// they stayed confined. Failures are said and leave the build confined.
+fn reap_orphans(cgroot: &std::path::Path, bpffs: &std::path::Path) {
+    for orphan in BuildCgroup::orphans(cgroot) {
+        let survivors = match orphan.kill_all(KILL_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("buildcage: cannot reap the orphaned build {}: {e}", orphan.path().display());
+                continue;
+            }
+        };
+        let pins = bpffs.join(crate::loader::PIN_DIR).join(orphan.id().to_string());
+        if let Err(e) = crate::loader::unpin_dir(&pins) {
+            eprintln!("buildcage: cannot unpin {}: {e}", pins.display());
+            continue;
+        }
+        let path = orphan.path().display().to_string();
+        match orphan.remove() {
+            Ok(()) => eprintln!(
+                "buildcage: reaped {path}, left by a buildcage that died: killed {} process(es){}",
+                survivors.len(),
+                survivors
+                    .iter()
+                    .map(|s| format!(" {} ({})", s.pid, s.comm))
+                    .collect::<String>()
+            ),
+            Err(e) => eprintln!("buildcage: cannot remove the orphaned cgroup {path}: {e}"),
+        }
+    }
 }
 
 async fn supervise(

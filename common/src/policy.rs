@@ -118,9 +118,12 @@ pub struct Offsets {
     /// `offsetof(struct cred, cap_effective)`: 64 capability bits on every
     /// kernel (two u32 before 6.3, one u64 since), little-endian.
     pub cred_cap_effective: u32,
+    /// `offsetof(struct sock, sk_cgrp_data) + offsetof(struct sock_cgroup_data,
+    /// cgroup)`: the cgroup that made a socket.
+    pub sock_cgroup: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 26 * 4);
+const _: () = assert!(size_of::<Offsets>() == 27 * 4);
 
 /// What an allowed root lets a build do, stored on the root's inode (BPF inode
 /// storage), and on the inodes a build creates in an `own` root.

@@ -172,7 +172,7 @@ fn doctor_passes_where_bpf_lsm_works() {
     eprintln!("{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
-        err.contains("pass enforce  socket(AF_INET) in a scratch build got EPERM"),
+        err.contains("pass enforce  socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"),
         "{err}"
     );
 }

@@ -150,3 +150,60 @@ fn a_suggested_policy_lets_the_same_build_run_with_zero_denials() {
         "zero denials"
     );
 }
+
+/// A pkg_add-style root install under `pkgsrc-install`: files owned by other
+/// users, a setuid binary and the package database in PREFIX, and an account
+/// added to /etc/passwd, with the capabilities a build keeps (CHOWN, FSETID,
+/// FOWNER, DAC_OVERRIDE) and no event.
+#[test]
+fn a_root_install_sets_owners_and_setuid_bits_in_prefix() {
+    use std::os::unix::fs::MetadataExt as _;
+    let base = scratch_in(Path::new("/var/tmp"), "install");
+    let dirs = ["prefix", "db", "var", "etc"].map(|d| base.join(d));
+    for d in &dirs {
+        std::fs::create_dir(d).unwrap();
+    }
+    let [prefix, db, var, etc] = &dirs;
+    let events_file = base.join("events.jsonl");
+    let set = |name: &str, dir: &Path| format!("{name}={}", dir.display());
+    let script = "set -e; \
+        install -d \"$P/bin\" \"$P/share/doc\"; cp /bin/true \"$P/bin/t\"; \
+        chown 1:1 \"$P/bin/t\"; chmod 4755 \"$P/bin/t\"; chgrp 2 \"$P/share/doc\"; \
+        ln -s t \"$P/bin/link\"; mkdir \"$D/pkg-1.0\"; echo '@name pkg-1.0' > \"$D/pkg-1.0/+CONTENTS\"; \
+        echo 'pkguser:x:4242:4242::/nonexistent:/usr/sbin/nologin' >> /etc/passwd; echo done";
+    let out = run_confined(
+        &[
+            "--tree",
+            base.to_str().unwrap(),
+            "--policy",
+            "pkgsrc-install",
+            "--set",
+            &set("PREFIX", prefix),
+            "--set",
+            &set("PKG_DBDIR", db),
+            "--set",
+            &set("VARBASE", var),
+            "--set",
+            &set("PKG_SYSCONFDIR", etc),
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
+        &[
+            "env",
+            &format!("P={}", prefix.display()),
+            &format!("D={}", db.display()),
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "done\n");
+    let meta = std::fs::metadata(prefix.join("bin/t")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1, 1));
+    assert_eq!(meta.mode() & 0o7777, 0o4755, "setuid bit kept");
+    assert_eq!(std::fs::metadata(prefix.join("share/doc")).unwrap().gid(), 2);
+    assert!(db.join("pkg-1.0/+CONTENTS").is_file());
+    assert!(std::fs::read_to_string("/etc/passwd").unwrap().contains("pkguser:x:4242"));
+    assert_eq!(events(&events_file), Vec::<serde_json::Value>::new());
+}

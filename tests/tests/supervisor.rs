@@ -1,0 +1,74 @@
+//! The supervisor's death (run in the VM): SIGKILL of buildcage from outside
+//! leaves the build confined, and the next buildcage start reaps it.
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use buildcage_tests::{alive, buildcage_bin, run_confined, scratch_in, stderr};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+
+fn wait_for(path: &Path, what: &str) {
+    let until = Instant::now() + Duration::from_secs(120);
+    while !path.exists() {
+        assert!(Instant::now() < until, "{what} did not happen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_killed_supervisor_leaves_the_build_confined_until_reaped() {
+    let tree = scratch_in(Path::new("/var/tmp"), "orphan");
+    let started = tree.join("started");
+    let result = tree.join("result");
+    let script = format!(
+        "echo $$ > {s}.tmp && mv {s}.tmp {s}; while [ ! -e go ]; do sleep 0.1; done; \
+         {PROBE} socket inet stream > {r}.tmp; mv {r}.tmp {r}; exec sleep 1000",
+        s = started.display(),
+        r = result.display()
+    );
+    let mut sup = Command::new(buildcage_bin())
+        .args(["run", "--tree", tree.to_str().unwrap(), "--name", "orphan", "--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&started, "the build's start");
+    let shell: u32 = std::fs::read_to_string(&started).unwrap().trim().parse().unwrap();
+    sup.kill().unwrap();
+    sup.wait().unwrap();
+    // The supervisor is gone; the build goes on, still confined.
+    std::fs::write(tree.join("go"), "").unwrap();
+    wait_for(&result, "the probe after the supervisor died");
+    assert_eq!(std::fs::read_to_string(&result).unwrap(), "socket inet stream EPERM\n");
+    assert!(alive(shell), "the orphaned build still runs");
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/buildcage")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("orphan."))
+        .collect();
+    assert_eq!(cgroups.len(), 1, "{cgroups:?}");
+
+    // The next start reaps it.
+    let next = scratch_in(Path::new("/var/tmp"), "orphan-next");
+    let out = run_confined(&["--tree", next.to_str().unwrap()], &["true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("buildcage: reaped /sys/fs/cgroup/buildcage/{}", cgroups[0])),
+        "{err}"
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while alive(shell) {
+        assert!(Instant::now() < until, "the orphan's processes were killed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!Path::new("/sys/fs/cgroup/buildcage").join(&cgroups[0]).exists());
+}
