@@ -92,9 +92,7 @@ fn tgid_of(task: *const u8) -> u32 {
     unsafe { bpf_probe_read_kernel(task.add(offsets().task_tgid as usize).cast()) }.unwrap_or(0)
 }
 
-/// Whether `task` belongs to the current task's build. A build cannot make
-/// cgroups beneath its own (cgroupfs is not writable, mounts are refused), so
-/// its tasks are exactly those of its cgroup.
+/// Whether `task` belongs to the current task's build (see `current_build`).
 #[inline(always)]
 fn same_build(task: *const u8) -> bool {
     cgroup_of(task) == current_build()

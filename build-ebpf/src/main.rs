@@ -23,7 +23,7 @@ mod maps;
 mod net;
 mod report;
 
-use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_send_signal};
+use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_send_signal};
 use buildcage_common::{
     Action, Offsets, Op,
     event::{EVENT_FLAG_ERROR, EVENT_FLAG_WALK_EXHAUSTED},
@@ -31,12 +31,6 @@ use buildcage_common::{
 };
 
 use crate::{fs::Dentry, report::Details};
-
-/// Nesting level of build cgroups below the cgroup v2 root, set by the loader.
-/// `bpf_get_current_ancestor_cgroup_id(BUILD_LEVEL)` maps a task in a build, or in
-/// any cgroup the build made beneath its own, to the build's cgroup id.
-#[unsafe(no_mangle)]
-static BUILD_LEVEL: u32 = 0;
 
 /// The build this instance serves, for the programs that run for every task.
 #[unsafe(no_mangle)]
@@ -86,14 +80,15 @@ pub(crate) fn offsets() -> Offsets {
 /// `SIGKILL`, for `kill_on_violation`.
 const SIGKILL: u32 = 9;
 
-/// The build of the current task, as the cgroup id its policy is keyed by.
+/// The build of the current task, as the cgroup id its policy is keyed by: the
+/// task's own cgroup. A build cannot make cgroups beneath its own (cgroupfs is
+/// not writable to it, mounts are refused), so its tasks are exactly those of
+/// its cgroup. Unlike an ancestor at a nesting level, this needs no level, which
+/// a cgroup namespace (a container host) would hide from user space.
 #[inline(always)]
 pub(crate) fn current_build() -> u64 {
-    // SAFETY: a plain helper call; the global is a read-only constant set at load.
-    unsafe {
-        let level = core::ptr::read_volatile(&BUILD_LEVEL);
-        bpf_get_current_ancestor_cgroup_id(level as i32)
-    }
+    // SAFETY: a plain helper call.
+    unsafe { bpf_get_current_cgroup_id() }
 }
 
 /// Whether the current task belongs to this instance's build (for programs

@@ -156,7 +156,6 @@ pub struct Survivor {
 pub struct BuildCgroup {
     path: PathBuf,
     id: u64,
-    level: u32,
 }
 
 impl BuildCgroup {
@@ -171,7 +170,7 @@ impl BuildCgroup {
         }
         let path = parent.join(name);
         fs::create_dir(&path).map_err(io_err("cannot create cgroup", &path))?;
-        let this = Self::open(root, &path)?;
+        let this = Self::open(&path)?;
         if !path.join("cgroup.kill").exists() {
             let _ = fs::remove_dir(&path);
             return Err(CgroupError::NoKill { path });
@@ -200,22 +199,19 @@ impl BuildCgroup {
                     proc_comm_ppid(pid).is_none_or(|(comm, _)| comm != "buildcage")
                 })
             })
-            .filter_map(|e| Self::open(root, &e.path()).ok())
+            .filter_map(|e| Self::open(&e.path()).ok())
             .collect()
     }
 
-    fn open(root: &Path, path: &Path) -> Result<Self, CgroupError> {
+    fn open(path: &Path) -> Result<Self, CgroupError> {
         // On 64-bit kernels the cgroup id is the kernfs node id, which is also the
         // directory's inode number: what bpf_get_current_cgroup_id() returns.
         let id = fs::metadata(path)
             .map_err(io_err("cannot stat cgroup", path))?
             .ino();
-        let rel = path.strip_prefix(root).unwrap_or(path);
-        let level = u32::try_from(rel.components().count()).unwrap_or(u32::MAX);
         Ok(Self {
             path: path.to_owned(),
             id,
-            level,
         })
     }
 
@@ -226,11 +222,6 @@ impl BuildCgroup {
     /// The cgroup id, the key of the policy map.
     pub fn id(&self) -> u64 {
         self.id
-    }
-
-    /// Depth below the cgroup v2 root (the root is 0).
-    pub fn level(&self) -> u32 {
-        self.level
     }
 
     /// The cgroup directory, for attaching programs.

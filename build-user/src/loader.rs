@@ -179,10 +179,8 @@ impl Confinement {
         offsets: Offsets,
         bpffs: &Path,
     ) -> Result<Self, LoadError> {
-        let level = cgroup.level();
         let build = cgroup.id();
         let mut ebpf = EbpfLoader::new()
-            .override_global("BUILD_LEVEL", &level, true)
             .override_global("BUILD_ID", &build, true)
             .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)

@@ -14,7 +14,8 @@ echo "evil:x:0:0::/:/bin/sh" > "$TREE/passwd"
 mkdir -p "$TREE/p" "$TREE/cg" "$TREE/old"
 grep -v '^#' "$attacks" | grep -v '^[[:space:]]*$' | while IFS= read -r line; do
     name=$(printf '%s' "$line" | awk -F ' [|] ' '{gsub(/ +$/, "", $1); print $1}')
-    cmd=$(printf '%s' "$line" | awk -F ' [|] ' '{print $3}')
+    # Everything after the second separator: commands have pipes of their own.
+    cmd=$(printf '%s' "$line" | sed 's/^[^|]*| *[^|]*| //')
     sh -c "$cmd" </dev/null >/dev/null 2>&1 &
     pid=$!
     wait "$pid"

@@ -162,6 +162,34 @@ fn exit_status_is_propagated() {
     }
 }
 
+/// On a container host buildcage runs in a cgroup namespace, where its cgroup2
+/// mount's root is not the hierarchy's: both kinds of hooks must still find
+/// the build.
+#[test]
+fn doctor_passes_in_a_cgroup_namespace() {
+    let ctr = Path::new("/sys/fs/cgroup/buildcage-test-ctr");
+    let _ = std::fs::create_dir(ctr);
+    let buildcage = buildcage_tests::buildcage_bin();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec unshare -C -m sh -c \
+         'umount -l /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && cat /proc/self/cgroup && exec {} doctor'",
+        ctr.display(),
+        buildcage.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("sh");
+    let err = stderr(&out);
+    eprintln!("{}{err}", stdout(&out));
+    assert_eq!(stdout(&out), "0::/\n", "in a cgroup namespace rooted at its cgroup");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("pass enforce  socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"),
+        "{err}"
+    );
+}
+
 #[test]
 fn doctor_passes_where_bpf_lsm_works() {
     let out = std::process::Command::new(buildcage_tests::buildcage_bin())

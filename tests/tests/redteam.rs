@@ -113,6 +113,9 @@ fn a_root_build_cannot_get_out() {
     // guest's overlay root does not.
     std::fs::write("/run/buildcage-test-chattr", "x\n").unwrap();
     let _ = std::fs::create_dir("/etc/buildcage-test-emptydir");
+    // Another user's directory in /tmp: the build's unnamed files may not be
+    // linked into it (link(2) across file systems fails before any hook).
+    let _ = std::fs::create_dir("/tmp/buildcage-test-notmine");
     // Unix servers of the host: one on an abstract name, one on a path.
     let abstract_server = {
         use std::os::linux::net::SocketAddrExt as _;
