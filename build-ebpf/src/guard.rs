@@ -65,7 +65,9 @@ fn cgroup_of(task: *const u8) -> u64 {
 #[inline(always)]
 pub(crate) fn cgroup_of_sock(sk: *const u8) -> u64 {
     // SAFETY: a probe read at an offset from this kernel's BTF.
-    match unsafe { bpf_probe_read_kernel::<*const u8>(sk.add(offsets().sock_cgroup as usize).cast()) } {
+    match unsafe {
+        bpf_probe_read_kernel::<*const u8>(sk.add(offsets().sock_cgroup as usize).cast())
+    } {
         Ok(cgrp) => cgroup_id(cgrp),
         Err(_) => 0,
     }

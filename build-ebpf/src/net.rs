@@ -220,7 +220,14 @@ fn check_unix_peer(other: *mut core::ffi::c_void) -> Verdict {
         if crate::guard::cgroup_of_sock(other.cast::<u8>().cast_const()) == build {
             return Verdict::Allow;
         }
-        return refuse(build, policy.flags, Op::UnixConnect, Details::default(), None, 0);
+        return refuse(
+            build,
+            policy.flags,
+            Op::UnixConnect,
+            Details::default(),
+            None,
+            0,
+        );
     }
     check_file(Op::UnixConnect, dentry, |build| {
         fs::may_modify(build, dentry)

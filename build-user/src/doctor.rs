@@ -228,7 +228,9 @@ fn probe_in(
         10 => Some("socket(AF_INET) succeeded (a cgroup-attached hook)"),
         11 => Some("socket(AF_INET) failed, but not with EPERM (a cgroup-attached hook)"),
         20 => Some("unshare(CLONE_NEWUSER) succeeded (a hook attached for every task)"),
-        21 => Some("unshare(CLONE_NEWUSER) failed, but not with EPERM (a hook attached for every task)"),
+        21 => Some(
+            "unshare(CLONE_NEWUSER) failed, but not with EPERM (a hook attached for every task)",
+        ),
         _ => Some("the scratch build's process died"),
     };
     if let Some(what) = failed {

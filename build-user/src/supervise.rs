@@ -150,11 +150,16 @@ fn reap_orphans(cgroot: &std::path::Path, bpffs: &std::path::Path) {
         let survivors = match orphan.kill_all(KILL_TIMEOUT) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("buildcage: cannot reap the orphaned build {}: {e}", orphan.path().display());
+                eprintln!(
+                    "buildcage: cannot reap the orphaned build {}: {e}",
+                    orphan.path().display()
+                );
                 continue;
             }
         };
-        let pins = bpffs.join(crate::loader::PIN_DIR).join(orphan.id().to_string());
+        let pins = bpffs
+            .join(crate::loader::PIN_DIR)
+            .join(orphan.id().to_string());
         if let Err(e) = crate::loader::unpin_dir(&pins) {
             eprintln!("buildcage: cannot unpin {}: {e}", pins.display());
             continue;

@@ -182,10 +182,16 @@ fn doctor_passes_in_a_cgroup_namespace() {
         .expect("sh");
     let err = stderr(&out);
     eprintln!("{}{err}", stdout(&out));
-    assert_eq!(stdout(&out), "0::/\n", "in a cgroup namespace rooted at its cgroup");
+    assert_eq!(
+        stdout(&out),
+        "0::/\n",
+        "in a cgroup namespace rooted at its cgroup"
+    );
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
-        err.contains("pass enforce  socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"),
+        err.contains(
+            "pass enforce  socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"
+        ),
         "{err}"
     );
 }
@@ -200,7 +206,9 @@ fn doctor_passes_where_bpf_lsm_works() {
     eprintln!("{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
-        err.contains("pass enforce  socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"),
+        err.contains(
+            "pass enforce  socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"
+        ),
         "{err}"
     );
 }

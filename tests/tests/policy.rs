@@ -202,8 +202,15 @@ fn a_root_install_sets_owners_and_setuid_bits_in_prefix() {
     let meta = std::fs::metadata(prefix.join("bin/t")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (1, 1));
     assert_eq!(meta.mode() & 0o7777, 0o4755, "setuid bit kept");
-    assert_eq!(std::fs::metadata(prefix.join("share/doc")).unwrap().gid(), 2);
+    assert_eq!(
+        std::fs::metadata(prefix.join("share/doc")).unwrap().gid(),
+        2
+    );
     assert!(db.join("pkg-1.0/+CONTENTS").is_file());
-    assert!(std::fs::read_to_string("/etc/passwd").unwrap().contains("pkguser:x:4242"));
+    assert!(
+        std::fs::read_to_string("/etc/passwd")
+            .unwrap()
+            .contains("pkguser:x:4242")
+    );
     assert_eq!(events(&events_file), Vec::<serde_json::Value>::new());
 }

@@ -96,7 +96,10 @@ fn listening(port: u16) -> bool {
 fn a_root_build_cannot_get_out() {
     let attempts = attempts();
     let with_events = attempts.iter().filter(|a| !a.ops.is_empty()).count();
-    assert!(with_events >= 60, "{with_events} attempts that reach a hook");
+    assert!(
+        with_events >= 60,
+        "{with_events} attempts that reach a hook"
+    );
     let parent = scratch_in(Path::new("/var/tmp"), "redteam");
     let tree = parent.join("tree");
     std::fs::create_dir(&tree).unwrap();

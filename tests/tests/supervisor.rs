@@ -35,18 +35,35 @@ fn a_killed_supervisor_leaves_the_build_confined_until_reaped() {
         r = result.display()
     );
     let mut sup = Command::new(buildcage_bin())
-        .args(["run", "--tree", tree.to_str().unwrap(), "--name", "orphan", "--", "sh", "-c", &script])
+        .args([
+            "run",
+            "--tree",
+            tree.to_str().unwrap(),
+            "--name",
+            "orphan",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
     wait_for(&started, "the build's start");
-    let shell: u32 = std::fs::read_to_string(&started).unwrap().trim().parse().unwrap();
+    let shell: u32 = std::fs::read_to_string(&started)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     sup.kill().unwrap();
     sup.wait().unwrap();
     // The supervisor is gone; the build goes on, still confined.
     std::fs::write(tree.join("go"), "").unwrap();
     wait_for(&result, "the probe after the supervisor died");
-    assert_eq!(std::fs::read_to_string(&result).unwrap(), "socket inet stream EPERM\n");
+    assert_eq!(
+        std::fs::read_to_string(&result).unwrap(),
+        "socket inet stream EPERM\n"
+    );
     assert!(alive(shell), "the orphaned build still runs");
     let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/buildcage")
         .unwrap()
@@ -62,7 +79,10 @@ fn a_killed_supervisor_leaves_the_build_confined_until_reaped() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("buildcage: reaped /sys/fs/cgroup/buildcage/{}", cgroups[0])),
+        err.contains(&format!(
+            "buildcage: reaped /sys/fs/cgroup/buildcage/{}",
+            cgroups[0]
+        )),
         "{err}"
     );
     let until = Instant::now() + Duration::from_secs(10);
@@ -70,5 +90,9 @@ fn a_killed_supervisor_leaves_the_build_confined_until_reaped() {
         assert!(Instant::now() < until, "the orphan's processes were killed");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!Path::new("/sys/fs/cgroup/buildcage").join(&cgroups[0]).exists());
+    assert!(
+        !Path::new("/sys/fs/cgroup/buildcage")
+            .join(&cgroups[0])
+            .exists()
+    );
 }
