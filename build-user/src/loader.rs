@@ -18,7 +18,10 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, InodeStorage, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
-    programs::{Lsm, LsmCgroup, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, LsmCgroup,
+        links::{FdLink, LinkError},
+    },
     util::nr_cpus,
 };
 use buildcage_common::{BuildPolicy, BuildStats, InodeTag, Offsets};
@@ -39,6 +42,13 @@ pub enum Attach {
     Cgroup,
     /// Plain BPF LSM: runs for every task, returns at once outside the build.
     Global,
+    /// A cgroup socket program on the build's cgroup (not an LSM hook, and not
+    /// one of the 10): runs after a bind of the build's succeeded. Its ELF
+    /// section says inet4 or inet6.
+    PostBind,
+    /// A cgroup sock_addr program on the build's cgroup: runs for the build's
+    /// unconnected UDP sends, once the kernel bound the socket.
+    SockAddr,
 }
 
 /// The programs: (name in the object, which is also the LSM hook, attachment).
@@ -63,7 +73,10 @@ pub const HOOKS: &[(&str, Attach)] = &[
     ("file_ioctl", Attach::Global),
     ("d_instantiate", Attach::Global),
     ("socket_bind", Attach::Global),
-    ("socket_listen", Attach::Global),
+    ("post_bind4", Attach::PostBind),
+    ("post_bind6", Attach::PostBind),
+    ("sendmsg4", Attach::SockAddr),
+    ("sendmsg6", Attach::SockAddr),
     ("unix_stream_connect", Attach::Global),
     ("unix_may_send", Attach::Global),
     // Doors out of the build (build-ebpf/src/guard.rs): rare calls.
@@ -144,6 +157,14 @@ pub enum LoadError {
         path: PathBuf,
         #[source]
         source: aya::maps::MapError,
+    },
+    #[error(
+        "the kernel attached `{program}` without a BPF link, which buildcage needs to pin it: {source}\nhint: BPF links for cgroup programs need Linux 5.7 or newer"
+    )]
+    Link {
+        program: &'static str,
+        #[source]
+        source: LinkError,
     },
     #[error(
         "refusing the write root {path}: {why}\nhint: name the real path in the policy or on the command line, and remove links a build may have planted there"
@@ -263,6 +284,34 @@ impl Confinement {
                     prog.take_link(id)
                         .map_err(|source| LoadError::Load { program, source })?
                         .into()
+                }
+                Attach::PostBind => {
+                    let prog: &mut CgroupSock = prog
+                        .try_into()
+                        .map_err(|source| LoadError::Load { program, source })?;
+                    prog.load().map_err(|source| load_error(program, source))?;
+                    let id = prog
+                        .attach(&dir, CgroupAttachMode::Single)
+                        .map_err(attach_err)?;
+                    FdLink::try_from(
+                        prog.take_link(id)
+                            .map_err(|source| LoadError::Load { program, source })?,
+                    )
+                    .map_err(|source| LoadError::Link { program, source })?
+                }
+                Attach::SockAddr => {
+                    let prog: &mut CgroupSockAddr = prog
+                        .try_into()
+                        .map_err(|source| LoadError::Load { program, source })?;
+                    prog.load().map_err(|source| load_error(program, source))?;
+                    let id = prog
+                        .attach(&dir, CgroupAttachMode::Single)
+                        .map_err(attach_err)?;
+                    FdLink::try_from(
+                        prog.take_link(id)
+                            .map_err(|source| LoadError::Load { program, source })?,
+                    )
+                    .map_err(|source| LoadError::Link { program, source })?
                 }
                 Attach::Global => {
                     let prog: &mut Lsm = prog

@@ -41,11 +41,33 @@ fn loopback_reaches_its_own_servers_only() {
     let host_addr = host.local_addr().unwrap();
     let ops = format!(
         "{PROBE} net listen-connect 127.0.0.1:0; {PROBE} net connect 10.0.2.2:80; \
-         {PROBE} net connect {host_addr}; {PROBE} net udp-send 10.0.2.2:53"
+         {PROBE} net connect {host_addr}; {PROBE} net udp-send 10.0.2.2:53; \
+         {PROBE} net udp-pair; {PROBE} net bind-taken {host_addr}; \
+         {PROBE} net udp-send-unspec 10.0.2.2:54; {PROBE} net udp6-send [::ffff:10.0.2.2]:55"
     );
     let (out, ev) = net(&tree, "loopback", &ops);
     let results: Vec<&str> = out.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
-    assert_eq!(results, ["OK", "EPERM", "EPERM", "EPERM"], "{out}");
+    assert_eq!(
+        results,
+        [
+            "OK",
+            "EPERM",
+            // A closed port, as far as the build can tell.
+            "ECONNREFUSED",
+            "EPERM",
+            // A UDP server bound to port 0 answers a client the kernel bound.
+            "OK",
+            // Asking for the host's port does not make it the build's.
+            "connect:ECONNREFUSED",
+            "EPERM",
+            "EPERM",
+        ],
+        "{out}"
+    );
+    assert!(
+        out.contains("bind:EADDRINUSE connect:ECONNREFUSED"),
+        "{out}"
+    );
     let has = |op: &str, addr: &str, port: u64| {
         ev.iter().any(|e| {
             e["op"] == op && e["address"] == addr && e["port"] == port && e["action"] == "deny"
@@ -57,6 +79,18 @@ fn loopback_reaches_its_own_servers_only() {
         "{ev:?}"
     );
     assert!(has("sendmsg", "10.0.2.2", 53), "{ev:?}");
+    assert!(
+        has("sendmsg", "10.0.2.2", 54),
+        "AF_UNSPEC is judged as inet: {ev:?}"
+    );
+    assert!(has("sendmsg", "::ffff:10.0.2.2", 55), "v4-mapped: {ev:?}");
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e["op"] == "connect" && e["port"] == u64::from(host_addr.port()))
+            .count(),
+        2,
+        "both connects to the host's port are reported: {ev:?}"
+    );
 }
 
 #[test]
@@ -93,8 +127,8 @@ fn loopback_builds_cannot_reach_each_other() {
     assert!(std::net::TcpStream::connect(&addr).is_ok());
     let _ = Command::new("kill").arg(a.id().to_string()).status();
     let _ = a.wait();
-    // ...but build b may not.
-    assert!(out.trim_end().ends_with("EPERM"), "{out}");
+    // ...but build b may not: to it, nothing listens there.
+    assert!(out.trim_end().ends_with("ECONNREFUSED"), "{out}");
     assert!(
         ev.iter()
             .any(|e| e["op"] == "connect" && e["build"] == "build"),

@@ -20,6 +20,8 @@ fn errno_name(errno: i32) -> String {
         libc::EACCES => "EACCES".to_owned(),
         libc::EAFNOSUPPORT => "EAFNOSUPPORT".to_owned(),
         libc::EPROTONOSUPPORT => "EPROTONOSUPPORT".to_owned(),
+        libc::ECONNREFUSED => "ECONNREFUSED".to_owned(),
+        libc::EADDRINUSE => "EADDRINUSE".to_owned(),
         other => format!("errno{other}"),
     }
 }
@@ -173,6 +175,30 @@ fn daemon(out: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// A `sockaddr_in` for `addr` (IPv4), with `family` as its sa_family.
+fn socket_addr_in(addr: std::net::SocketAddr, family: i32) -> libc::sockaddr_in {
+    let std::net::SocketAddr::V4(v4) = addr else {
+        return libc::sockaddr_in {
+            sin_family: 0,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: 0 },
+            sin_zero: [0; 8],
+        };
+    };
+    libc::sockaddr_in {
+        sin_family: u16::try_from(family).unwrap_or(0),
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn sockaddr_len() -> libc::socklen_t {
+    libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).unwrap_or(16)
 }
 
 fn cstr(s: &str) -> std::ffi::CString {
@@ -346,6 +372,77 @@ fn net_op(args: &[String]) -> Option<String> {
         "udp-send" => {
             let to = arg(1)?;
             io_result(UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"x", to)))
+        }
+        // udp-pair: a UDP server of the build's on 127.0.0.1:0, a client socket
+        // the kernel binds at its first sendto, and the server's answer to it.
+        "udp-pair" => {
+            let server = UdpSocket::bind("127.0.0.1:0").ok()?;
+            let to = socket_addr_in(server.local_addr().ok()?, libc::AF_INET);
+            // SAFETY: plain socket calls on a sockaddr_in we own.
+            let client = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+            if client < 0 {
+                return Some(errno_name(last_errno()));
+            }
+            // SAFETY: as above.
+            let sent = unsafe {
+                libc::sendto(
+                    client,
+                    b"q".as_ptr().cast(),
+                    1,
+                    0,
+                    (&raw const to).cast(),
+                    sockaddr_len(),
+                )
+            };
+            if sent < 0 {
+                return Some(format!("send:{}", errno_name(last_errno())));
+            }
+            let mut buf = [0u8; 8];
+            let (_, from) = server.recv_from(&mut buf).ok()?;
+            if let Err(e) = server.send_to(b"a", from) {
+                return Some(format!("answer:{}", io_result::<()>(Err(e))));
+            }
+            // SAFETY: reading into our own buffer.
+            let got = unsafe { libc::recv(client, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if got == 1 {
+                "OK".to_owned()
+            } else {
+                errno_name(last_errno())
+            }
+        }
+        // bind-taken ADDR:PORT: bind a port someone else holds, then connect to it.
+        "bind-taken" => {
+            let bind = match TcpListener::bind(arg(1)?) {
+                Ok(_) => "OK".to_owned(),
+                Err(e) => io_result::<()>(Err(e)),
+            };
+            format!(
+                "bind:{bind} connect:{}",
+                io_result(TcpStream::connect(arg(1)?))
+            )
+        }
+        // udp-send-unspec ADDR:PORT: sendto with sa_family AF_UNSPEC, which
+        // udp_sendmsg takes as AF_INET.
+        "udp-send-unspec" => {
+            let to = socket_addr_in(arg(1)?.parse().ok()?, libc::AF_UNSPEC);
+            // SAFETY: plain socket calls on a sockaddr_in we own.
+            let rc = unsafe {
+                let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                libc::sendto(
+                    s,
+                    b"x".as_ptr().cast(),
+                    1,
+                    0,
+                    (&raw const to).cast(),
+                    sockaddr_len(),
+                )
+            };
+            result(i64::try_from(rc).unwrap_or(-1))
+        }
+        // udp6-send ADDR:PORT from an inet6 socket (v4-mapped destinations).
+        "udp6-send" => {
+            let to = arg(1)?;
+            io_result(UdpSocket::bind("[::]:0").and_then(|s| s.send_to(b"x", to)))
         }
         // A test server of the build's own: bind to port 0, listen, connect.
         "listen-connect" => {
