@@ -245,13 +245,15 @@ pub(crate) fn may_create(build: u64, dir: Dentry) -> Result<bool, Refusal> {
 }
 
 /// May the build open the device node at `d` for writing? Only a `device` root
-/// itself, or a node beneath a `tree` root (/dev/pts).
+/// itself, a node beneath a `tree` root, or a pseudo-terminal the build made
+/// (tagged as its own when devpts created it).
 #[inline(always)]
-pub(crate) fn may_open_device(d: Dentry) -> Result<(), Refusal> {
+pub(crate) fn may_open_device(build: u64, d: Dentry) -> Result<(), Refusal> {
     let found = nearest_tag(d);
     match found.kind {
         TAG_DEVICE if found.at_start => Ok(()),
         TAG_TREE => Ok(()),
+        TAG_OWNED if found.at_start && found.owner == build => Ok(()),
         _ => Err(Refusal {
             exhausted: found.exhausted,
         }),

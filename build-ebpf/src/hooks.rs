@@ -36,6 +36,8 @@ const SOCKFS_MAGIC: u64 = 0x534f_434b;
 const ANON_INODE_FS_MAGIC: u64 = 0x0904_1934;
 /// pidfds, which pidfd_open(2) opens read-write on pidfs since Linux 6.9.
 const PIDFS_MAGIC: u64 = 0x5049_4446;
+/// devpts, where opening /dev/ptmx makes a /dev/pts/N.
+const DEVPTS_SUPER_MAGIC: u64 = 0x1cd1;
 /// `ATTR_*` bits of `iattr::ia_valid` (include/linux/fs.h).
 const ATTR_MODE: u32 = 1;
 const ATTR_UID: u32 = 2;
@@ -215,7 +217,7 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
         fs::mode_of(inode) & S_IFMT
     };
     if kind == S_IFCHR || kind == S_IFBLK {
-        return check_file(Op::Open, dentry, |_| fs::may_open_device(dentry));
+        return check_file(Op::Open, dentry, |build| fs::may_open_device(build, dentry));
     }
     if f_mode & FMODE_CREATED != 0 {
         // Just created by this open: O_CREAT was checked in inode_create; an
@@ -441,13 +443,20 @@ pub fn file_ioctl(ctx: LsmContext) -> i32 {
 }
 
 /// `d_instantiate(dentry, inode)`: a new inode gets its name. When the build just
-/// created it in an `own` root, tag it as the build's.
+/// created it in an `own` root, tag it as the build's; so too a pseudo-terminal
+/// that devpts made because the build opened /dev/ptmx (fs/devpts/inode.c:
+/// devpts_pty_new, whose d_add lands here): the build may then write its own
+/// terminals, and no other.
 #[lsm(hook = "d_instantiate")]
 pub fn d_instantiate(ctx: LsmContext) -> i32 {
     if !in_this_build() {
         return 0;
     }
     let dentry: Dentry = ctx.arg(0);
+    if fs::magic_of(dentry) == DEVPTS_SUPER_MAGIC {
+        maps::tag_owned(ctx.arg(1), current_build());
+        return 0;
+    }
     maps::tag_if_created(dentry, ctx.arg(1));
     0
 }

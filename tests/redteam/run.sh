@@ -5,7 +5,7 @@
 # Usage: run.sh ATTACKS PROBE (run as the build's command, in $TREE).
 attacks=$1
 probe=$2
-export TREE SUP TARGET PROBE
+export TREE SUP TARGET PROBE FOREIGN_PTS
 PROBE=$probe
 TREE=$(pwd)
 SUP=$PPID
@@ -23,6 +23,8 @@ grep -v '^#' "$attacks" | grep -v '^[[:space:]]*$' | while IFS= read -r line; do
 done
 echo "STILL cgroup $(cut -d: -f3 /proc/self/cgroup)"
 echo "STILL $("$probe" socket inet stream)"
+# A build's own pseudo-terminal still works.
+echo "STILL $("$probe" pty)"
 # A build's own abstract socket still works.
 if perl -MSocket -e 'socket(L, AF_UNIX, SOCK_STREAM, 0) or die; bind(L, pack_sockaddr_un("\0bc-own-$$")) or die; listen(L, 1) or die; if (!fork) { socket(C, AF_UNIX, SOCK_STREAM, 0); exit(connect(C, pack_sockaddr_un("\0bc-own-" . getppid())) ? 0 : 1) } wait; exit($? >> 8)'; then
     echo "STILL abstract-own OK"

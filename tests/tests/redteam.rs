@@ -128,6 +128,21 @@ fn a_root_build_cannot_get_out() {
     };
     let _ = std::fs::remove_file("/run/buildcage-test.sock");
     let path_server = std::os::unix::net::UnixListener::bind("/run/buildcage-test.sock").unwrap();
+    // A pseudo-terminal of someone else's, held open outside the build.
+    let mut pty = Command::new(PROBE)
+        .arg("pty-hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut foreign_pts = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(pty.stdout.as_mut().unwrap()),
+        &mut foreign_pts,
+    )
+    .unwrap();
+    let foreign_pts = foreign_pts.trim().to_owned();
+    assert!(foreign_pts.starts_with("/dev/pts/"), "{foreign_pts}");
     let before = world();
 
     let events_file = parent.join("events.jsonl");
@@ -136,6 +151,7 @@ fn a_root_build_cannot_get_out() {
         .arg(&events_file)
         .args(["--", "sh", RUNNER, ATTACKS, PROBE])
         .env("TARGET", target_pid.to_string())
+        .env("FOREIGN_PTS", &foreign_pts)
         .output()
         .unwrap();
     let err = stderr(&out);
@@ -171,6 +187,9 @@ fn a_root_build_cannot_get_out() {
     assert!(text.contains("STILL cgroup /buildcage/"), "{text}");
     assert!(text.contains("STILL socket inet stream EPERM"), "{text}");
     assert!(text.contains("STILL abstract-own OK"), "{text}");
+    assert!(text.contains("STILL pty OK"), "the build's own pty: {text}");
+    drop(pty.stdin.take());
+    let _ = pty.wait();
     drop((abstract_server, path_server));
     // The world is as it was.
     let after = world();

@@ -91,6 +91,7 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         kind: TAG_TREE,
     }));
     roots.extend(kernel_roots(&policy, &absent));
+    roots.extend(own_terminal(&roots));
     let name = args.name.unwrap_or_else(|| cgroup::name_from_dir(&tree));
     let spec = RunSpec {
         name,
@@ -105,6 +106,30 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(
         u8::try_from(outcome.code & 0xff).unwrap_or(1),
     ))
+}
+
+/// The terminal buildcage runs on, as a `device` root: the build may open it by
+/// name (`tty`, then open), as it may through /dev/tty.
+fn own_terminal(roots: &[Root]) -> Vec<Root> {
+    let mut out: Vec<Root> = Vec::new();
+    let fds: [&dyn std::io::IsTerminal; 3] =
+        [&std::io::stdin(), &std::io::stdout(), &std::io::stderr()];
+    for (fd, stream) in fds.iter().enumerate() {
+        if !stream.is_terminal() {
+            continue;
+        }
+        let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
+        if !path.starts_with("/dev/") || roots.iter().chain(&out).any(|r| r.path == path) {
+            continue;
+        }
+        out.push(Root {
+            path,
+            kind: TAG_DEVICE,
+        });
+    }
+    out
 }
 
 /// The policy's write roots as the kernel tags them. A `file` root that does not

@@ -9,6 +9,9 @@
 //!                                             to OUT, and sleeps for an hour
 //! probe fs OP ARGS... [; OP ARGS...]...       file operations; see fs_op()
 //! probe net OP ARGS...                        connect, listen, send; see net_op()
+//! probe pty                                   a pseudo-terminal of its own, written
+//! probe pty-hold                              makes a pty, prints its slave's
+//!                                             path, and holds it until stdin closes
 #![expect(clippy::print_stdout, reason = "the probe's results are its stdout")]
 
 use std::{io::Write as _, process::ExitCode};
@@ -104,6 +107,18 @@ fn main() -> ExitCode {
             );
         }
         Some("pid") => println!("{}", std::process::id()),
+        Some("pty") => println!(
+            "pty {}",
+            own_pty(true).map_or_else(errno_name, |_| "OK".to_owned())
+        ),
+        Some("pty-hold") => match own_pty(false) {
+            Ok(path) => {
+                println!("{path}");
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stdin().read_line(&mut String::new());
+            }
+            Err(e) => println!("pty-hold {}", errno_name(e)),
+        },
         Some("net") => {
             let Some(result) = net_op(&args[1..]) else {
                 eprintln!("probe: unknown net operation {:?}", &args[1..]);
@@ -175,6 +190,33 @@ fn daemon(out: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Opens /dev/ptmx, unlocks the pair, and opens the slave; with `write`, writes
+/// to it. Returns the slave's path, or the errno of the step that failed. The
+/// master stays open (leaked) for the process's life.
+fn own_pty(write: bool) -> Result<String, i32> {
+    // SAFETY: libc's pty calls on an fd we own and a buffer of ours.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        if master < 0 || libc::grantpt(master) != 0 || libc::unlockpt(master) != 0 {
+            return Err(last_errno());
+        }
+        let mut name = [0 as libc::c_char; 64];
+        if libc::ptsname_r(master, name.as_mut_ptr(), name.len()) != 0 {
+            return Err(last_errno());
+        }
+        let path = std::ffi::CStr::from_ptr(name.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        if write {
+            let slave = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+            if slave < 0 || libc::write(slave, b"x".as_ptr().cast(), 1) != 1 {
+                return Err(last_errno());
+            }
+        }
+        Ok(path)
+    }
 }
 
 /// A `sockaddr_in` for `addr` (IPv4), with `family` as its sa_family.
