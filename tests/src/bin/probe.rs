@@ -9,6 +9,9 @@
 //!                                             to OUT, and sleeps for an hour
 //! probe fs OP ARGS... [; OP ARGS...]...       file operations; see fs_op()
 //! probe net OP ARGS...                        connect, listen, send; see net_op()
+//! probe uring HOW PATH                         io_uring openat(O_CREAT) of PATH: HOW is
+//!                                             inline, async (an io-wq worker) or
+//!                                             personality (registered credentials)
 //! probe pty                                   a pseudo-terminal of its own, written
 //! probe pty-hold                              makes a pty, prints its slave's
 //!                                             path, and holds it until stdin closes
@@ -107,6 +110,13 @@ fn main() -> ExitCode {
             );
         }
         Some("pid") => println!("{}", std::process::id()),
+        Some("uring") => {
+            let (Some(how), Some(path)) = (args.get(1), args.get(2)) else {
+                eprintln!("probe: uring HOW PATH");
+                return ExitCode::from(2);
+            };
+            println!("uring {how} {path} {}", uring_create(how, path));
+        }
         Some("pty") => println!(
             "pty {}",
             own_pty(true).map_or_else(errno_name, |_| "OK".to_owned())
@@ -190,6 +200,40 @@ fn daemon(out: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// openat(PATH, O_WRONLY|O_CREAT) through io_uring, as `how` says.
+fn uring_create(how: &str, path: &str) -> String {
+    use io_uring::{IoUring, opcode, squeue, types};
+    let Ok(mut ring) = IoUring::new(4) else {
+        return format!("setup:{}", errno_name(last_errno()));
+    };
+    let c_path = cstr(path);
+    let mut entry = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c_path.as_ptr())
+        .flags(libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC)
+        .mode(0o644)
+        .build();
+    match how {
+        "inline" => {}
+        "async" => entry = entry.flags(squeue::Flags::ASYNC),
+        "personality" => match ring.submitter().register_personality() {
+            Ok(id) => entry = entry.personality(id),
+            Err(e) => return format!("register:{}", errno_name(e.raw_os_error().unwrap_or(-1))),
+        },
+        _ => return "bad-how".to_owned(),
+    }
+    // SAFETY: the entry's path outlives the submission, which completes below.
+    if unsafe { ring.submission().push(&entry) }.is_err() {
+        return "push".to_owned();
+    }
+    if let Err(e) = ring.submit_and_wait(1) {
+        return format!("submit:{}", errno_name(e.raw_os_error().unwrap_or(-1)));
+    }
+    match ring.completion().next().map(|c| c.result()) {
+        Some(fd) if fd >= 0 => "OK".to_owned(),
+        Some(err) => errno_name(-err),
+        None => "no-completion".to_owned(),
+    }
 }
 
 /// Opens /dev/ptmx, unlocks the pair, and opens the slave; with `write`, writes
