@@ -141,3 +141,45 @@ fn an_absent_tree_root_still_refuses_to_start() {
     );
     assert!(!marker.exists(), "the command did not start");
 }
+
+/// A root that a build could have planted a link at (pkgsrc's WRKLOG lives in
+/// a directory builds write): a symlink, a path through a symlinked directory,
+/// a `file` root with a second hard link. Each is refused before the command
+/// starts, and the file it points at is untouched.
+#[test]
+fn planted_links_at_roots_are_refused() {
+    let parent = scratch_in(Path::new("/var/tmp"), "planted");
+    let victim = Path::new("/etc/buildcage-test-planted");
+    std::fs::write(victim, "keep me\n").unwrap();
+    let before = snapshot(victim);
+    std::os::unix::fs::symlink(victim, parent.join("log-symlink")).unwrap();
+    std::os::unix::fs::symlink("/etc", parent.join("etc-link")).unwrap();
+    std::fs::hard_link(victim, parent.join("log-hardlink")).unwrap();
+    for (root, why) in [
+        ("log-symlink", "it is a symbolic link"),
+        ("etc-link/buildcage-test-planted", "it resolves to /etc/buildcage-test-planted"),
+        ("log-hardlink", "it has 2 hard links"),
+    ] {
+        let policy = parent.join("p.toml");
+        std::fs::write(
+            &policy,
+            format!(
+                "write = [{{ path = \"{}/{root}\", mode = \"file\" }}]\n",
+                parent.display()
+            ),
+        )
+        .unwrap();
+        let out = run_confined(
+            &["--tree", parent.to_str().unwrap(), "--policy", policy.to_str().unwrap()],
+            &["sh", "-c", &format!("echo evil >> {}/{root}", parent.display())],
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(125), "{root}: {err}");
+        assert!(
+            err.contains(&format!("refusing the write root {}/{root}: {why}", parent.display()))
+                && err.contains("hint:"),
+            "{root}: {err}"
+        );
+        assert_eq!(snapshot(victim), before, "{root}");
+    }
+}

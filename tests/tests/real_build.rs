@@ -76,6 +76,73 @@ fn real_hello_builds_with_zero_denials() {
     assert_eq!(String::from_utf8_lossy(&ran.stdout), "Hello, world!\n");
 }
 
+/// pkgsrc's shape: configure and build under `pkgsrc-build` (WRKDIR and the
+/// WRKLOG file only), then `make install` as root into PREFIX under
+/// `pkgsrc-install`, each phase its own confined run, with zero denials.
+#[test]
+fn real_hello_builds_and_installs_in_pkgsrc_phases_with_zero_denials() {
+    let (tree, src) = unpack("hello-pkgsrc");
+    let wrklog = tree.with_extension("work.log");
+    std::fs::write(&wrklog, "").unwrap();
+    let prefix = Path::new("/usr/pkg");
+    for dir in ["", "pkgdb", "etc"] {
+        std::fs::create_dir_all(prefix.join(dir)).unwrap();
+    }
+    std::fs::create_dir_all("/var/pkg").unwrap();
+    let set = |k: &str, v: &Path| format!("{k}={}", v.display());
+    let build_events = tree.with_extension("build.jsonl");
+    let out = run_confined(
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--policy",
+            "pkgsrc-build",
+            "--set",
+            &set("WRKDIR", &tree),
+            "--set",
+            &set("WRKLOG", &wrklog),
+            "--events",
+            build_events.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "cd {} && ./configure --prefix=/usr/pkg && make -j2 && echo built >> {}",
+                src.display(),
+                wrklog.display()
+            ),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(events(&build_events), Vec::<serde_json::Value>::new(), "build: zero denials");
+    assert_eq!(std::fs::read_to_string(&wrklog).unwrap(), "built\n");
+    let install_events = tree.with_extension("install.jsonl");
+    let out = run_confined(
+        &[
+            "--tree",
+            tree.to_str().unwrap(),
+            "--policy",
+            "pkgsrc-install",
+            "--set",
+            &set("PREFIX", prefix),
+            "--set",
+            &set("PKG_DBDIR", &prefix.join("pkgdb")),
+            "--set",
+            &set("VARBASE", Path::new("/var/pkg")),
+            "--set",
+            &set("PKG_SYSCONFDIR", &prefix.join("etc")),
+            "--events",
+            install_events.to_str().unwrap(),
+        ],
+        &["sh", "-c", &format!("cd {} && make install", src.display())],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(events(&install_events), Vec::<serde_json::Value>::new(), "install: zero denials");
+    let ran = std::process::Command::new(prefix.join("bin/hello")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "Hello, world!\n");
+}
+
 /// What the tampered configure does first, before carrying on as usual.
 const HOSTILE: &str = r#"
 # --- tampered: persistence and a phone-home ---
