@@ -161,7 +161,7 @@ impl Hardening {
         if unsafe {
             libc::prctl(
                 libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                libc::c_ulong::from(libc::PR_CAP_AMBIENT_CLEAR_ALL.unsigned_abs()),
                 0,
                 0,
                 0,

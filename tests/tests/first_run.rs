@@ -1,10 +1,6 @@
 //! What a first build on a new machine runs into (run in the VM): write roots
 //! that this machine lacks, the default build name, glibc's tmpfile(3) in /tmp,
 //! and one event per refused call.
-#![expect(
-    clippy::unwrap_used,
-    reason = "helpers of tests: a failure should stop the test loudly"
-)]
 
 use std::path::Path;
 
@@ -157,7 +153,10 @@ fn planted_links_at_roots_are_refused() {
     std::fs::hard_link(victim, parent.join("log-hardlink")).unwrap();
     for (root, why) in [
         ("log-symlink", "it is a symbolic link"),
-        ("etc-link/buildcage-test-planted", "it resolves to /etc/buildcage-test-planted"),
+        (
+            "etc-link/buildcage-test-planted",
+            "it resolves to /etc/buildcage-test-planted",
+        ),
         ("log-hardlink", "it has 2 hard links"),
     ] {
         let policy = parent.join("p.toml");
@@ -170,14 +169,25 @@ fn planted_links_at_roots_are_refused() {
         )
         .unwrap();
         let out = run_confined(
-            &["--tree", parent.to_str().unwrap(), "--policy", policy.to_str().unwrap()],
-            &["sh", "-c", &format!("echo evil >> {}/{root}", parent.display())],
+            &[
+                "--tree",
+                parent.to_str().unwrap(),
+                "--policy",
+                policy.to_str().unwrap(),
+            ],
+            &[
+                "sh",
+                "-c",
+                &format!("echo evil >> {}/{root}", parent.display()),
+            ],
         );
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(125), "{root}: {err}");
         assert!(
-            err.contains(&format!("refusing the write root {}/{root}: {why}", parent.display()))
-                && err.contains("hint:"),
+            err.contains(&format!(
+                "refusing the write root {}/{root}: {why}",
+                parent.display()
+            )) && err.contains("hint:"),
             "{root}: {err}"
         );
         assert_eq!(snapshot(victim), before, "{root}");

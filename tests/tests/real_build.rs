@@ -115,7 +115,11 @@ fn real_hello_builds_and_installs_in_pkgsrc_phases_with_zero_denials() {
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(events(&build_events), Vec::<serde_json::Value>::new(), "build: zero denials");
+    assert_eq!(
+        events(&build_events),
+        Vec::<serde_json::Value>::new(),
+        "build: zero denials"
+    );
     assert_eq!(std::fs::read_to_string(&wrklog).unwrap(), "built\n");
     let install_events = tree.with_extension("install.jsonl");
     let out = run_confined(
@@ -138,8 +142,14 @@ fn real_hello_builds_and_installs_in_pkgsrc_phases_with_zero_denials() {
         &["sh", "-c", &format!("cd {} && make install", src.display())],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(events(&install_events), Vec::<serde_json::Value>::new(), "install: zero denials");
-    let ran = std::process::Command::new(prefix.join("bin/hello")).output().unwrap();
+    assert_eq!(
+        events(&install_events),
+        Vec::<serde_json::Value>::new(),
+        "install: zero denials"
+    );
+    let ran = std::process::Command::new(prefix.join("bin/hello"))
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&ran.stdout), "Hello, world!\n");
 }
 

@@ -1,9 +1,5 @@
 //! The supervisor's death (run in the VM): SIGKILL of buildcage from outside
 //! leaves the build confined, and the next buildcage start reaps it.
-#![expect(
-    clippy::unwrap_used,
-    reason = "helpers of tests: a failure should stop the test loudly"
-)]
 
 use std::{
     path::Path,

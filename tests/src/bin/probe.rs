@@ -246,7 +246,7 @@ fn own_pty(write: bool) -> Result<String, i32> {
         if master < 0 || libc::grantpt(master) != 0 || libc::unlockpt(master) != 0 {
             return Err(last_errno());
         }
-        let mut name = [0 as libc::c_char; 64];
+        let mut name: [libc::c_char; 64] = [0; 64];
         if libc::ptsname_r(master, name.as_mut_ptr(), name.len()) != 0 {
             return Err(last_errno());
         }
