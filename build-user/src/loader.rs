@@ -262,6 +262,28 @@ impl Confinement {
             path: cgroup.path().to_owned(),
             source: io::Error::other(e),
         })?;
+        // Loads a cgroup socket program (of type `$ty`) and attaches it to the
+        // build's cgroup through a BPF link, which can be pinned.
+        macro_rules! cgroup_sock_link {
+            ($ty:ty, $prog:ident, $program:ident, $dir:ident, $attach_err:ident) => {{
+                let prog: &mut $ty = $prog.try_into().map_err(|source| LoadError::Load {
+                    program: $program,
+                    source,
+                })?;
+                prog.load().map_err(|source| load_error($program, source))?;
+                let id = prog
+                    .attach(&$dir, CgroupAttachMode::Single)
+                    .map_err($attach_err)?;
+                let link = prog.take_link(id).map_err(|source| LoadError::Load {
+                    program: $program,
+                    source,
+                })?;
+                FdLink::try_from(link).map_err(|source| LoadError::Link {
+                    program: $program,
+                    source,
+                })?
+            }};
+        }
         for &(hook, attach) in HOOKS {
             let program = program_for(hook, &offsets);
             let prog = this
@@ -285,33 +307,9 @@ impl Confinement {
                         .map_err(|source| LoadError::Load { program, source })?
                         .into()
                 }
-                Attach::PostBind => {
-                    let prog: &mut CgroupSock = prog
-                        .try_into()
-                        .map_err(|source| LoadError::Load { program, source })?;
-                    prog.load().map_err(|source| load_error(program, source))?;
-                    let id = prog
-                        .attach(&dir, CgroupAttachMode::Single)
-                        .map_err(attach_err)?;
-                    FdLink::try_from(
-                        prog.take_link(id)
-                            .map_err(|source| LoadError::Load { program, source })?,
-                    )
-                    .map_err(|source| LoadError::Link { program, source })?
-                }
+                Attach::PostBind => cgroup_sock_link!(CgroupSock, prog, program, dir, attach_err),
                 Attach::SockAddr => {
-                    let prog: &mut CgroupSockAddr = prog
-                        .try_into()
-                        .map_err(|source| LoadError::Load { program, source })?;
-                    prog.load().map_err(|source| load_error(program, source))?;
-                    let id = prog
-                        .attach(&dir, CgroupAttachMode::Single)
-                        .map_err(attach_err)?;
-                    FdLink::try_from(
-                        prog.take_link(id)
-                            .map_err(|source| LoadError::Load { program, source })?,
-                    )
-                    .map_err(|source| LoadError::Link { program, source })?
+                    cgroup_sock_link!(CgroupSockAddr, prog, program, dir, attach_err)
                 }
                 Attach::Global => {
                     let prog: &mut Lsm = prog
