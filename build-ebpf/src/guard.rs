@@ -105,7 +105,7 @@ fn same_build(task: *const u8) -> bool {
 /// `sb_mount(dev_name, path, type, flags, data)`: mount(2) of any kind, bind
 /// mounts and remounts included.
 #[lsm(hook = "sb_mount")]
-pub fn sb_mount(ctx: LsmContext) -> i32 {
+pub(crate) fn sb_mount(ctx: LsmContext) -> i32 {
     global(ctx.arg(5), || {
         refuse_op(Op::Mount, Details::default(), path_dentry(ctx.arg(1)))
     })
@@ -113,7 +113,7 @@ pub fn sb_mount(ctx: LsmContext) -> i32 {
 
 /// `move_mount(from_path, to_path)`: attaching a detached mount (fsmount).
 #[lsm(hook = "move_mount")]
-pub fn move_mount(ctx: LsmContext) -> i32 {
+pub(crate) fn move_mount(ctx: LsmContext) -> i32 {
     global(ctx.arg(2), || {
         refuse_op(Op::Mount, Details::default(), path_dentry(ctx.arg(1)))
     })
@@ -121,7 +121,7 @@ pub fn move_mount(ctx: LsmContext) -> i32 {
 
 /// `sb_umount(mnt, flags)`: uncovering what a mount hides.
 #[lsm(hook = "sb_umount")]
-pub fn sb_umount(ctx: LsmContext) -> i32 {
+pub(crate) fn sb_umount(ctx: LsmContext) -> i32 {
     global(ctx.arg(2), || {
         let root = crate::fs::root_of_mount(ctx.arg(0));
         refuse_op(
@@ -134,7 +134,7 @@ pub fn sb_umount(ctx: LsmContext) -> i32 {
 
 /// `sb_pivotroot(old_path, new_path)`.
 #[lsm(hook = "sb_pivotroot")]
-pub fn sb_pivotroot(ctx: LsmContext) -> i32 {
+pub(crate) fn sb_pivotroot(ctx: LsmContext) -> i32 {
     global(ctx.arg(2), || {
         refuse_op(Op::PivotRoot, Details::default(), path_dentry(ctx.arg(1)))
     })
@@ -146,7 +146,7 @@ pub fn sb_pivotroot(ctx: LsmContext) -> i32 {
 /// build a full set of capabilities over namespaces of its own (mount, net,
 /// cgroup, pid...), through unshare, clone or setns.
 #[lsm(hook = "userns_create")]
-pub fn userns_create(ctx: LsmContext) -> i32 {
+pub(crate) fn userns_create(ctx: LsmContext) -> i32 {
     global(ctx.arg(1), || {
         refuse_op(Op::Userns, Details::default(), None)
     })
@@ -158,7 +158,7 @@ pub fn userns_create(ctx: LsmContext) -> i32 {
 /// pidfd_getfd, /proc/PID/mem, environ, fd... of a process outside the build.
 /// Probes marked NOAUDIT (ps reading /proc/PID/stat) are refused silently.
 #[lsm(hook = "ptrace_access_check")]
-pub fn ptrace_access_check(ctx: LsmContext) -> i32 {
+pub(crate) fn ptrace_access_check(ctx: LsmContext) -> i32 {
     global(ctx.arg(2), || {
         let child: *const u8 = ctx.arg(0);
         if same_build(child) {
@@ -179,7 +179,7 @@ pub fn ptrace_access_check(ctx: LsmContext) -> i32 {
 /// `task_kill(p, info, sig, cred)`: a signal from the build to a process
 /// outside it, its own supervisor included. Signal 0 (does it exist?) passes.
 #[lsm(hook = "task_kill")]
-pub fn task_kill(ctx: LsmContext) -> i32 {
+pub(crate) fn task_kill(ctx: LsmContext) -> i32 {
     global(ctx.arg(4), || {
         let target: *const u8 = ctx.arg(0);
         let sig = ctx.arg::<u32>(2);
@@ -200,7 +200,7 @@ pub fn task_kill(ctx: LsmContext) -> i32 {
 /// `kernel_read_file(file, id, contents)`: finit_module, firmware, kexec_file_load,
 /// IMA policy.
 #[lsm(hook = "kernel_read_file")]
-pub fn kernel_read_file(ctx: LsmContext) -> i32 {
+pub(crate) fn kernel_read_file(ctx: LsmContext) -> i32 {
     global(ctx.arg(3), || {
         let details = Details {
             sock_type: ctx.arg::<u32>(1),
@@ -212,7 +212,7 @@ pub fn kernel_read_file(ctx: LsmContext) -> i32 {
 
 /// `kernel_load_data(id, contents)`: init_module from memory, kexec_load.
 #[lsm(hook = "kernel_load_data")]
-pub fn kernel_load_data(ctx: LsmContext) -> i32 {
+pub(crate) fn kernel_load_data(ctx: LsmContext) -> i32 {
     global(ctx.arg(2), || {
         let details = Details {
             sock_type: ctx.arg::<u32>(0),
@@ -225,7 +225,7 @@ pub fn kernel_load_data(ctx: LsmContext) -> i32 {
 /// `kernel_module_request(kmod_name)`: asking the kernel to load a module
 /// (an unknown socket family, a filesystem type).
 #[lsm(hook = "kernel_module_request")]
-pub fn kernel_module_request(ctx: LsmContext) -> i32 {
+pub(crate) fn kernel_module_request(ctx: LsmContext) -> i32 {
     global(ctx.arg(1), || {
         refuse_op(Op::ModuleRequest, Details::default(), None)
     })
@@ -236,7 +236,7 @@ pub fn kernel_module_request(ctx: LsmContext) -> i32 {
 /// `uring_override_creds(new)`: io_uring running a request with a registered
 /// personality, i.e. with credentials other than the submitter's.
 #[lsm(hook = "uring_override_creds")]
-pub fn uring_override_creds(ctx: LsmContext) -> i32 {
+pub(crate) fn uring_override_creds(ctx: LsmContext) -> i32 {
     global(ctx.arg(1), || {
         refuse_op(Op::UringCreds, Details::default(), None)
     })

@@ -52,7 +52,7 @@ const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
 
 /// `socket_create(family, type, protocol, kern)`: every socket(2), socketpair(2).
 #[lsm_cgroup(hook = "socket_create")]
-pub fn socket_create(ctx: LsmContext) -> i32 {
+pub(crate) fn socket_create(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(4) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -89,7 +89,7 @@ fn try_socket_create(ctx: &LsmContext) -> Verdict {
 /// root, must not reach the programs and maps that confine it, so this is
 /// refused in every mode, audit included.
 #[lsm_cgroup(hook = "bpf")]
-pub fn bpf(ctx: LsmContext) -> i32 {
+pub(crate) fn bpf(ctx: LsmContext) -> i32 {
     let details = Details {
         sock_type: ctx.arg::<i32>(0) as u32,
         ..Details::default()
@@ -169,7 +169,7 @@ fn check_modify(op: Op, dentry: Dentry) -> Verdict {
 /// `file_open(file)`: opening with write intent. Read-only opens are not the
 /// mission and pass at once.
 #[lsm_cgroup(hook = "file_open")]
-pub fn file_open(ctx: LsmContext) -> i32 {
+pub(crate) fn file_open(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(1) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -269,7 +269,7 @@ fn open_existing_with_o_creat(dentry: Dentry) -> Verdict {
 /// `inode_create(dir, dentry, mode)`: creat(2), open(O_CREAT), decided before
 /// the file exists, so a refused create leaves nothing behind.
 #[lsm_cgroup(hook = "inode_create")]
-pub fn inode_create(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_create(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(3) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -278,7 +278,7 @@ pub fn inode_create(ctx: LsmContext) -> i32 {
 
 /// `inode_unlink(dir, dentry)`.
 #[lsm_cgroup(hook = "inode_unlink")]
-pub fn inode_unlink(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_unlink(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(2) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -289,7 +289,7 @@ pub fn inode_unlink(ctx: LsmContext) -> i32 {
 /// RENAME_EXCHANGE the kernel calls it a second time with the sides swapped
 /// (security/security.c, security_inode_rename), so both directions are checked.
 #[lsm_cgroup(hook = "inode_rename")]
-pub fn inode_rename(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_rename(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(4) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -313,7 +313,7 @@ pub fn inode_rename(ctx: LsmContext) -> i32 {
 /// chown, utimes, also through an fd (fchmod, fchown, ftruncate, futimens) and
 /// open(O_TRUNC).
 #[lsm_cgroup(hook = "inode_setattr")]
-pub fn inode_setattr(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_setattr(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(3) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -324,7 +324,7 @@ pub fn inode_setattr(ctx: LsmContext) -> i32 {
 /// A program of its own rather than a branch: the verifier refuses a context
 /// offset that depends on a value, even a constant one.
 #[lsm_cgroup(hook = "inode_setattr")]
-pub fn inode_setattr_6_1(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_setattr_6_1(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(2) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -364,20 +364,20 @@ pub(crate) fn global(previous: i32, check: impl FnOnce() -> Verdict) -> i32 {
 /// `inode_mkdir(dir, dentry, mode)`. Per task rather than per cgroup: mkdir is
 /// rarer than the cgroup hooks' calls, and the system has only 10 such slots.
 #[lsm(hook = "inode_mkdir")]
-pub fn inode_mkdir(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_mkdir(ctx: LsmContext) -> i32 {
     global(ctx.arg(3), || check_create(Op::Mkdir, ctx.arg(1)))
 }
 
 /// `inode_rmdir(dir, dentry)`.
 #[lsm(hook = "inode_rmdir")]
-pub fn inode_rmdir(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_rmdir(ctx: LsmContext) -> i32 {
     global(ctx.arg(2), || check_modify(Op::Rmdir, ctx.arg(1)))
 }
 
 /// `inode_mknod(dir, dentry, mode, dev)`: device nodes are refused everywhere,
 /// the build tree included; FIFOs and sockets are creates like any other.
 #[lsm(hook = "inode_mknod")]
-pub fn inode_mknod(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_mknod(ctx: LsmContext) -> i32 {
     global(ctx.arg(4), || {
         let dentry: Dentry = ctx.arg(1);
         let kind = (ctx.arg::<u32>(2) as u16) & S_IFMT;
@@ -390,7 +390,7 @@ pub fn inode_mknod(ctx: LsmContext) -> i32 {
 
 /// `inode_symlink(dir, dentry, old_name)`.
 #[lsm(hook = "inode_symlink")]
-pub fn inode_symlink(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_symlink(ctx: LsmContext) -> i32 {
     global(ctx.arg(3), || check_create(Op::Symlink, ctx.arg(1)))
 }
 
@@ -398,7 +398,7 @@ pub fn inode_symlink(ctx: LsmContext) -> i32 {
 /// writable by the build, or a link would make an outside file writable through
 /// a name in the tree. This is also where an O_TMPFILE file gets its name.
 #[lsm(hook = "inode_link")]
-pub fn inode_link(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_link(ctx: LsmContext) -> i32 {
     global(ctx.arg(3), || {
         let old: Dentry = ctx.arg(0);
         let new: Dentry = ctx.arg(2);
@@ -413,13 +413,13 @@ pub fn inode_link(ctx: LsmContext) -> i32 {
 
 /// `inode_setxattr(idmap, dentry, name, value, size, flags)`.
 #[lsm(hook = "inode_setxattr")]
-pub fn inode_setxattr(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_setxattr(ctx: LsmContext) -> i32 {
     global(ctx.arg(6), || check_modify(Op::Setxattr, ctx.arg(1)))
 }
 
 /// `inode_removexattr(idmap, dentry, name)`.
 #[lsm(hook = "inode_removexattr")]
-pub fn inode_removexattr(ctx: LsmContext) -> i32 {
+pub(crate) fn inode_removexattr(ctx: LsmContext) -> i32 {
     global(ctx.arg(3), || check_modify(Op::Removexattr, ctx.arg(1)))
 }
 
@@ -427,7 +427,7 @@ pub fn inode_removexattr(ctx: LsmContext) -> i32 {
 /// among the hottest calls on any host, so the command is looked at before
 /// anything else: other ioctls return at once, for every task.
 #[lsm(hook = "file_ioctl")]
-pub fn file_ioctl(ctx: LsmContext) -> i32 {
+pub(crate) fn file_ioctl(ctx: LsmContext) -> i32 {
     let cmd = ctx.arg::<u32>(1);
     if cmd != FS_IOC_SETFLAGS && cmd != FS_IOC32_SETFLAGS && cmd != FS_IOC_FSSETXATTR {
         return ctx.arg(3);
@@ -448,7 +448,7 @@ pub fn file_ioctl(ctx: LsmContext) -> i32 {
 /// devpts_pty_new, whose d_add lands here): the build may then write its own
 /// terminals, and no other.
 #[lsm(hook = "d_instantiate")]
-pub fn d_instantiate(ctx: LsmContext) -> i32 {
+pub(crate) fn d_instantiate(ctx: LsmContext) -> i32 {
     if !in_this_build() {
         return 0;
     }

@@ -121,7 +121,7 @@ fn check_dest(build: u64, policy: &BuildPolicy, op: Op, dest: Dest) -> Verdict {
 
 /// `socket_connect(sock, address, addrlen)`.
 #[lsm_cgroup(hook = "socket_connect")]
-pub fn socket_connect(ctx: LsmContext) -> i32 {
+pub(crate) fn socket_connect(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(3) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -162,7 +162,7 @@ fn local_port(sock: *const u8) -> u32 {
 /// A sender's own port (bound at connect, or by an earlier send) is recorded
 /// as the build's, so that its peer may answer it.
 #[lsm_cgroup(hook = "socket_sendmsg")]
-pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
+pub(crate) fn socket_sendmsg(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(3) != 0 {
         return Verdict::Deny.cgroup();
     }
@@ -191,7 +191,7 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
 /// loopback or the wildcard address. The port becomes its own only once the
 /// bind succeeded, in `post_bind4`/`post_bind6`.
 #[lsm(hook = "socket_bind")]
-pub fn socket_bind(ctx: LsmContext) -> i32 {
+pub(crate) fn socket_bind(ctx: LsmContext) -> i32 {
     global(ctx.arg(3), || {
         let Some(dest) = read_dest(ctx.arg(1), false) else {
             return Verdict::Allow;
@@ -216,13 +216,13 @@ pub fn socket_bind(ctx: LsmContext) -> i32 {
 /// `BPF_CGROUP_INET4_POST_BIND` on the build's cgroup (net/ipv4/af_inet.c:
 /// __inet_bind). `src_port` is in host order.
 #[cgroup_sock(post_bind4)]
-pub fn post_bind4(ctx: SockContext) -> i32 {
+pub(crate) fn post_bind4(ctx: SockContext) -> i32 {
     own_port(&ctx)
 }
 
 /// The same for inet6 sockets.
 #[cgroup_sock(post_bind6)]
-pub fn post_bind6(ctx: SockContext) -> i32 {
+pub(crate) fn post_bind6(ctx: SockContext) -> i32 {
     own_port(&ctx)
 }
 
@@ -242,13 +242,13 @@ fn own_port(ctx: &SockContext) -> i32 {
 /// cgroup. A connected socket got its port at connect(), and is seen by
 /// socket_sendmsg.
 #[cgroup_sock_addr(sendmsg4)]
-pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn sendmsg4(ctx: SockAddrContext) -> i32 {
     own_sender_port(&ctx)
 }
 
 /// The same for inet6 sockets.
 #[cgroup_sock_addr(sendmsg6)]
-pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
     own_sender_port(&ctx)
 }
 
@@ -316,14 +316,14 @@ fn check_unix_peer(other: *mut core::ffi::c_void) -> Verdict {
 
 /// `unix_stream_connect(sock, other, newsk)`.
 #[lsm(hook = "unix_stream_connect")]
-pub fn unix_stream_connect(ctx: LsmContext) -> i32 {
+pub(crate) fn unix_stream_connect(ctx: LsmContext) -> i32 {
     global(ctx.arg(3), || check_unix_peer(ctx.arg(1)))
 }
 
 /// `unix_may_send(sock, other)`: datagrams, such as syslog's /dev/log. Unlike
 /// unix_stream_connect, it gets `struct socket *`s; the peer's sock is `->sk`.
 #[lsm(hook = "unix_may_send")]
-pub fn unix_may_send(ctx: LsmContext) -> i32 {
+pub(crate) fn unix_may_send(ctx: LsmContext) -> i32 {
     global(ctx.arg(2), || {
         let other: *const u8 = ctx.arg(1);
         // SAFETY: `other` is the hook's BTF-typed `struct socket *`; sk is a
