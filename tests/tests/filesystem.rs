@@ -21,6 +21,15 @@ const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 /// Runs probe file operations confined in `tree`, all in one build; returns
 /// the result word of each and the events.
 fn confined_ops(tree: &Path, ops: &[Vec<String>]) -> (Vec<String>, Vec<serde_json::Value>) {
+    confined_ops_with(tree, &[], ops)
+}
+
+/// [`confined_ops`] with more `buildcage run` arguments (a policy).
+fn confined_ops_with(
+    tree: &Path,
+    extra: &[&str],
+    ops: &[Vec<String>],
+) -> (Vec<String>, Vec<serde_json::Value>) {
     let events_file = tree.join(".events.jsonl");
     let mut cmd: Vec<String> = vec![PROBE.to_owned(), "fs".to_owned()];
     for (i, op) in ops.iter().enumerate() {
@@ -30,15 +39,14 @@ fn confined_ops(tree: &Path, ops: &[Vec<String>]) -> (Vec<String>, Vec<serde_jso
         cmd.extend(op.iter().cloned());
     }
     let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let out = run_confined(
-        &[
-            "--tree",
-            tree.to_str().unwrap(),
-            "--events",
-            events_file.to_str().unwrap(),
-        ],
-        &cmd,
-    );
+    let mut args = vec![
+        "--tree",
+        tree.to_str().unwrap(),
+        "--events",
+        events_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = run_confined(&args, &cmd);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let words = stdout(&out)
         .lines()
@@ -74,12 +82,17 @@ fn denied(args: &[&str], op: &'static str, path: &str, watch: &[&Path]) -> Denie
 /// Each call is refused with EPERM, reported as its op on its path, and every
 /// watched file is unchanged.
 fn assert_denied_all(tree: &Path, cases: &[Denied]) {
+    assert_denied_all_with(tree, &[], cases);
+}
+
+/// [`assert_denied_all`] with more `buildcage run` arguments (a policy).
+fn assert_denied_all_with(tree: &Path, extra: &[&str], cases: &[Denied]) {
     let before: Vec<Vec<_>> = cases
         .iter()
         .map(|c| c.watch.iter().map(|p| snapshot(p)).collect())
         .collect();
     let ops: Vec<Vec<String>> = cases.iter().map(|c| c.args.clone()).collect();
-    let (results, events) = confined_ops(tree, &ops);
+    let (results, events) = confined_ops_with(tree, extra, &ops);
     for ((case, result), before) in cases.iter().zip(results).zip(before) {
         assert_eq!(result, "EPERM", "{:?}", case.args);
         assert!(
@@ -321,8 +334,13 @@ fn device_nodes_are_refused_even_in_the_tree() {
     let tree = scratch("fs-dev");
     let chr = tree.join("null");
     let blk = tree.join("loop");
-    assert_denied_all(
+    // A build has no CAP_MKNOD (the kernel would refuse before any LSM hook);
+    // this policy gives it back, to show that the hook refuses all the same.
+    let policy = tree.join("mknod.toml");
+    std::fs::write(&policy, "inherits = \"default\"\ncapabilities = [\"mknod\"]\n").unwrap();
+    assert_denied_all_with(
         &tree,
+        &["--policy", policy.to_str().unwrap()],
         &[
             denied(
                 &["mknod-chr", chr.to_str().unwrap()],

@@ -129,9 +129,11 @@ fn loopback_builds_cannot_reach_each_other() {
     let _ = a.wait();
     // ...but build b may not: to it, nothing listens there.
     assert!(out.trim_end().ends_with("ECONNREFUSED"), "{out}");
+    // Named after its tree, by default.
+    let b_name = tree_b.file_name().unwrap().to_str().unwrap();
     assert!(
         ev.iter()
-            .any(|e| e["op"] == "connect" && e["build"] == "build"),
+            .any(|e| e["op"] == "connect" && e["build"] == b_name),
         "{ev:?}"
     );
 }
