@@ -276,10 +276,18 @@ fn start_guest(
     );
     let submounts = submounts_of(&needed)?;
     // A tmpfs on /tmp would hide what the command needs from the host's /tmp.
-    let tmpfs_tmp = !needed.iter().any(|p| p.starts_with("/tmp"));
+    // The guest's /tmp is a tmpfs (tests need one: O_TMPFILE, which overlayfs
+    // lacks before 6.6); what the command needs from the host's /tmp (a
+    // checkout there, say) is bound back into it.
+    let tmp_keep: BTreeSet<PathBuf> = needed
+        .iter()
+        .filter_map(|p| p.strip_prefix("/tmp").ok())
+        .filter_map(|rest| rest.components().next())
+        .map(|first| Path::new("/tmp").join(first))
+        .collect();
     fs::write(
         run_dir.join("stage2.sh"),
-        stage2_script(&cwd, argv, env, timeout, tmpfs_tmp)?,
+        stage2_script(&cwd, argv, env, timeout, &tmp_keep)?,
     )?;
 
     let socket = guard.tmp_dir.join("vfs.sock");
@@ -414,7 +422,7 @@ fn stage2_script(
     argv: &[String],
     env: &[(String, String)],
     timeout: Duration,
-    tmpfs_tmp: bool,
+    tmp_keep: &BTreeSet<PathBuf>,
 ) -> Result<String> {
     let mut s = String::from(
         r#"#!/bin/sh
@@ -441,8 +449,13 @@ mount -t tmpfs -o mode=0755 tmpfs /run || fail "mount /run"
 ip link set lo up 2>/dev/null || busybox ip link set lo up || fail "bring up lo"
 "#,
     );
-    if tmpfs_tmp {
-        s.push_str("mount -t tmpfs -o mode=1777 tmpfs /tmp || fail \"mount /tmp\"\n");
+    s.push_str("mkdir -p /run/buildcage-host-tmp && mount --bind /tmp /run/buildcage-host-tmp || fail \"bind host /tmp\"\n");
+    s.push_str("mount -t tmpfs -o mode=1777 tmpfs /tmp || fail \"mount /tmp\"\n");
+    for keep in tmp_keep {
+        let rel = keep.strip_prefix("/tmp")?;
+        let q = shell_quote_path(keep)?;
+        let from = shell_quote_path(&Path::new("/run/buildcage-host-tmp").join(rel))?;
+        writeln!(s, "mkdir -p {q} && mount --bind {from} {q} || fail \"bind {}\"", keep.display())?;
     }
     for (key, value) in env {
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -762,13 +775,17 @@ mod tests {
             &argv,
             &env,
             Duration::from_secs(9),
-            true,
+            &BTreeSet::from([PathBuf::from("/tmp/ci")]),
         )?;
         assert!(script.contains("export FOO='a b'\n"));
         assert!(script.contains("cd '/work/x y' ||"));
         assert!(script.contains(r#"set -- sh -c 'echo it'\''s $HOME'"#));
         assert!(script.contains(r#"timeout -k 10 9 "$@""#));
         assert!(script.contains("mount -t tmpfs -o mode=1777 tmpfs /tmp"));
+        // A checkout under the host's /tmp is bound back into the guest's tmpfs.
+        assert!(script.contains(
+            "mkdir -p /tmp/ci && mount --bind /run/buildcage-host-tmp/ci /tmp/ci"
+        ));
         let bad_env = [("A-B".to_owned(), String::new())];
         assert!(
             stage2_script(
@@ -776,7 +793,7 @@ mod tests {
                 &argv,
                 &bad_env,
                 Duration::from_secs(1),
-                true
+                &BTreeSet::new()
             )
             .is_err()
         );
