@@ -121,7 +121,14 @@ fn own_terminal(roots: &[Root]) -> Vec<Root> {
         let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
             continue;
         };
-        if !path.starts_with("/dev/") || roots.iter().chain(&out).any(|r| r.path == path) {
+        // A terminal whose node is gone (`/dev/console (deleted)` after a
+        // switch_root) or is not a device node gives nothing to name.
+        let is_device = std::fs::metadata(&path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()));
+        if !path.starts_with("/dev/")
+            || !is_device
+            || roots.iter().chain(&out).any(|r| r.path == path)
+        {
             continue;
         }
         out.push(Root {
