@@ -337,7 +337,11 @@ fn device_nodes_are_refused_even_in_the_tree() {
     // A build has no CAP_MKNOD (the kernel would refuse before any LSM hook);
     // this policy gives it back, to show that the hook refuses all the same.
     let policy = tree.join("mknod.toml");
-    std::fs::write(&policy, "inherits = \"default\"\ncapabilities = [\"mknod\"]\n").unwrap();
+    std::fs::write(
+        &policy,
+        "inherits = \"default\"\ncapabilities = [\"mknod\"]\n",
+    )
+    .unwrap();
     assert_denied_all_with(
         &tree,
         &["--policy", policy.to_str().unwrap()],

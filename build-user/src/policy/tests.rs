@@ -382,14 +382,14 @@ fn roots_are_checked_at_run_time() {
         &v,
     )
     .expect("valid");
-    let skipped: Vec<String> = absent
+    let absent_paths: Vec<String> = absent
         .check_roots_exist()
         .expect("absent optional roots are fine")
         .iter()
         .map(|w| w.path.display().to_string())
         .collect();
     assert_eq!(
-        skipped,
+        absent_paths,
         [
             "/dev/no-such-device".to_owned(),
             format!("{}/no-pts", dir.display())

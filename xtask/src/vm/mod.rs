@@ -4,8 +4,11 @@
 //! namespace and covered in the guest by an overlay on tmpfs: the guest sees the workspace,
 //! toolchains and build outputs at their host paths, and nothing it does reaches the host.
 
+mod console;
+mod stage2;
+mod virtiofsd;
+
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -16,10 +19,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::kernels::{self, KernelSel};
-use crate::util::{cache_dir, is_root, shell_quote, shell_quote_path};
+use crate::util::{cache_dir, is_root};
+
+use self::console::forward_console;
+use self::stage2::stage2_script;
+use self::virtiofsd::{Virtiofsd, virtiofsd_tail};
 
 /// Printed by the guest's stage 2 with the command's exit status, right before power-off.
-const EXIT_MARKER: &str = "BUILDCAGE-VM-EXIT=";
+pub(super) const EXIT_MARKER: &str = "BUILDCAGE-VM-EXIT=";
 /// Printed by either stage when the guest cannot be set up.
 const INIT_FAILED_MARKER: &str = "BUILDCAGE-VM-INIT-FAILED:";
 /// Time allowed on top of the command's own timeout for boot and power-off under TCG;
@@ -355,132 +362,6 @@ fn start_guest(
     Ok((guard, rx, started, kernel))
 }
 
-/// Copies the guest console to stdout as it arrives (so test output shows live) and sends each
-/// complete line to the caller. Serial line ends are CRLF; the CRs are dropped for logs. The
-/// kernel's power-off messages and all that follows the exit marker are noise and not shown.
-fn forward_console(
-    mut from: impl std::io::Read,
-    mut to: impl std::io::Write,
-    lines: &mpsc::Sender<String>,
-) {
-    let mut buf = [0u8; 8192];
-    // The current line, and how much of it was already shown.
-    let mut line: Vec<u8> = Vec::new();
-    let mut shown_upto = 0;
-    let mut muted = false;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let mut out = Vec::with_capacity(n);
-        for &b in buf.iter().take(n).filter(|&&b| b != b'\r') {
-            line.push(b);
-            if b != b'\n' {
-                continue;
-            }
-            let text = String::from_utf8_lossy(line.get(..line.len() - 1).unwrap_or_default())
-                .into_owned();
-            if !muted && !is_power_off_noise(&text) {
-                out.extend_from_slice(line.get(shown_upto..).unwrap_or_default());
-            }
-            muted |= text.trim_start().starts_with(EXIT_MARKER);
-            let _ignored = lines.send(text);
-            line.clear();
-            shown_upto = 0;
-        }
-        // A partial line shows at once (libtest prints "test x ... " before the verdict),
-        // except kernel messages, which wait to be filtered as whole lines.
-        if !muted && !line.starts_with(b"[") {
-            out.extend_from_slice(line.get(shown_upto..).unwrap_or_default());
-            shown_upto = line.len();
-        }
-        // Console output is best effort: a closed stdout must not stop the marker detection.
-        let _ignored = to.write_all(&out).and_then(|()| to.flush());
-    }
-    if !line.is_empty() {
-        let _ignored = lines.send(String::from_utf8_lossy(&line).into_owned());
-    }
-}
-
-/// `[    8.731464] sysrq: Power Off` and `reboot: Power down`, printed by the guest's
-/// power-off, sometimes before the exit marker has drained from the serial line.
-fn is_power_off_noise(line: &str) -> bool {
-    let Some((_, message)) = line
-        .trim_start()
-        .strip_prefix('[')
-        .and_then(|rest| rest.split_once("] "))
-    else {
-        return false;
-    };
-    matches!(message.trim(), "sysrq: Power Off" | "reboot: Power down")
-}
-
-/// Stage 2, PID 1 of the guest after switch_root: the usual mounts, then the command.
-fn stage2_script(
-    cwd: &Path,
-    argv: &[String],
-    env: &[(String, String)],
-    timeout: Duration,
-    tmp_keep: &BTreeSet<PathBuf>,
-) -> Result<String> {
-    let mut s = String::from(
-        r#"#!/bin/sh
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
-# The first line the host waits for: the guest is up (GUEST_UP_MARKER, BOOT_STALL).
-echo "xtask: guest up ($(uname -r))"
-fail() {
-    echo "BUILDCAGE-VM-INIT-FAILED: $*"
-    echo o > /proc/sysrq-trigger
-    sleep 10
-    exit 1
-}
-mount -t proc proc /proc || fail "mount proc"
-mount -t sysfs sysfs /sys || fail "mount sysfs"
-mount -t devtmpfs devtmpfs /dev || fail "mount devtmpfs"
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts || fail "mount devpts"
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm || fail "mount /dev/shm"
-mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "mount cgroup2"
-mount -t securityfs securityfs /sys/kernel/security || fail "mount securityfs"
-mount -t bpf bpf /sys/fs/bpf || fail "mount bpffs"
-mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
-mount -t tmpfs -o mode=0755 tmpfs /run || fail "mount /run"
-ip link set lo up 2>/dev/null || busybox ip link set lo up || fail "bring up lo"
-"#,
-    );
-    s.push_str("mkdir -p /run/buildcage-host-tmp && mount --bind /tmp /run/buildcage-host-tmp || fail \"bind host /tmp\"\n");
-    s.push_str("mount -t tmpfs -o mode=1777 tmpfs /tmp || fail \"mount /tmp\"\n");
-    for keep in tmp_keep {
-        let rel = keep.strip_prefix("/tmp")?;
-        let q = shell_quote_path(keep)?;
-        let from = shell_quote_path(&Path::new("/run/buildcage-host-tmp").join(rel))?;
-        writeln!(s, "mkdir -p {q} && mount --bind {from} {q} || fail \"bind {}\"", keep.display())?;
-    }
-    for (key, value) in env {
-        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            bail!("bad environment variable name {key:?}");
-        }
-        writeln!(s, "export {key}={}", shell_quote(value))?;
-    }
-    let cwd_q = shell_quote_path(cwd)?;
-    writeln!(s, "cd {cwd_q} || fail \"no directory {}\"", cwd.display())?;
-    let words: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
-    writeln!(s, "set -- {}", words.join(" "))?;
-    let secs = timeout.as_secs();
-    writeln!(
-        s,
-        r#"timeout -k 10 {secs} "$@" </dev/null
-status=$?
-[ "$status" -eq 124 ] && echo "xtask: the command timed out after {secs} s"
-echo "BUILDCAGE-VM-EXIT=$status"
-echo o > /proc/sysrq-trigger
-sleep 10
-busybox poweroff -f"#
-    )?;
-    Ok(s)
-}
-
 /// Mount points (other than /) under which the given paths live, outermost first.
 fn submounts_of(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut mounts = BTreeSet::new();
@@ -498,75 +379,6 @@ fn submounts_of(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut mounts: Vec<PathBuf> = mounts.into_iter().collect();
     mounts.sort_by_key(|m| m.components().count());
     Ok(mounts)
-}
-
-/// The C virtiofsd of qemu ≤ 7 (Debian 12) or the Rust one packaged separately later.
-#[derive(Debug)]
-enum Virtiofsd {
-    C(PathBuf),
-    Rust(PathBuf),
-}
-
-impl Virtiofsd {
-    fn find() -> Result<Self> {
-        for c in ["/usr/lib/qemu/virtiofsd"] {
-            if Path::new(c).is_file() {
-                return Ok(Self::C(c.into()));
-            }
-        }
-        for r in ["/usr/libexec/virtiofsd", "/usr/lib/virtiofsd"] {
-            if Path::new(r).is_file() {
-                return Ok(Self::Rust(r.into()));
-            }
-        }
-        bail!("no virtiofsd found (Debian 12 ships it in qemu-system-x86: run `cargo xtask setup`)")
-    }
-
-    /// Starts virtiofsd in a private mount namespace holding a read-only bind of / at `share`
-    /// (plus `submounts`); the mounts vanish with the namespace when virtiofsd exits, on any path.
-    fn spawn(
-        &self,
-        share: &Path,
-        socket: &Path,
-        submounts: &[PathBuf],
-        log: &Path,
-    ) -> Result<Child> {
-        let share_q = shell_quote_path(share)?;
-        let mut script =
-            format!("set -e\nmount --bind / {share_q}\nmount -o remount,bind,ro {share_q}\n");
-        for m in submounts {
-            let target = shell_quote_path(&share.join(m.strip_prefix("/")?))?;
-            let m_q = shell_quote_path(m)?;
-            writeln!(
-                script,
-                "mount --bind {m_q} {target}\nmount -o remount,bind,ro {target}"
-            )?;
-        }
-        let sock_q = shell_quote_path(socket)?;
-        // virtiofsd holds an fd for every inode the guest has looked up and not
-        // forgotten; a real build (compiler, headers) plus a scan of /etc and
-        // /usr/bin passes the usual 20,000.
-        match self {
-            Self::C(bin) => writeln!(
-                script,
-                "exec {} --socket-path={sock_q} -o source={share_q} -o cache=always -o sandbox=chroot --rlimit-nofile=1048576",
-                shell_quote_path(bin)?
-            )?,
-            Self::Rust(bin) => writeln!(
-                script,
-                "exec {} --socket-path={sock_q} --shared-dir={share_q} --cache=always --sandbox=chroot --rlimit-nofile=1048576",
-                shell_quote_path(bin)?
-            )?,
-        }
-        let log_file = fs::File::create(log)?;
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
-        die_with_parent(&mut cmd);
-        cmd.spawn().context("cannot start virtiofsd (via unshare)")
-    }
 }
 
 fn wait_for_socket(socket: &Path, guard: &mut RunGuard, log: &Path) -> Result<()> {
@@ -592,21 +404,8 @@ fn wait_for_socket(socket: &Path, guard: &mut RunGuard, log: &Path) -> Result<()
     Ok(())
 }
 
-fn virtiofsd_tail(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines
-        .get(lines.len().saturating_sub(10)..)
-        .unwrap_or_default();
-    if tail.is_empty() {
-        String::new()
-    } else {
-        format!("\nvirtiofsd said:\n{}", tail.join("\n"))
-    }
-}
-
 /// Children die with xtask even if it is SIGKILLed, so a killed CI job leaves no guest behind.
-fn die_with_parent(cmd: &mut Command) {
+pub(super) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no Rust state.
     unsafe {
         cmd.pre_exec(|| {
@@ -731,72 +530,5 @@ mod tests {
         });
         assert!(result.is_err());
         assert_eq!(boots, 1);
-    }
-
-    #[test]
-    fn power_off_noise_is_recognised() {
-        assert!(is_power_off_noise("[    8.731464] sysrq: Power Off"));
-        assert!(is_power_off_noise("[   16.0] reboot: Power down"));
-        assert!(!is_power_off_noise("test result: ok. sysrq: Power Off"));
-        assert!(!is_power_off_noise("[    5.6] Kernel panic - not syncing"));
-    }
-
-    #[test]
-    fn console_lines_are_split_and_shown_without_cr() {
-        let (tx, rx) = mpsc::channel();
-        let input: &[u8] = b"a\r\nBUILDCAGE-VM-EXIT=3\r\n[ 1.0] sysrq: Power Off\r\ntail";
-        let mut shown = Vec::new();
-        forward_console(input, &mut shown, &tx);
-        drop(tx);
-        let lines: Vec<String> = rx.iter().collect();
-        assert_eq!(
-            lines,
-            [
-                "a",
-                "BUILDCAGE-VM-EXIT=3",
-                "[ 1.0] sysrq: Power Off",
-                "tail"
-            ]
-        );
-        // Nothing after the marker is shown.
-        assert_eq!(String::from_utf8_lossy(&shown), "a\nBUILDCAGE-VM-EXIT=3\n");
-    }
-
-    #[test]
-    fn stage2_quotes_the_command() -> Result<()> {
-        let argv = [
-            "sh".to_owned(),
-            "-c".to_owned(),
-            "echo it's $HOME".to_owned(),
-        ];
-        let env = [("FOO".to_owned(), "a b".to_owned())];
-        let script = stage2_script(
-            Path::new("/work/x y"),
-            &argv,
-            &env,
-            Duration::from_secs(9),
-            &BTreeSet::from([PathBuf::from("/tmp/ci")]),
-        )?;
-        assert!(script.contains("export FOO='a b'\n"));
-        assert!(script.contains("cd '/work/x y' ||"));
-        assert!(script.contains(r#"set -- sh -c 'echo it'\''s $HOME'"#));
-        assert!(script.contains(r#"timeout -k 10 9 "$@""#));
-        assert!(script.contains("mount -t tmpfs -o mode=1777 tmpfs /tmp"));
-        // A checkout under the host's /tmp is bound back into the guest's tmpfs.
-        assert!(script.contains(
-            "mkdir -p /tmp/ci && mount --bind /run/buildcage-host-tmp/ci /tmp/ci"
-        ));
-        let bad_env = [("A-B".to_owned(), String::new())];
-        assert!(
-            stage2_script(
-                Path::new("/"),
-                &argv,
-                &bad_env,
-                Duration::from_secs(1),
-                &BTreeSet::new()
-            )
-            .is_err()
-        );
-        Ok(())
     }
 }
