@@ -64,10 +64,8 @@ fn try_socket_create(ctx: &LsmContext) -> Verdict {
     let family = ctx.arg::<i32>(0) as u32;
     let sock_type = ctx.arg::<i32>(1) as u32;
     let protocol = ctx.arg::<i32>(2) as u32;
-    // Sockets the kernel makes for itself (kern != 0) are not the build's doing.
-    if ctx.arg::<i32>(3) != 0 {
-        return Verdict::Allow;
-    }
+    // Sockets the kernel makes while running for a task of the build (kern
+    // != 0) get the same rule: the build chose what made them.
     let build = current_build();
     let policy = match policy_or_deny(build, Op::Socket) {
         Ok(p) => p,

@@ -67,6 +67,8 @@ static OFFSETS: Offsets = Offsets {
     kernfs_node_id: 0,
     cred_cap_effective: 0,
     sock_cgroup: 0,
+    msghdr_control: 0,
+    msghdr_controllen: 0,
 };
 
 /// The offsets, read through a volatile load so that the verifier, not LLVM,

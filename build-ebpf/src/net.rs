@@ -14,8 +14,9 @@ use aya_ebpf::{
     programs::{LsmContext, SockAddrContext, SockContext},
 };
 use buildcage_common::{
-    BuildPolicy, Op,
-    policy::{NET_LOOPBACK, POLICY_UNIX_CONNECT},
+    Action, BuildPolicy, Op,
+    event::{EVENT_FLAG_ERROR, EVENT_FLAG_WALK_EXHAUSTED},
+    policy::{NET_LOOPBACK, POLICY_AUDIT, POLICY_UNIX_CONNECT},
 };
 
 use crate::{
@@ -158,16 +159,31 @@ fn local_port(sock: *const u8) -> u32 {
     }
 }
 
-/// `socket_sendmsg(sock, msg, size)`: datagrams with an explicit destination.
-/// A sender's own port (bound at connect, or by an earlier send) is recorded
-/// as the build's, so that its peer may answer it.
+/// `socket_sendmsg(sock, msg, size)`: datagrams with an explicit destination,
+/// and control messages that would set IP options. A sender's own port (bound
+/// at connect, or by an earlier send) is recorded as the build's, so that its
+/// peer may answer it. Only loopback mode has anything to decide here.
 #[lsm_cgroup(hook = "socket_sendmsg")]
 pub(crate) fn socket_sendmsg(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(3) != 0 {
         return Verdict::Deny.cgroup();
     }
+    let build = current_build();
+    let policy = match policy_or_deny(build, Op::Sendmsg) {
+        Ok(policy) => policy,
+        Err(v) => return v.cgroup(),
+    };
+    if policy.net != NET_LOOPBACK {
+        return Verdict::Allow.cgroup();
+    }
     own(local_port(ctx.arg(0)));
     let msg: *const u8 = ctx.arg(1);
+    if let Some((details, flags)) = ip_options_cmsg(msg) {
+        let verdict = refuse(build, policy.flags, Op::Cmsg, details, None, flags);
+        if verdict == Verdict::Deny {
+            return verdict.cgroup();
+        }
+    }
     // SAFETY: msg is the hook's BTF-typed `struct msghdr *`; msg_name points to
     // the kernel's copy of the destination, or is NULL on a connected socket.
     let name: *const u8 = unsafe {
@@ -177,14 +193,119 @@ pub(crate) fn socket_sendmsg(ctx: LsmContext) -> i32 {
     if name.is_null() {
         return Verdict::Allow.cgroup();
     }
-    let Some(dest) = read_dest(name, true) else {
-        return Verdict::Allow.cgroup();
-    };
-    let build = current_build();
-    match policy_or_deny(build, Op::Sendmsg) {
-        Ok(policy) => check_dest(build, &policy, Op::Sendmsg, dest).cgroup(),
-        Err(v) => v.cgroup(),
+    match read_dest(name, true) {
+        Some(dest) => check_dest(build, &policy, Op::Sendmsg, dest).cgroup(),
+        None => Verdict::Allow.cgroup(),
     }
+}
+
+/// include/uapi/linux/socket.h, in.h and in6.h.
+const SOL_IP: u32 = 0;
+const SOL_IPV6: u32 = 41;
+const IP_OPTIONS: u32 = 4;
+const IP_RETOPTS: u32 = 7;
+const IPV6_2292RTHDR: u32 = 5;
+const IPV6_2292PKTOPTIONS: u32 = 6;
+const IPV6_RTHDR: u32 = 57;
+
+/// Whether option `name` at `level` sets IP options or an IPv6 routing header:
+/// a socket option, or with `cmsg` a control message type, which are not the
+/// same numbers (net/ipv4/ip_sockglue.c: ip_cmsg_send and do_ip_setsockopt;
+/// net/ipv6: ip6_datagram_send_ctl and do_ipv6_setsockopt, where
+/// IPV6_2292RTHDR as an option only asks to receive them). A source route sends
+/// the packet to its first hop, not to the destination that connect and
+/// sendmsg judged, so loopback mode refuses them all. Returns the details of
+/// the event.
+#[inline(always)]
+fn ip_option(level: u32, name: u32, cmsg: bool) -> Option<Details> {
+    let family = match (level, name, cmsg) {
+        (SOL_IP, IP_OPTIONS, false) | (SOL_IP, IP_RETOPTS, true) => AF_INET,
+        (SOL_IPV6, IPV6_RTHDR, _)
+        | (SOL_IPV6, IPV6_2292PKTOPTIONS, false)
+        | (SOL_IPV6, IPV6_2292RTHDR, true) => AF_INET6,
+        _ => return None,
+    };
+    Some(Details {
+        family: u32::from(family),
+        sock_type: name,
+        ..Details::default()
+    })
+}
+
+/// `struct cmsghdr`: cmsg_len (size_t), cmsg_level, cmsg_type (int).
+const CMSG_HDR_LEN: u64 = 16;
+/// Control messages looked at per send. A send with more is refused: a
+/// walk that gave up must not let the rest through.
+const MAX_CMSGS: usize = 8;
+
+/// The first control message of `msg` that sets IP options, if any, with the
+/// event flags to report it with. The kernel
+/// has copied the control buffer into its own memory in ____sys_sendmsg
+/// (net/socket.c) before this hook, for sendmsg, sendmmsg and io_uring alike.
+/// An unreadable buffer (a user pointer would be one), or one with more than
+/// MAX_CMSGS messages, counts as setting them (fail closed); a malformed one is
+/// left to the kernel, which refuses it.
+#[inline(always)]
+fn ip_options_cmsg(msg: *const u8) -> Option<(Details, u32)> {
+    let o = offsets();
+    let unreadable = Some((Details::default(), EVENT_FLAG_ERROR));
+    // SAFETY: probe reads of the hook's `struct msghdr`, at offsets from this
+    // kernel's BTF, and of the control buffer it points to.
+    unsafe {
+        let len: u64 = bpf_probe_read_kernel(msg.add(o.msghdr_controllen as usize).cast()).ok()?;
+        if len < CMSG_HDR_LEN {
+            return None;
+        }
+        let Ok(ctl) = bpf_probe_read_kernel::<*const u8>(msg.add(o.msghdr_control as usize).cast())
+        else {
+            return unreadable;
+        };
+        let mut offset = 0u64;
+        for _ in 0..MAX_CMSGS {
+            if offset + CMSG_HDR_LEN > len {
+                return None;
+            }
+            let hdr = bpf_probe_read_kernel(ctl.add(offset as usize).cast::<[u32; 4]>());
+            let Ok([len_lo, len_hi, level, name]) = hdr else {
+                return unreadable;
+            };
+            let cmsg_len = u64::from(len_lo) | (u64::from(len_hi) << 32);
+            if cmsg_len < CMSG_HDR_LEN {
+                return None;
+            }
+            if let Some(details) = ip_option(level, name, true) {
+                return Some((details, 0));
+            }
+            // CMSG_ALIGN: to the size of a long.
+            offset += (cmsg_len + 7) & !7;
+        }
+        if offset + CMSG_HDR_LEN > len {
+            None
+        } else {
+            Some((Details::default(), EVENT_FLAG_WALK_EXHAUSTED))
+        }
+    }
+}
+
+/// `socket_setsockopt(sock, level, optname)`: in loopback mode, no IP options
+/// and no IPv6 routing header (see [`ip_option`]). Rare, so a plain LSM program
+/// rather than one of the 10 cgroup slots.
+#[lsm(hook = "socket_setsockopt")]
+pub(crate) fn socket_setsockopt(ctx: LsmContext) -> i32 {
+    global(ctx.arg(3), || {
+        let Some(details) = ip_option(ctx.arg::<i32>(1) as u32, ctx.arg::<i32>(2) as u32, false)
+        else {
+            return Verdict::Allow;
+        };
+        let build = current_build();
+        match policy_or_deny(build, Op::Setsockopt) {
+            Ok(policy) if policy.net == NET_LOOPBACK => {
+                refuse(build, policy.flags, Op::Setsockopt, details, None, 0)
+            }
+            Ok(_) => Verdict::Allow,
+            Err(v) => v,
+        }
+    })
 }
 
 /// `socket_bind(sock, address, addrlen)`: in loopback mode a build may bind
@@ -240,20 +361,41 @@ fn own_port(ctx: &SockContext) -> i32 {
 /// runs this program): the port it got is the build's own, so that a peer of
 /// the same build may answer it. `BPF_CGROUP_UDP4_SENDMSG` on the build's
 /// cgroup. A connected socket got its port at connect(), and is seen by
-/// socket_sendmsg.
+/// socket_sendmsg. The destination is judged again, for sockets the kernel
+/// made in the build's name, which no LSM socket hook sees.
 #[cgroup_sock_addr(sendmsg4)]
 pub(crate) fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    own_sender_port(&ctx)
+    own_sender_port(&ctx);
+    check_sock_addr(dest4(&ctx), Op::Sendmsg)
 }
 
 /// The same for inet6 sockets.
 #[cgroup_sock_addr(sendmsg6)]
 pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    own_sender_port(&ctx)
+    own_sender_port(&ctx);
+    check_sock_addr(dest6(&ctx), Op::Sendmsg)
+}
+
+/// Every inet connect of a socket of the build's cgroup, the kernel's own
+/// included: `BPF_CGROUP_INET4_CONNECT` runs in __inet_stream_connect and
+/// inet_dgram_connect (net/ipv4/af_inet.c), which kernel_connect reaches too,
+/// while the socket_connect LSM hook runs only for connect(2). So a socket the
+/// kernel makes for the build (an MPTCP subflow, which inherits its parent's
+/// cgroup in net/mptcp/subflow.c) is held to the same destinations. For
+/// connect(2) the LSM hook has already decided the same way.
+#[cgroup_sock_addr(connect4)]
+pub(crate) fn connect4(ctx: SockAddrContext) -> i32 {
+    check_sock_addr(dest4(&ctx), Op::Connect)
+}
+
+/// The same for inet6 sockets.
+#[cgroup_sock_addr(connect6)]
+pub(crate) fn connect6(ctx: SockAddrContext) -> i32 {
+    check_sock_addr(dest6(&ctx), Op::Connect)
 }
 
 #[inline(always)]
-fn own_sender_port(ctx: &SockAddrContext) -> i32 {
+fn own_sender_port(ctx: &SockAddrContext) {
     // SAFETY: the context's `struct bpf_sock_addr` and its socket, which this
     // program type may read.
     let port = unsafe {
@@ -261,7 +403,67 @@ fn own_sender_port(ctx: &SockAddrContext) -> i32 {
         if sk.is_null() { 0 } else { (*sk).src_port }
     };
     own(port);
-    1
+}
+
+/// Loopback mode's destination rule for a `struct bpf_sock_addr`. The program
+/// is attached to this instance's build cgroup and runs for its sockets only,
+/// so the build is this instance's, not the current task's (an MPTCP worker
+/// may be running it). No SIGKILL here, whatever the policy: the current task
+/// may be a kernel worker. In audit mode it lets everything through silently.
+#[inline(always)]
+fn check_sock_addr(dest: Dest, op: Op) -> i32 {
+    // SAFETY: a read of our own global.
+    let build = unsafe { core::ptr::read_volatile(&crate::BUILD_ID) };
+    let policy = match policy_or_deny(build, op) {
+        Ok(p) => p,
+        Err(v) => return v.cgroup(),
+    };
+    if policy.net != NET_LOOPBACK {
+        return 1;
+    }
+    if dest.loopback() && maps::BOUND.get_ptr(u32::from(dest.port)).is_some() {
+        return 1;
+    }
+    if policy.flags & POLICY_AUDIT != 0 {
+        // connect(2) and sendto(2) were reported by their LSM hook already;
+        // reporting here too would count every call twice.
+        return 1;
+    }
+    crate::report::decision(build, op, Action::Deny, dest.details(), None, 0);
+    0
+}
+
+/// The destination of an inet4 program's `struct bpf_sock_addr`. Separate from
+/// [`dest6`]: the verifier lets each attach type read only its own address.
+#[inline(always)]
+fn dest4(ctx: &SockAddrContext) -> Dest {
+    // SAFETY: fields of the context, which this program type may read; port
+    // and address are in network order.
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&ip.to_ne_bytes());
+    Dest {
+        family: AF_INET,
+        port: u16::from_be(port as u16),
+        addr,
+    }
+}
+
+/// The same for inet6 programs; a v4-mapped address stays as it is.
+#[inline(always)]
+fn dest6(ctx: &SockAddrContext) -> Dest {
+    // SAFETY: as in dest4.
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip6, (*ctx.sock_addr).user_port) };
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&ip[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&ip[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&ip[2].to_ne_bytes());
+    addr[12..].copy_from_slice(&ip[3].to_ne_bytes());
+    Dest {
+        family: AF_INET6,
+        port: u16::from_be(port as u16),
+        addr,
+    }
 }
 
 #[inline(always)]

@@ -94,6 +94,8 @@ impl KernelBtf {
             sock_family: self.field_offset("sock_common", "skc_family")?,
             sock_num: self.field_offset("sock_common", "skc_num")?,
             msghdr_name: self.field_offset("msghdr", "msg_name")?,
+            msghdr_control: self.field_offset("msghdr", "msg_control")?,
+            msghdr_controllen: self.field_offset("msghdr", "msg_controllen")?,
             unix_dentry: self.field_offset("unix_sock", "path")?
                 + self.field_offset("path", "dentry")?,
             file_flags: self.field_offset("file", "f_flags")?,

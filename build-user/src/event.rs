@@ -149,7 +149,7 @@ impl Record {
                 None,
             ),
             Op::Bpf => (None, None, None, Some(event.sock_type)),
-            Op::Connect | Op::Bind | Op::Sendmsg => {
+            Op::Connect | Op::Bind | Op::Sendmsg | Op::Setsockopt | Op::Cmsg => {
                 (Some(family_name(event.family)), None, None, None)
             }
             _ => (None, None, None, None),
@@ -164,7 +164,7 @@ impl Record {
         };
         let (target_pid, code) = match op {
             Op::Ptrace | Op::Signal => (Some(event.protocol), Some(event.sock_type)),
-            Op::KernelLoad => (None, Some(event.sock_type)),
+            Op::KernelLoad | Op::Setsockopt | Op::Cmsg => (None, Some(event.sock_type)),
             _ => (None, None),
         };
         let reason = if event.flags & EVENT_FLAG_ERROR != 0 {
@@ -221,6 +221,16 @@ impl Record {
                 self.target_pid.unwrap_or(0)
             ),
             Op::KernelLoad => format!("kernel_load(id {})", self.code.unwrap_or(0)),
+            Op::Setsockopt | Op::Cmsg => match self.family.as_deref() {
+                family @ Some("inet" | "inet6") => format!(
+                    "{}({}, {})",
+                    self.op.name(),
+                    family.unwrap_or("?"),
+                    ip_option_name(family, self.code.unwrap_or(0))
+                ),
+                // Not looked at: too many control messages, or unreadable.
+                _ => format!("{}(unchecked)", self.op.name()),
+            },
             Op::Userns | Op::ModuleRequest | Op::UringCreds => format!("{}()", self.op.name()),
             op => format!(
                 "{}({})",
@@ -232,6 +242,20 @@ impl Record {
             ),
         }
     }
+}
+
+/// The name of an IP-level option or control message type that sets IP options
+/// or an IPv6 routing header (include/uapi/linux/in.h, in6.h).
+fn ip_option_name(family: Option<&str>, code: u32) -> String {
+    let name = match (family, code) {
+        (Some("inet"), 4) => "IP_OPTIONS",
+        (Some("inet"), 7) => "IP_RETOPTS",
+        (Some("inet6"), 5) => "IPV6_2292RTHDR",
+        (Some("inet6"), 6) => "IPV6_2292PKTOPTIONS",
+        (Some("inet6"), 57) => "IPV6_RTHDR",
+        _ => return code.to_string(),
+    };
+    name.to_owned()
 }
 
 /// An inet address as text: 4 bytes for inet (family 2), 16 for inet6.

@@ -46,8 +46,8 @@ pub enum Attach {
     /// one of the 10): runs after a bind of the build's succeeded. Its ELF
     /// section says inet4 or inet6.
     PostBind,
-    /// A cgroup sock_addr program on the build's cgroup: runs for the build's
-    /// unconnected UDP sends, once the kernel bound the socket.
+    /// A cgroup sock_addr program on the build's cgroup: runs for the connects
+    /// and unconnected UDP sends of the build's sockets, the kernel's included.
     SockAddr,
 }
 
@@ -77,6 +77,9 @@ pub const HOOKS: &[(&str, Attach)] = &[
     ("post_bind6", Attach::PostBind),
     ("sendmsg4", Attach::SockAddr),
     ("sendmsg6", Attach::SockAddr),
+    ("connect4", Attach::SockAddr),
+    ("connect6", Attach::SockAddr),
+    ("socket_setsockopt", Attach::Global),
     ("unix_stream_connect", Attach::Global),
     ("unix_may_send", Attach::Global),
     // Doors out of the build (build-ebpf/src/guard.rs): rare calls.

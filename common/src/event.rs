@@ -67,6 +67,13 @@ pub enum Op {
     ModuleRequest = 31,
     /// io_uring acting with a registered personality: `uring_override_creds`.
     UringCreds = 32,
+    /// Setting IP options or an IPv6 routing header in loopback mode, which
+    /// would route packets through a first hop other than their destination:
+    /// `socket_setsockopt`. The level's family is in `family`, the option in
+    /// `sock_type`.
+    Setsockopt = 33,
+    /// The same options as a control message of one send: `socket_sendmsg`.
+    Cmsg = 34,
 }
 
 impl Op {
@@ -104,6 +111,8 @@ impl Op {
             Self::KernelLoad => "kernel_load",
             Self::ModuleRequest => "module_request",
             Self::UringCreds => "uring_creds",
+            Self::Setsockopt => "setsockopt",
+            Self::Cmsg => "cmsg",
         }
     }
 }
@@ -145,6 +154,8 @@ impl TryFrom<u32> for Op {
             30 => Ok(Self::KernelLoad),
             31 => Ok(Self::ModuleRequest),
             32 => Ok(Self::UringCreds),
+            33 => Ok(Self::Setsockopt),
+            34 => Ok(Self::Cmsg),
             other => Err(other),
         }
     }

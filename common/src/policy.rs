@@ -121,9 +121,13 @@ pub struct Offsets {
     /// `offsetof(struct sock, sk_cgrp_data) + offsetof(struct sock_cgroup_data,
     /// cgroup)`: the cgroup that made a socket.
     pub sock_cgroup: u32,
+    /// `offsetof(struct msghdr, msg_control)` and `msg_controllen`: the
+    /// control messages of a send, which may carry IP options (a source route).
+    pub msghdr_control: u32,
+    pub msghdr_controllen: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 27 * 4);
+const _: () = assert!(size_of::<Offsets>() == 29 * 4);
 
 /// What an allowed root lets a build do, stored on the root's inode (BPF inode
 /// storage), and on the inodes a build creates in an `own` root.

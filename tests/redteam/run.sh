@@ -5,7 +5,7 @@
 # Usage: run.sh ATTACKS PROBE (run as the build's command, in $TREE).
 attacks=$1
 probe=$2
-export TREE SUP TARGET PROBE FOREIGN_PTS
+export TREE SUP TARGET PROBE FOREIGN_PTS OUTSIDE OUTSIDE_PORT OUTSIDE_MAPPED
 PROBE=$probe
 TREE=$(pwd)
 SUP=$PPID
@@ -23,6 +23,8 @@ grep -v '^#' "$attacks" | grep -v '^[[:space:]]*$' | while IFS= read -r line; do
 done
 echo "STILL cgroup $(cut -d: -f3 /proc/self/cgroup)"
 echo "STILL $("$probe" socket inet stream)"
+# The build's own UDP server still answers it (loopback mode; refused otherwise).
+echo "STILL $("$probe" net udp-pair 2>&1)"
 # A build's own pseudo-terminal still works.
 echo "STILL $("$probe" pty)"
 # A build's own abstract socket still works.

@@ -1,5 +1,7 @@
 //! The red-team suite (run in the VM): every attempt of `tests/redteam/attacks.tsv`
-//! runs as root inside one confined build, and each must
+//! runs as root inside one confined build under the default policy, and every
+//! attempt of `tests/redteam/loopback.tsv` inside one under the loopback policy.
+//! Each must
 //! 1. fail;
 //! 2. produce its event, from its own process (unless an earlier layer, a
 //!    dropped capability or the seccomp filter, refused it before any LSM hook
@@ -22,6 +24,7 @@ use buildcage_tests::{alive, events, scratch_in, stderr, stdout, tree_digest};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const ATTACKS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/redteam/attacks.tsv");
+const LOOPBACK_ATTACKS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/redteam/loopback.tsv");
 const RUNNER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/redteam/run.sh");
 
 struct Attempt {
@@ -29,8 +32,8 @@ struct Attempt {
     ops: Vec<String>,
 }
 
-fn attempts() -> Vec<Attempt> {
-    std::fs::read_to_string(ATTACKS)
+fn attempts(file: &str) -> Vec<Attempt> {
+    std::fs::read_to_string(file)
         .unwrap()
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -92,9 +95,36 @@ fn listening(port: u16) -> bool {
     })
 }
 
+/// Every attempt failed, and those that reach a hook were reported from their
+/// own process (or a child of it).
+fn assert_attempts_failed(attempts: &[Attempt], text: &str, evs: &[serde_json::Value]) {
+    let mut failures = Vec::new();
+    for a in attempts {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(a.name.as_str()))
+            .unwrap_or_else(|| panic!("no result for {}", a.name));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (pid, status): (u64, i32) = (cols[2].parse().unwrap(), cols[3].parse().unwrap());
+        if status == 0 {
+            failures.push(format!("{}: the attack WORKED", a.name));
+        }
+        if !a.ops.is_empty() {
+            let seen = evs.iter().any(|e| {
+                a.ops.iter().any(|op| e["op"] == op.as_str())
+                    && (e["pid"] == pid || e["ppid"] == pid)
+            });
+            if !seen {
+                failures.push(format!("{}: no {:?} event from pid {pid}", a.name, a.ops));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn a_root_build_cannot_get_out() {
-    let attempts = attempts();
+    let attempts = attempts(ATTACKS);
     let with_events = attempts.iter().filter(|a| !a.ops.is_empty()).count();
     assert!(
         with_events >= 60,
@@ -159,29 +189,7 @@ fn a_root_build_cannot_get_out() {
     eprintln!("--- stdout:\n{text}--- stderr:\n{err}");
     assert_eq!(out.status.code(), Some(0), "the runner finished: {err}");
 
-    let evs = events(&events_file);
-    let mut failures = Vec::new();
-    for a in &attempts {
-        let line = text
-            .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(a.name.as_str()))
-            .unwrap_or_else(|| panic!("no result for {}", a.name));
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        let (pid, status): (u64, i32) = (cols[2].parse().unwrap(), cols[3].parse().unwrap());
-        if status == 0 {
-            failures.push(format!("{}: the attack WORKED", a.name));
-        }
-        if !a.ops.is_empty() {
-            let seen = evs.iter().any(|e| {
-                a.ops.iter().any(|op| e["op"] == op.as_str())
-                    && (e["pid"] == pid || e["ppid"] == pid)
-            });
-            if !seen {
-                failures.push(format!("{}: no {:?} event from pid {pid}", a.name, a.ops));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_attempts_failed(&attempts, &text, &events(&events_file));
 
     // Still inside its cgroup, still confined, after every attempt.
     assert!(text.contains("STILL cgroup /buildcage/"), "{text}");
@@ -207,4 +215,70 @@ fn a_root_build_cannot_get_out() {
     assert!(!Path::new("/etc/core").exists());
     let _ = target.kill();
     let _ = target.wait();
+}
+
+/// Loopback mode: the build may use inet sockets, but only towards its own
+/// ports on loopback. A host service on 127.0.0.1 (TCP and UDP, one port)
+/// stands for what it must not reach; afterwards it has accepted nothing and
+/// received nothing.
+#[test]
+fn a_root_build_on_loopback_reaches_only_its_own_ports() {
+    use std::net::{TcpListener, UdpSocket};
+
+    let attempts = attempts(LOOPBACK_ATTACKS);
+    assert!(
+        attempts.iter().all(|a| !a.ops.is_empty()),
+        "every one reaches a hook"
+    );
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let udp = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let parent = scratch_in(Path::new("/var/tmp"), "redteam-loopback");
+    let tree = parent.join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let events_file = parent.join("events.jsonl");
+    let out = Command::new(buildcage_tests::buildcage_bin())
+        .args([
+            "run",
+            "--policy",
+            "loopback",
+            "--tree",
+            tree.to_str().unwrap(),
+        ])
+        .arg("--events")
+        .arg(&events_file)
+        .args(["--", "sh", RUNNER, LOOPBACK_ATTACKS, PROBE])
+        .env("OUTSIDE", format!("127.0.0.1:{port}"))
+        .env("OUTSIDE_PORT", port.to_string())
+        .env("OUTSIDE_MAPPED", format!("[::ffff:127.0.0.1]:{port}"))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    let text = stdout(&out);
+    eprintln!("--- stdout:\n{text}--- stderr:\n{err}");
+    assert_eq!(out.status.code(), Some(0), "the runner finished: {err}");
+    assert_attempts_failed(&attempts, &text, &events(&events_file));
+
+    // Still inside its cgroup, and its own loopback traffic still works.
+    assert!(text.contains("STILL cgroup /buildcage/"), "{text}");
+    assert!(text.contains("STILL socket inet stream OK"), "{text}");
+    assert!(text.contains("STILL udp-pair OK"), "{text}");
+    // Nothing reached the host's service.
+    assert!(
+        tcp.accept()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host's TCP service accepted a connection"
+    );
+    let mut buf = [0u8; 16];
+    assert!(
+        udp.recv_from(&mut buf)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host's UDP service received a datagram"
+    );
+    assert!(
+        !err.contains("still running when the build ended"),
+        "nothing left running: {err}"
+    );
 }

@@ -44,6 +44,14 @@ impl Summary {
         let mut out = String::new();
         if !self.groups.is_empty() {
             let _ = writeln!(out, "buildcage: ACCESS VIOLATION SUMMARY for build {build}");
+            // As wide as the longest op shown, and never narrower than "socket  ".
+            let width = self
+                .groups
+                .keys()
+                .map(|(op, _, _)| op.to_string().len())
+                .max()
+                .unwrap_or(0)
+                .max(8);
             for ((op, action, comm), (count, details)) in &self.groups {
                 let mut shown = details
                     .iter()
@@ -56,7 +64,7 @@ impl Summary {
                 }
                 let _ = writeln!(
                     out,
-                    "buildcage:   {action:<5} {op:<8} {comm:<16} {count:>5}  {shown}"
+                    "buildcage:   {action:<5} {op:<width$} {comm:<16} {count:>5}  {shown}"
                 );
             }
         }

@@ -13,9 +13,12 @@
 //!                                             inline, async (an io-wq worker) or
 //!                                             personality (registered credentials)
 //! probe pty                                   a pseudo-terminal of its own, written
+//! probe route KIND [ADDR:PORT]                IP options, routing headers; see route.rs
 //! probe pty-hold                              makes a pty, prints its slave's
 //!                                             path, and holds it until stdin closes
 #![expect(clippy::print_stdout, reason = "the probe's results are its stdout")]
+
+mod route;
 
 use std::{io::Write as _, process::ExitCode};
 
@@ -132,6 +135,13 @@ fn main() -> ExitCode {
         Some("net") => {
             let Some(result) = net_op(&args[1..]) else {
                 eprintln!("probe: unknown net operation {:?}", &args[1..]);
+                return ExitCode::from(2);
+            };
+            println!("{} {}", args[1..].join(" "), result);
+        }
+        Some("route") => {
+            let Some(result) = route::route_op(&args[1..]) else {
+                eprintln!("probe: unknown route attempt {:?}", &args[1..]);
                 return ExitCode::from(2);
             };
             println!("{} {}", args[1..].join(" "), result);
