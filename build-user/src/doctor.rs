@@ -1,7 +1,7 @@
 //! Can this machine confine a build? Each check is one line with a verdict and, on
 //! failure, what to do. `run` makes the same checks before it starts anything.
 
-use std::{os::fd::AsRawFd as _, time::Duration};
+use std::{error::Error, os::fd::AsRawFd as _, time::Duration};
 
 use buildcage_common::{BuildPolicy, Op};
 
@@ -9,6 +9,7 @@ use crate::{
     btf::KernelBtf,
     cgroup::{self, BuildCgroup},
     event::{Clock, Record},
+    hint::{self, Hint},
     loader::Confinement,
     sysfs,
 };
@@ -17,12 +18,51 @@ use crate::{
 pub const AF_UNIX: u32 = 1;
 const AF_INET: i32 = 2;
 
+/// What doctor itself finds wrong, apart from the errors of the parts it checks.
+#[derive(Debug, thiserror::Error)]
+pub enum DoctorError {
+    #[error("buildcage needs root to create cgroups and load BPF programs")]
+    NotRoot,
+    #[error("not checked: the kernel's BTF is unreadable (see below)")]
+    HooksUnchecked,
+    #[error("the kernel lacks the LSM hooks {}", .0.join(", "))]
+    MissingHooks(Vec<String>),
+    #[error("not tried: a check above failed")]
+    NotTried,
+    /// The scratch build did something the programs should have refused.
+    #[error("the programs loaded and attached, but in the scratch build {0}")]
+    NotEnforced(&'static str),
+    /// A system call was refused, with no event saying so.
+    #[error("{0} was refused, but no event arrived")]
+    NoEvent(&'static str),
+}
+
+impl Hint for DoctorError {
+    fn hint(&self) -> Option<String> {
+        Some(
+            match self {
+                Self::NotRoot => "run it with sudo",
+                Self::HooksUnchecked => "buildcage needs CONFIG_DEBUG_INFO_BTF=y",
+                Self::MissingHooks(_) => "buildcage needs CONFIG_BPF_LSM=y on Linux 6.1 or newer",
+                Self::NotTried => "fix the failures above, then run `buildcage doctor` again",
+                Self::NotEnforced(_) => {
+                    "BPF LSM does not enforce here; check `cat /sys/kernel/security/lsm` lists bpf"
+                }
+                Self::NoEvent(_) => "please report this",
+            }
+            .to_owned(),
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     pub name: &'static str,
     pub ok: bool,
-    /// What was found; on failure, the error with its `hint:` line.
+    /// What was found; on failure, what went wrong, each cause once.
     pub detail: String,
+    /// On failure, what to do about it, when known (without `hint: `).
+    pub hint: Option<String>,
 }
 
 impl Check {
@@ -31,14 +71,22 @@ impl Check {
             name,
             ok: true,
             detail: detail.into(),
+            hint: None,
         }
     }
 
-    fn fail(name: &'static str, err: impl std::fmt::Display) -> Self {
+    /// A failure: `err` and its causes, and the hint of the outermost error in
+    /// that chain that has one.
+    fn fail(name: &'static str, err: &(dyn Error + 'static)) -> Self {
+        let detail = std::iter::successors(Some(err), |&e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ");
         Self {
             name,
             ok: false,
-            detail: err.to_string(),
+            detail,
+            hint: hint::of(err),
         }
     }
 }
@@ -51,22 +99,16 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(if root {
         Check::pass("root", "running as root")
     } else {
-        Check::fail(
-            "root",
-            "buildcage needs root to create cgroups and load BPF programs\nhint: run it with sudo",
-        )
+        Check::fail("root", &DoctorError::NotRoot)
     });
     checks.push(match sysfs::require_bpf_lsm() {
         Ok(lsms) => Check::pass("bpf-lsm", format!("active LSMs: {}", lsms.join(","))),
-        Err(e) => Check::fail("bpf-lsm", e),
+        Err(e) => Check::fail("bpf-lsm", &e),
     });
     let btf = KernelBtf::from_sys_fs();
     checks.push(match &btf {
         Ok(btf) => hooks_check(btf),
-        Err(_) => Check::fail(
-            "hooks",
-            "not checked: the kernel's BTF is unreadable (see below)\nhint: buildcage needs CONFIG_DEBUG_INFO_BTF=y",
-        ),
+        Err(_) => Check::fail("hooks", &DoctorError::HooksUnchecked),
     });
     let offsets = btf.and_then(|btf| btf.offsets());
     checks.push(match &offsets {
@@ -93,13 +135,10 @@ pub fn run_checks() -> Vec<Check> {
         (true, Ok(offsets), Ok(cgroot), Ok(bpffs)) if checks.iter().all(|c| c.ok) => {
             match enforcement_probe(&cgroot, offsets, &bpffs) {
                 Ok(detail) => Check::pass("enforce", detail),
-                Err(e) => Check::fail("enforce", e),
+                Err(e) => Check::fail("enforce", &*e),
             }
         }
-        _ => Check::fail(
-            "enforce",
-            "not tried: a check above failed\nhint: fix the failures above, then run `buildcage doctor` again",
-        ),
+        _ => Check::fail("enforce", &DoctorError::NotTried),
     });
     checks
 }
@@ -117,19 +156,13 @@ fn hooks_check(btf: &KernelBtf) -> Check {
         })
         .map(|(hook, _)| *hook)
         .collect();
-    let missing: Vec<&str> = lsm_hooks
+    let missing: Vec<String> = lsm_hooks
         .iter()
-        .copied()
         .filter(|hook| !btf.has_hook(hook))
+        .map(|hook| (*hook).to_owned())
         .collect();
     if !missing.is_empty() {
-        return Check::fail(
-            "hooks",
-            format!(
-                "the kernel lacks the LSM hooks {}\nhint: buildcage needs CONFIG_BPF_LSM=y on Linux 6.1 or newer",
-                missing.join(", ")
-            ),
-        );
+        return Check::fail("hooks", &DoctorError::MissingHooks(missing));
     }
     let optional = [
         ("path_truncate", "CONFIG_SECURITY_PATH"),
@@ -244,20 +277,10 @@ fn probe_in(
         _ => Some("the scratch build's process died"),
     };
     if let Some(what) = failed {
-        anyhow::bail!(
-            "the programs loaded and attached, but in the scratch build {what}\nhint: BPF LSM does not enforce here; check `cat /sys/kernel/security/lsm` lists bpf"
-        );
+        return Err(DoctorError::NotEnforced(what).into());
     }
-    let event = event.ok_or_else(|| {
-        anyhow::anyhow!(
-            "socket(AF_INET) was refused, but no event arrived\nhint: please report this"
-        )
-    })?;
-    let userns_event = userns_event.ok_or_else(|| {
-        anyhow::anyhow!(
-            "unshare(CLONE_NEWUSER) was refused, but no event arrived\nhint: please report this"
-        )
-    })?;
+    let event = event.ok_or(DoctorError::NoEvent("socket(AF_INET)"))?;
+    let userns_event = userns_event.ok_or(DoctorError::NoEvent("unshare(CLONE_NEWUSER)"))?;
     released?;
     Ok(format!(
         "socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM; events: {} and {} pid {}",

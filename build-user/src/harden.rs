@@ -57,16 +57,26 @@ const TIOCLINUX: u64 = 0x541c;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HardenError {
-    #[error("cannot read the capabilities this kernel supports: {0}\nhint: is /proc mounted?")]
+    #[error("cannot read the capabilities this kernel supports")]
     Caps(#[from] caps::errors::CapsError),
-    #[error(
-        "cannot build the seccomp filter: {0}\nhint: this is a bug in buildcage; please report it"
-    )]
+    #[error("cannot build the seccomp filter")]
     Seccomp(#[from] seccompiler::BackendError),
-    #[error(
-        "cannot compile the seccomp filter: {0}\nhint: this is a bug in buildcage; please report it"
-    )]
+    #[error("cannot compile the seccomp filter")]
     Compile(#[from] seccompiler::Error),
+}
+
+impl crate::hint::Hint for HardenError {
+    fn hint(&self) -> Option<String> {
+        Some(
+            match self {
+                Self::Caps(_) => "is /proc mounted?",
+                Self::Seccomp(_) | Self::Compile(_) => {
+                    "this is a bug in buildcage; please report it"
+                }
+            }
+            .to_owned(),
+        )
+    }
 }
 
 /// The capability sets handed to capset(2), in its version 3 layout.

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod doctor;
 pub mod event;
 pub mod harden;
+pub mod hint;
 pub mod loader;
 pub mod paths;
 pub mod policy;

@@ -3,7 +3,7 @@
 //! stdout is the confined command's alone; buildcage writes only to stderr, and
 //! to the events file. Errors end with a `hint:` line.
 
-use std::process::ExitCode;
+use std::{fmt::Write as _, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -47,22 +47,22 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("buildcage: error: {}", message(&err));
+            report(&err);
             ExitCode::from(EXIT_BUILDCAGE_FAILED)
         }
     }
 }
 
-/// The error and its causes, each cause only once: many of buildcage's errors
-/// already say what caused them, before their `hint:` line.
-fn message(err: &anyhow::Error) -> String {
-    let mut msg = err.to_string();
+/// Prints `err` to stderr: what happened, then each of its causes once, then,
+/// on a line of its own, the hint of the outermost error in the chain that has
+/// one.
+pub(crate) fn report(err: &anyhow::Error) {
+    let mut msg = format!("buildcage: error: {err}");
     for cause in err.chain().skip(1) {
-        let cause = cause.to_string();
-        if !msg.contains(&cause) {
-            msg.push_str(": ");
-            msg.push_str(&cause);
-        }
+        let _ = write!(msg, ": {cause}");
     }
-    msg
+    if let Some(hint) = buildcage::hint::in_chain(err.chain()) {
+        let _ = write!(msg, "\nhint: {hint}");
+    }
+    eprintln!("{msg}");
 }

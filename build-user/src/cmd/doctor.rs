@@ -20,6 +20,13 @@ pub(crate) fn exec(_args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         for line in lines {
             eprintln!("              {line}");
         }
+        if let Some(hint) = &check.hint {
+            let mut lines = hint.lines();
+            eprintln!("              hint: {}", lines.next().unwrap_or_default());
+            for line in lines {
+                eprintln!("              {line}");
+            }
+        }
     }
     Ok(if checks.iter().all(|c| c.ok) {
         eprintln!("buildcage can confine builds on this machine");

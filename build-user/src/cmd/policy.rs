@@ -69,10 +69,10 @@ pub(crate) fn exec(args: PolicyArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        // A policy error is the user's to fix, not buildcage failing: exit 1, and
-        // print it whole (file:line:col, caret, hint) rather than as a chain.
+        // A policy error is the user's to fix, not buildcage failing: exit 1,
+        // printed as any error is (file:line:col and caret, causes, hint).
         Err(err) => {
-            eprintln!("buildcage: error: {err}");
+            crate::report(&err.into());
             Ok(ExitCode::FAILURE)
         }
     }

@@ -2,6 +2,8 @@
 
 use std::{
     collections::BTreeSet,
+    error::Error as _,
+    fmt::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -13,6 +15,7 @@ use super::{
     model::{Enforcement, Network},
     parse::{self, Layer},
 };
+use crate::hint::Hint as _;
 
 /// How many files an `inherits` chain may have, the first included: deep enough
 /// for base → site → phase → package, shallow enough to read.
@@ -94,14 +97,17 @@ impl Loader<'_> {
     }
 }
 
-/// A lookup or read failure of an inherited policy, pointed at the `inherits` line.
+/// A lookup or read failure of an inherited policy, pointed at the `inherits`
+/// line: its message and causes go before the caret display, its hint stays.
 fn at_inherits(err: PolicyError, at: &Location) -> PolicyError {
-    let text = err.to_string();
-    let (message, hint) = text.rsplit_once("\nhint: ").unwrap_or((&text, ""));
+    let mut message = format!("cannot use `inherits`: {err}");
+    for cause in std::iter::successors(err.source(), |&e| e.source()) {
+        let _ = write!(message, ": {cause}");
+    }
     PolicyError::Invalid {
         at: Box::new(at.clone()),
-        message: format!("cannot use `inherits`: {message}"),
-        hint: hint.to_owned(),
+        message,
+        hint: err.hint().unwrap_or_default(),
     }
 }
 

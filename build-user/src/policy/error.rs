@@ -1,5 +1,6 @@
 //! Errors of the policy language. Each names the file, line and column (or the
-//! directories searched), says what was expected, and ends with a `hint:` line.
+//! directories searched) and says what was expected; its [`Hint`] says what to
+//! do about it.
 
 use std::{
     fmt,
@@ -8,6 +9,7 @@ use std::{
 };
 
 use super::model::WriteRoot;
+use crate::hint::Hint;
 
 /// A place in a policy file, with the text of its line for the caret display.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,7 +48,7 @@ impl Location {
         }
     }
 
-    /// The offending line with a caret under the span:
+    /// The offending line with a caret under the span, without a final newline:
     /// ```text
     ///   3 | writes = []
     ///     | ^^^^^^
@@ -55,7 +57,7 @@ impl Location {
         let number = self.line.to_string();
         let pad = " ".repeat(number.len());
         format!(
-            "  {number} | {}\n  {pad} | {}{}\n",
+            "  {number} | {}\n  {pad} | {}{}",
             self.text,
             " ".repeat(self.column.saturating_sub(1)),
             "^".repeat(self.width)
@@ -87,23 +89,23 @@ fn paths(list: &[PathBuf], sep: &str) -> String {
 pub enum PolicyError {
     /// Anything wrong inside a policy file: syntax, unknown key, bad value,
     /// undefined variable, relative or `..` path.
-    #[error("{at}: {message}\n{}hint: {hint}", at.snippet())]
+    #[error("{at}: {message}\n{}", at.snippet())]
     Invalid {
         /// Boxed to keep `Result<_, PolicyError>` small.
         at: Box<Location>,
         message: String,
+        /// What to do, for [`Hint`]; empty when there is no advice.
         hint: String,
     },
-    /// The io error is kept out of `source()` so that `{:#}` printing does not
-    /// append it after the hint line.
-    #[error("cannot read policy file {}: {err}\nhint: {hint}", path.display())]
+    #[error("cannot read policy file {}", path.display())]
     Read {
         path: PathBuf,
+        #[source]
         err: std::io::Error,
         hint: String,
     },
     #[error(
-        "policy `{spec}` not found; looked for {file} in:\n  {}\nhint: give a path to the file, add its directory to BUILDCAGE_POLICY_PATH, or pick a shipped policy (`buildcage policy show default`)",
+        "policy `{spec}` not found; looked for {file} in:\n  {}",
         paths(searched, "\n  ")
     )]
     NotFound {
@@ -112,7 +114,7 @@ pub enum PolicyError {
         searched: Vec<PathBuf>,
     },
     #[error(
-        "{at}: inheritance cycle: {}\n{}hint: remove `inherits` from one of these files, or point it at a policy outside the loop",
+        "{at}: inheritance cycle: {}\n{}",
         paths(chain, " -> "),
         at.snippet()
     )]
@@ -121,7 +123,7 @@ pub enum PolicyError {
         chain: Vec<PathBuf>,
     },
     #[error(
-        "{at}: `inherits` is nested more than {max} deep: {}\n{}hint: inherit from a policy nearer the top, or copy its keys into this file",
+        "{at}: `inherits` is nested more than {max} deep: {}\n{}",
         paths(chain, " -> "),
         at.snippet()
     )]
@@ -130,13 +132,11 @@ pub enum PolicyError {
         chain: Vec<PathBuf>,
         max: usize,
     },
-    #[error(
-        "bad --set `{arg}`: {reason}\nhint: write --set NAME=VALUE, e.g. --set WRKDIR=/usr/pkgsrc/devel/libfoo/work"
-    )]
+    #[error("bad --set `{arg}`: {reason}")]
     BadSet { arg: String, reason: String },
     /// At run time: a write root that is not there, or not what its mode says.
     #[error(
-        "write root {} (mode `{}`, from `{}` in {}) {problem}\nhint: {hint}",
+        "write root {} (mode `{}`, from `{}` in {}) {problem}",
         root.path.display(),
         root.mode,
         root.origin,
@@ -149,12 +149,38 @@ pub enum PolicyError {
         hint: String,
     },
     /// A line of an events file (`policy suggest`) that is not an event.
-    #[error("{}:{line}: {message}\nhint: pass the file written by `buildcage run --events FILE`: one JSON object per line", file.display())]
+    #[error("{}:{line}: {message}", file.display())]
     Events {
         file: PathBuf,
         line: usize,
         message: String,
     },
+}
+
+impl Hint for PolicyError {
+    fn hint(&self) -> Option<String> {
+        let hint = match self {
+            Self::Invalid { hint, .. } | Self::Read { hint, .. } | Self::Root { hint, .. } => {
+                return (!hint.is_empty()).then(|| hint.clone());
+            }
+            Self::NotFound { .. } => {
+                "give a path to the file, add its directory to BUILDCAGE_POLICY_PATH, or pick a shipped policy (`buildcage policy show default`)"
+            }
+            Self::Cycle { .. } => {
+                "remove `inherits` from one of these files, or point it at a policy outside the loop"
+            }
+            Self::TooDeep { .. } => {
+                "inherit from a policy nearer the top, or copy its keys into this file"
+            }
+            Self::BadSet { .. } => {
+                "write --set NAME=VALUE, e.g. --set WRKDIR=/usr/pkgsrc/devel/libfoo/work"
+            }
+            Self::Events { .. } => {
+                "pass the file written by `buildcage run --events FILE`: one JSON object per line"
+            }
+        };
+        Some(hint.to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -169,7 +195,7 @@ mod tests {
         assert_eq!((at.line, at.column, at.width), (3, 1, 3));
         assert_eq!(at.text, "bad = \"x\"");
         assert_eq!(at.to_string(), "p.toml:3:1");
-        assert_eq!(at.snippet(), "  3 | bad = \"x\"\n    | ^^^\n");
+        assert_eq!(at.snippet(), "  3 | bad = \"x\"\n    | ^^^");
         let x = src.find("\"x\"").unwrap_or_default();
         let at = Location::of(Path::new("p.toml"), src, x..x + 3);
         assert_eq!((at.line, at.column), (3, 7));

@@ -215,6 +215,7 @@ pub(crate) fn escape(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hint::Hint as _;
 
     fn vars() -> Vars {
         let mut v = Vars::new();
@@ -292,12 +293,14 @@ mod tests {
         assert_eq!(v.get("WRKDIR"), Some("/w"));
         assert_eq!(v.get("EMPTY"), Some(""));
         assert_eq!(v.get("X"), Some("a=b"));
-        let err = Vars::from_set_args(["WRKDIR"]).err().map(|e| e.to_string());
+        let err = Vars::from_set_args(["WRKDIR"]).err();
         assert_eq!(
-            err.as_deref(),
-            Some(
-                "bad --set `WRKDIR`: there is no `=`\nhint: write --set NAME=VALUE, e.g. --set WRKDIR=/usr/pkgsrc/devel/libfoo/work"
-            )
+            err.as_ref().map(ToString::to_string).as_deref(),
+            Some("bad --set `WRKDIR`: there is no `=`")
+        );
+        assert_eq!(
+            err.and_then(|e| e.hint()).as_deref(),
+            Some("write --set NAME=VALUE, e.g. --set WRKDIR=/usr/pkgsrc/devel/libfoo/work")
         );
         let err = Vars::from_set_args(["1X=/a"])
             .err()

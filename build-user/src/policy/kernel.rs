@@ -10,6 +10,12 @@ use super::{Enforcement, Network, Policy};
 #[derive(Debug, thiserror::Error)]
 pub enum KernelPolicyError {}
 
+impl crate::hint::Hint for KernelPolicyError {
+    fn hint(&self) -> Option<String> {
+        match *self {}
+    }
+}
+
 impl Policy {
     /// The compiled form the kernel programs look up by cgroup id. A policy that
     /// asks for something the programs cannot enforce is an error, never a

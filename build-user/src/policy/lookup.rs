@@ -102,6 +102,7 @@ pub(crate) fn find(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hint::Hint as _;
 
     #[test]
     fn paths_and_names() {
@@ -137,12 +138,15 @@ mod tests {
             Some(Path::new("/here")),
             &[PathBuf::from("/a"), PathBuf::from("/b")],
         )
-        .err()
-        .map(|e| e.to_string());
+        .err();
         assert_eq!(
-            err.as_deref(),
+            err.as_ref().map(ToString::to_string).as_deref(),
+            Some("policy `nosuch` not found; looked for nosuch.toml in:\n  /here\n  /a\n  /b")
+        );
+        assert_eq!(
+            err.and_then(|e| e.hint()).as_deref(),
             Some(
-                "policy `nosuch` not found; looked for nosuch.toml in:\n  /here\n  /a\n  /b\nhint: give a path to the file, add its directory to BUILDCAGE_POLICY_PATH, or pick a shipped policy (`buildcage policy show default`)"
+                "give a path to the file, add its directory to BUILDCAGE_POLICY_PATH, or pick a shipped policy (`buildcage policy show default`)"
             )
         );
     }

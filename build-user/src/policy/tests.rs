@@ -8,6 +8,7 @@ use std::{
 };
 
 use super::*;
+use crate::hint::Hint as _;
 
 /// A fresh directory under the system temp dir, unique to this test process.
 fn temp_dir(tag: &str) -> PathBuf {
@@ -33,11 +34,22 @@ fn parse(text: &str) -> Result<Policy, PolicyError> {
     parse_str(text, Path::new("/p/test.toml"), &vars())
 }
 
-fn err(text: &str) -> String {
-    parse(text)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_else(|| "parsed without error".to_owned())
+/// What an error says went wrong, and its hint (empty if none).
+fn split(e: &PolicyError) -> (String, String) {
+    (e.to_string(), e.hint().unwrap_or_default())
+}
+
+/// What parsing `text` says went wrong, and its hint.
+fn err(text: &str) -> (String, String) {
+    parse(text).err().map_or_else(
+        || ("parsed without error".to_owned(), String::new()),
+        |e| split(&e),
+    )
+}
+
+/// An expected [`err`].
+fn said(message: &str, hint: &str) -> (String, String) {
+    (message.to_owned(), hint.to_owned())
 }
 
 fn root(path: &str, mode: Mode, origin: &str) -> WriteRoot {
@@ -98,51 +110,84 @@ fn absent_keys_take_the_closed_defaults() {
 fn unknown_key_names_place_and_suggests() {
     assert_eq!(
         err("network = \"none\"\nwrites = []\n"),
-        "/p/test.toml:2:1: unknown key `writes`: expected one of `inherits`, `network`, `families`, `capabilities`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  2 | writes = []\n    | ^^^^^^\nhint: did you mean `write`?"
+        said(
+            "/p/test.toml:2:1: unknown key `writes`: expected one of `inherits`, `network`, `families`, `capabilities`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  2 | writes = []\n    | ^^^^^^",
+            "did you mean `write`?",
+        )
     );
     assert_eq!(
         err("netwrok = \"none\"\n"),
-        "/p/test.toml:1:1: unknown key `netwrok`: expected one of `inherits`, `network`, `families`, `capabilities`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  1 | netwrok = \"none\"\n    | ^^^^^^^\nhint: did you mean `network`?"
+        said(
+            "/p/test.toml:1:1: unknown key `netwrok`: expected one of `inherits`, `network`, `families`, `capabilities`, `unix_connect`, `write`, `action`, `kill_on_violation`\n  1 | netwrok = \"none\"\n    | ^^^^^^^",
+            "did you mean `network`?",
+        )
     );
     assert_eq!(
         err("write = [\n  { path = \"/x\", modes = \"tree\" },\n]\n"),
-        "/p/test.toml:2:18: unknown key `modes` in a `write` entry: expected one of `path`, `mode`, `optional`\n  2 |   { path = \"/x\", modes = \"tree\" },\n    |                  ^^^^^\nhint: did you mean `mode`?"
+        said(
+            "/p/test.toml:2:18: unknown key `modes` in a `write` entry: expected one of `path`, `mode`, `optional`\n  2 |   { path = \"/x\", modes = \"tree\" },\n    |                  ^^^^^",
+            "did you mean `mode`?",
+        )
     );
-    assert!(err("path = \"/x\"\n").ends_with(
-        "hint: `path` belongs in a `write` entry: write = [{ path = \"/dir\", mode = \"tree\" }]"
-    ));
+    assert_eq!(
+        err("path = \"/x\"\n").1,
+        "`path` belongs in a `write` entry: write = [{ path = \"/dir\", mode = \"tree\" }]"
+    );
 }
 
 #[test]
 fn bad_values_list_what_is_expected() {
     assert_eq!(
         err("write = [{ path = \"/tmp\", mode = \"own-files\" }]\n"),
-        "/p/test.toml:1:34: `write[0].mode` cannot be \"own-files\": expected one of `tree`, `own`, `device`, `file`\n  1 | write = [{ path = \"/tmp\", mode = \"own-files\" }]\n    |                                  ^^^^^^^^^^^\nhint: did you mean `write[0].mode = \"own\"`?"
+        said(
+            "/p/test.toml:1:34: `write[0].mode` cannot be \"own-files\": expected one of `tree`, `own`, `device`, `file`\n  1 | write = [{ path = \"/tmp\", mode = \"own-files\" }]\n    |                                  ^^^^^^^^^^^",
+            "did you mean `write[0].mode = \"own\"`?",
+        )
     );
     assert_eq!(
         err("network = \"offline\"\n"),
-        "/p/test.toml:1:11: `network` cannot be \"offline\": expected one of `none`, `loopback`, `allow`\n  1 | network = \"offline\"\n    |           ^^^^^^^^^\nhint: write `network = \"none\"` or another of the values above"
+        said(
+            "/p/test.toml:1:11: `network` cannot be \"offline\": expected one of `none`, `loopback`, `allow`\n  1 | network = \"offline\"\n    |           ^^^^^^^^^",
+            "write `network = \"none\"` or another of the values above",
+        )
     );
-    assert!(err("action = \"audt\"\n").ends_with("hint: did you mean `action = \"audit\"`?"));
+    assert_eq!(
+        err("action = \"audt\"\n").1,
+        "did you mean `action = \"audit\"`?"
+    );
     assert_eq!(
         err("unix_connect = \"yes\"\n"),
-        "/p/test.toml:1:16: invalid type: string \"yes\", expected a boolean\n  1 | unix_connect = \"yes\"\n    |                ^^^^^\nhint: write `true` or `false`, without quotes"
+        said(
+            "/p/test.toml:1:16: invalid type: string \"yes\", expected a boolean\n  1 | unix_connect = \"yes\"\n    |                ^^^^^",
+            "write `true` or `false`, without quotes",
+        )
     );
-    assert!(err("write = [{ path = \"/x\" }]\n").contains("this `write` entry has no `mode`"));
-    assert!(err("network = \n").starts_with("/p/test.toml:1:"));
+    assert!(
+        err("write = [{ path = \"/x\" }]\n")
+            .0
+            .contains("this `write` entry has no `mode`")
+    );
+    assert!(err("network = \n").0.starts_with("/p/test.toml:1:"));
 }
 
 #[test]
 fn bad_family_names_get_suggestions() {
     assert_eq!(
         err("families = [\"netlnk\"]\n"),
-        "/p/test.toml:1:13: \"netlnk\" in `families` is not a Linux address family\n  1 | families = [\"netlnk\"]\n    |             ^^^^^^^^\nhint: did you mean \"netlink\"?"
+        said(
+            "/p/test.toml:1:13: \"netlnk\" in `families` is not a Linux address family\n  1 | families = [\"netlnk\"]\n    |             ^^^^^^^^",
+            "did you mean \"netlink\"?",
+        )
+    );
+    assert_eq!(
+        err("families = [\"AF_NETLINK\"]\n").1,
+        "write \"netlink\": family names are lowercase, without `AF_`"
     );
     assert!(
-        err("families = [\"AF_NETLINK\"]\n")
-            .ends_with("hint: write \"netlink\": family names are lowercase, without `AF_`")
+        err("families = [\"unspec\"]\n")
+            .0
+            .contains("is not a Linux address family")
     );
-    assert!(err("families = [\"unspec\"]\n").contains("is not a Linux address family"));
 }
 
 #[test]
@@ -156,15 +201,18 @@ fn variables_expand_or_fail_by_name() {
         err(
             "write = [\n  { path = \"${TREE}/x\", mode = \"tree\" },\n  { path = \"${WRKDIR}/y\", mode = \"tree\" },\n]\n"
         ),
-        "/p/test.toml:3:13: undefined variable `${WRKDIR}` in `write[1].path`\n  3 |   { path = \"${WRKDIR}/y\", mode = \"tree\" },\n    |             ^^^^^^^^^\nhint: pass --set WRKDIR=/absolute/dir to define it"
-    );
-    assert!(
-        err("write = [{ path = \"${TRE}\", mode = \"tree\" }]\n").ends_with(
-            "hint: pass --set TRE=/absolute/dir to define it, or did you mean `${TREE}`?"
+        said(
+            "/p/test.toml:3:13: undefined variable `${WRKDIR}` in `write[1].path`\n  3 |   { path = \"${WRKDIR}/y\", mode = \"tree\" },\n    |             ^^^^^^^^^",
+            "pass --set WRKDIR=/absolute/dir to define it",
         )
+    );
+    assert_eq!(
+        err("write = [{ path = \"${TRE}\", mode = \"tree\" }]\n").1,
+        "pass --set TRE=/absolute/dir to define it, or did you mean `${TREE}`?"
     );
     assert!(
         err("write = [{ path = \"$TREE\", mode = \"tree\" }]\n")
+            .0
             .contains("`$TREE` in `write[0].path` is not a variable reference")
     );
     let mut with_set = vars();
@@ -184,32 +232,39 @@ fn variables_expand_or_fail_by_name() {
 fn paths_must_be_absolute_without_dotdot() {
     assert_eq!(
         err("write = [{ path = \"build/out\", mode = \"tree\" }]\n"),
-        "/p/test.toml:1:19: `write[0].path` = \"build/out\" is not an absolute path\n  1 | write = [{ path = \"build/out\", mode = \"tree\" }]\n    |                   ^^^^^^^^^^^\nhint: start the path with `/`, or with a variable such as `${TREE}`"
+        said(
+            "/p/test.toml:1:19: `write[0].path` = \"build/out\" is not an absolute path\n  1 | write = [{ path = \"build/out\", mode = \"tree\" }]\n    |                   ^^^^^^^^^^^",
+            "start the path with `/`, or with a variable such as `${TREE}`",
+        )
     );
     assert!(
-        err("write = [{ path = \"${TREE}/../etc\", mode = \"tree\" }]\n").contains(
-            "`write[0].path` = \"${TREE}/../etc\" (expanded: \"/b/tree/../etc\") contains `..`"
-        )
+        err("write = [{ path = \"${TREE}/../etc\", mode = \"tree\" }]\n")
+            .0
+            .contains(
+                "`write[0].path` = \"${TREE}/../etc\" (expanded: \"/b/tree/../etc\") contains `..`"
+            )
     );
     let mut relative = vars();
     relative.set("TREE", "src");
-    let e = parse_str(
+    let (e, hint) = parse_str(
         "write = [{ path = \"${TREE}\", mode = \"tree\" }]",
         Path::new("/p/t.toml"),
         &relative,
     )
     .err()
-    .map(|e| e.to_string())
+    .map(|e| split(&e))
     .unwrap_or_default();
     assert!(
         e.contains("\"${TREE}\" (expanded: \"src\") is not an absolute path"),
         "{e}"
     );
-    assert!(e.ends_with(
-        "hint: give the variables absolute paths (--set NAME=/dir), or start the path with `/`"
-    ));
+    assert_eq!(
+        hint,
+        "give the variables absolute paths (--set NAME=/dir), or start the path with `/`"
+    );
     assert!(
         err("write = [{ path = \"/x\", mode = \"tree\" }, { path = \"/x\", mode = \"own\" }]")
+            .0
             .contains("`write[1].path` names \"/x\" again, as `write[0]` did")
     );
 }
@@ -258,17 +313,21 @@ fn inheritance_cycles_and_depth_are_errors() {
     let canon = fs::canonicalize(&dir).expect("canonical");
     let e = load_file(&dir.join("a.toml"), &vars())
         .err()
-        .map(|e| e.to_string())
+        .map(|e| split(&e))
         .unwrap_or_default();
     let (a, b) = (canon.join("a.toml"), canon.join("b.toml"));
     assert_eq!(
         e,
-        format!(
-            "{}:2:12: inheritance cycle: {} -> {} -> {}\n  2 | inherits = \"a\"\n    |            ^^^\nhint: remove `inherits` from one of these files, or point it at a policy outside the loop",
-            dir.join("b.toml").display(),
-            a.display(),
-            b.display(),
-            a.display()
+        (
+            format!(
+                "{}:2:12: inheritance cycle: {} -> {} -> {}\n  2 | inherits = \"a\"\n    |            ^^^",
+                dir.join("b.toml").display(),
+                a.display(),
+                b.display(),
+                a.display()
+            ),
+            "remove `inherits` from one of these files, or point it at a policy outside the loop"
+                .to_owned()
         )
     );
     for i in 0..10 {
@@ -279,9 +338,9 @@ fn inheritance_cycles_and_depth_are_errors() {
         .expect("write");
     }
     fs::write(dir.join("d10.toml"), "").expect("write");
-    let e = load_file(&dir.join("d0.toml"), &vars())
+    let (e, hint) = load_file(&dir.join("d0.toml"), &vars())
         .err()
-        .map(|e| e.to_string())
+        .map(|e| split(&e))
         .unwrap_or_default();
     assert!(
         e.contains(&format!(
@@ -290,15 +349,41 @@ fn inheritance_cycles_and_depth_are_errors() {
         )),
         "{e}"
     );
-    let e = parse_str("inherits = \"nosuch\"", &dir.join("x.toml"), &vars())
+    assert_eq!(
+        hint,
+        "inherit from a policy nearer the top, or copy its keys into this file"
+    );
+    // A parent that cannot be found or read: the `inherits` line, what went
+    // wrong with the parent (its cause included, once), and the parent's hint.
+    let (e, hint) = parse_str("inherits = \"nosuch\"", &dir.join("x.toml"), &vars())
         .err()
-        .map(|e| e.to_string())
+        .map(|e| split(&e))
         .unwrap_or_default();
     assert!(e.starts_with(&format!(
         "{}:1:12: cannot use `inherits`: policy `nosuch` not found; looked for nosuch.toml in:\n  {}\n",
         dir.join("x.toml").display(),
         dir.display()
     )), "{e}");
+    assert!(hint.starts_with("give a path to the file"), "{hint}");
+    fs::create_dir_all(dir.join("folder.toml")).expect("mkdir");
+    let (e, hint) = parse_str("inherits = \"./folder.toml\"", &dir.join("x.toml"), &vars())
+        .err()
+        .map(|e| split(&e))
+        .unwrap_or_default();
+    let cause = fs::read_to_string(dir.join("folder.toml"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.starts_with(&format!(
+            "{}:1:12: cannot use `inherits`: cannot read policy file {}: {cause}\n",
+            dir.join("x.toml").display(),
+            dir.join("./folder.toml").display()
+        )),
+        "{e}"
+    );
+    assert_eq!(e.matches(&cause).count(), 1, "{e}");
+    assert_eq!(hint, "check that the file is readable UTF-8 text");
 }
 
 #[test]
@@ -407,10 +492,16 @@ fn roots_are_checked_at_run_time() {
     )
     .expect("valid");
     assert_eq!(
-        missing.check_roots_exist().err().map(|e| e.to_string()),
-        Some(format!(
-            "write root {d}/gone (mode `tree`, from `${{D}}/gone` in /p/m.toml) cannot be read: No such file or directory (os error 2)\nhint: create it (mkdir -p {d}/gone), or --set the variable in `${{D}}/gone` to one that exists",
-            d = dir.display()
+        missing.check_roots_exist().err().map(|e| split(&e)),
+        Some((
+            format!(
+                "write root {d}/gone (mode `tree`, from `${{D}}/gone` in /p/m.toml) cannot be read: No such file or directory (os error 2)",
+                d = dir.display()
+            ),
+            format!(
+                "create it (mkdir -p {d}/gone), or --set the variable in `${{D}}/gone` to one that exists",
+                d = dir.display()
+            )
         ))
     );
     let not_dev = parse_str(
@@ -420,8 +511,8 @@ fn roots_are_checked_at_run_time() {
     )
     .expect("valid");
     assert!(not_dev.check_roots_exist().is_err_and(|e| {
-        e.to_string()
-            .contains(") is not a device node\nhint: use mode \"tree\"")
+        e.to_string().ends_with(") is not a device node")
+            && e.hint().is_some_and(|h| h.starts_with("use mode \"tree\""))
     }));
     let not_dir = parse_str(
         "write = [{ path = \"${D}/plain\", mode = \"own\" }]",
@@ -432,7 +523,8 @@ fn roots_are_checked_at_run_time() {
     assert!(
         not_dir
             .check_roots_exist()
-            .is_err_and(|e| e.to_string().contains(") is not a directory\n"))
+            .is_err_and(|e| e.to_string().ends_with(") is not a directory")
+                && e.hint().is_some_and(|h| h.starts_with("use mode \"file\"")))
     );
 }
 
@@ -562,7 +654,9 @@ fn capabilities_are_named_checked_and_inherited() {
     )
     .expect_err("not a policy name");
     assert!(
-        upper.to_string().contains("hint: write \"kill\""),
+        upper
+            .hint()
+            .is_some_and(|h| h.starts_with("write \"kill\"")),
         "{upper}"
     );
     let never = parse_str(
