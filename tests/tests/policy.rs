@@ -93,8 +93,13 @@ fn kill_on_violation_kills_the_offender() {
 fn a_suggested_policy_lets_the_same_build_run_with_zero_denials() {
     let tree = scratch_in(Path::new("/var/tmp"), "suggest");
     let outside = format!("/etc/buildcage-suggest-{}", std::process::id());
+    // A host service's unix socket: the kernel reports the connect as
+    // `unix_connect` with the socket's path, which must be learned as
+    // `unix_connect = true`, not as a write root on /run.
+    let sock = format!("/run/buildcage-suggest-{}.sock", std::process::id());
+    let _service = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let script = format!(
-        "mkdir -p {outside}/sub && echo x > {outside}/sub/f && echo y > {outside}/g && {PROBE} socket inet stream"
+        "mkdir -p {outside}/sub && echo x > {outside}/sub/f && echo y > {outside}/g && {PROBE} socket inet stream && {PROBE} net unix-connect {sock}"
     );
     let audit_events = tree.join("audit.jsonl");
     let audited = run_confined(
@@ -128,7 +133,22 @@ fn a_suggested_policy_lets_the_same_build_run_with_zero_denials() {
     );
     let policy = tree.join("suggested.toml");
     std::fs::write(&policy, &suggested.stdout).unwrap();
-    eprintln!("suggested:\n{}", String::from_utf8_lossy(&suggested.stdout));
+    let text = String::from_utf8_lossy(&suggested.stdout);
+    eprintln!("suggested:\n{text}");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["op"] == "unix_connect" && e["path"] == sock.as_str()),
+        "{audit:?}"
+    );
+    assert!(
+        text.contains("\nunix_connect = true # unix_connect /run/"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("path = \"/run"),
+        "no write root for a socket: {text}"
+    );
 
     let rerun_events = tree.join("rerun.jsonl");
     let rerun = run_confined(
@@ -143,7 +163,10 @@ fn a_suggested_policy_lets_the_same_build_run_with_zero_denials() {
         &["sh", "-c", &script],
     );
     assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
-    assert_eq!(stdout(&rerun), "socket inet stream OK\n");
+    assert_eq!(
+        stdout(&rerun),
+        format!("socket inet stream OK\nunix-connect {sock} OK\n")
+    );
     assert_eq!(
         events(&rerun_events),
         Vec::<serde_json::Value>::new(),

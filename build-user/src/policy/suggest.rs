@@ -155,10 +155,16 @@ pub fn suggest(events: &[Event], base: &Policy) -> String {
                 }
                 _ => {}
             },
-            "connect" | "bind" | "sendmsg" => {
-                if family == Some(model::AF_UNIX) && !base.unix_connect {
+            // The kernel reports a refused AF_UNIX connect or send as
+            // `unix_connect`, with the socket's path when it has one: the
+            // policy's answer is `unix_connect`, never a write root there.
+            "unix_connect" => {
+                if !base.unix_connect {
                     unix_reason.get_or_insert_with(|| what(event));
-                } else if inet && base.network != Network::Allow {
+                }
+            }
+            "connect" | "bind" | "sendmsg" => {
+                if inet && base.network != Network::Allow {
                     network_reason.get_or_insert_with(|| what(event));
                 }
             }
@@ -370,7 +376,7 @@ mod tests {
                 r#"{"op":"unlink","action":"allow","path":"/elsewhere/z/3"}"#,
                 "",
                 r#"{"op":"socket","action":"deny","family":"netlink","type":"raw"}"#,
-                r#"{"op":"connect","action":"deny","family":"unix","path":"/run/dbus/socket"}"#,
+                r#"{"op":"unix_connect","action":"deny","path":"/run/dbus/socket"}"#,
                 r#"{"op":"mkdir","action":"deny","path":"/etc/newdir"}"#,
             ]
             .join("\n"),
@@ -384,7 +390,7 @@ mod tests {
              # what they need on top of \"site\". Review every line: each one widens what a build may do.\n\
              inherits = \"site\"\n\
              families = [\"netlink\"] # socket(netlink)\n\
-             unix_connect = true # connect /run/dbus/socket\n\
+             unix_connect = true # unix_connect /run/dbus/socket\n\
              write = [\n    { path = \"/home/u/.cache\", mode = \"tree\" }, # 2 events, e.g. create /home/u/.cache/x/1 by cc (pid 7)\n]\n\
              # mkdir /etc/newdir: would need all of /etc writable; not suggested\n"
         );
