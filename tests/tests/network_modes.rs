@@ -173,3 +173,45 @@ fn unix_connect_is_limited_to_the_builds_own_sockets() {
     );
     assert!(out.trim_end().ends_with(" OK"), "{out}");
 }
+
+/// A socket the kernel makes for the build goes only where the build may. An
+/// MPTCP peer announces another address (ADD_ADDR), and the kernel's path
+/// manager opens a subflow to it from a worker thread, through kernel_connect,
+/// which no LSM socket hook sees. The host's path manager is set up to accept
+/// announcements (as an admin might), with a local non-loopback address to
+/// announce. Unconfined, the subflow opens; confined in loopback mode, the
+/// cgroup connect4 program refuses it and reports it.
+#[test]
+fn a_subflow_the_kernel_opens_for_the_build_is_judged() {
+    let ip = |args: &str| {
+        let ok = Command::new("ip")
+            .args(args.split(' '))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip {args}");
+    };
+    ip("addr add 192.0.2.1/32 dev lo");
+    ip("mptcp limits set add_addr_accepted 1 subflows 2");
+    ip("mptcp endpoint add 192.0.2.1 dev lo signal");
+    let unconfined = Command::new(PROBE)
+        .args(["route", "mptcp-announced"])
+        .output()
+        .unwrap();
+    let tree = scratch_in(Path::new("/var/tmp"), "mptcp");
+    let (confined, ev) = net(&tree, "loopback", &format!("{PROBE} route mptcp-announced"));
+    ip("mptcp endpoint flush");
+    ip("mptcp limits set add_addr_accepted 0 subflows 2");
+    ip("addr del 192.0.2.1/32 dev lo");
+    assert_eq!(
+        stdout(&unconfined),
+        "mptcp-announced subflows 1\n",
+        "unconfined, the announced subflow opens"
+    );
+    assert_eq!(confined, "mptcp-announced subflows 0\n");
+    assert!(
+        ev.iter()
+            .any(|e| e["op"] == "connect" && e["action"] == "deny" && e["address"] == "192.0.2.1"),
+        "{ev:?}"
+    );
+}

@@ -207,6 +207,81 @@ pub(crate) fn route_op(args: &[String]) -> Option<String> {
             let own = s.local_addr().ok()?;
             sendmmsg(&s, own, args.get(1)?.parse().ok()?)
         }
+        // An MPTCP connection to a server of the probe's own on loopback,
+        // whose peer may announce other addresses (ADD_ADDR); the kernel then
+        // opens subflows to them from a worker. "subflows N": how many it
+        // opened besides the first.
+        "mptcp-announced" => mptcp_announced()?,
         _ => return None,
     })
+}
+
+/// See `route mptcp-announced`. Linux: IPPROTO_MPTCP 262, SOL_MPTCP 284,
+/// MPTCP_INFO 1, whose first byte is mptcpi_subflows
+/// (include/uapi/linux/mptcp.h).
+fn mptcp_announced() -> Option<String> {
+    use std::os::fd::FromRawFd as _;
+    let socket = || {
+        // SAFETY: socket(2); the fd is owned by the TcpStream/TcpListener below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 262) };
+        (fd >= 0).then_some(fd)
+    };
+    let Some(server) = socket() else {
+        return Some(format!("socket:{}", errno_name(last_errno())));
+    };
+    // SAFETY: a fresh socket of ours.
+    let server = unsafe { std::net::TcpListener::from_raw_fd(server) };
+    let mut any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+    let mut storage = zeroed_storage();
+    let len = write_sockaddr(any, &mut storage);
+    // SAFETY: bind and listen on our own socket.
+    unsafe {
+        if libc::bind(fd_of_listener(&server), (&raw const storage).cast(), len) != 0
+            || libc::listen(fd_of_listener(&server), 4) != 0
+        {
+            return Some(format!("listen:{}", errno_name(last_errno())));
+        }
+    }
+    any.set_port(server.local_addr().ok()?.port());
+    any.set_ip(Ipv4Addr::LOCALHOST.into());
+    let client = socket()?;
+    let len = write_sockaddr(any, &mut storage);
+    // SAFETY: connect our own socket; the stream owns it from here.
+    let client = unsafe {
+        if libc::connect(client, (&raw const storage).cast(), len) != 0 {
+            return Some(format!("connect:{}", errno_name(last_errno())));
+        }
+        std::net::TcpStream::from_raw_fd(client)
+    };
+    let (mut conn, _) = server.accept().ok()?;
+    std::io::Write::write_all(&mut &client, b"hello").ok()?;
+    let mut buf = [0u8; 5];
+    std::io::Read::read_exact(&mut conn, &mut buf).ok()?;
+    // Time for the announcement and the subflow it asks for.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut info = [0u8; 64];
+    let mut info_len = libc::socklen_t::try_from(info.len()).ok()?;
+    // SAFETY: getsockopt into our own buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&client),
+            284,
+            1,
+            info.as_mut_ptr().cast(),
+            &raw mut info_len,
+        )
+    };
+    if rc != 0 {
+        return Some(format!("info:{}", errno_name(last_errno())));
+    }
+    Some(format!("subflows {}", info[0]))
+}
+
+fn zeroed_storage() -> libc::sockaddr_storage {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    unsafe { std::mem::zeroed() }
+}
+
+fn fd_of_listener(l: &std::net::TcpListener) -> i32 {
+    std::os::fd::AsRawFd::as_raw_fd(l)
 }
