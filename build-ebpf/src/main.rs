@@ -5,7 +5,7 @@
 //! compiled policy, decides, and reports. Anything clever happens in user space.
 //! An internal error denies and is counted (fail closed).
 //!
-//! Two kinds of attachment, chosen per hook in user space (loader.rs):
+//! Two kinds of attachment, chosen per hook in user space (build-user/src/kernel/instance.rs):
 //! - `BPF_LSM_CGROUP` programs, attached to the build's cgroup, for the hottest
 //!   hooks: tasks outside every build never run them. They return 1 to allow and
 //!   0 to refuse, which the kernel turns into -EPERM

@@ -6,12 +6,18 @@ use std::{error::Error, os::fd::AsRawFd as _, time::Duration};
 use buildcage_common::{BuildPolicy, Op};
 
 use crate::{
-    btf::KernelBtf,
-    cgroup::{self, BuildCgroup},
-    event::{Clock, Record},
-    hint::{self, Hint},
-    loader::Confinement,
-    sysfs,
+    events::{
+        paths::Mounts,
+        record::{Clock, Record},
+    },
+    hint::Hint,
+    kernel::{
+        btf::KernelBtf,
+        cgroup::{self, BuildCgroup},
+        instance::{Attach, HOOKS, Instance},
+        lease::Lease,
+        sysfs,
+    },
 };
 
 /// `AF_UNIX`, `AF_INET` from include/linux/socket.h.
@@ -35,6 +41,16 @@ pub enum DoctorError {
     /// A system call was refused, with no event saying so.
     #[error("{0} was refused, but no event arrived")]
     NoEvent(&'static str),
+    #[error("could not move a process into the scratch cgroup {0}")]
+    NotMoved(std::path::PathBuf),
+    #[error("fork failed")]
+    Fork(#[source] std::io::Error),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Event(#[from] crate::events::record::EventError),
 }
 
 impl Hint for DoctorError {
@@ -48,7 +64,11 @@ impl Hint for DoctorError {
                 Self::NotEnforced(_) => {
                     "BPF LSM does not enforce here; check `cat /sys/kernel/security/lsm` lists bpf"
                 }
-                Self::NoEvent(_) => "please report this",
+                Self::NoEvent(_) | Self::NotMoved(_) | Self::Fork(_) | Self::Event(_) => {
+                    "please report this"
+                }
+                Self::Kernel(e) => return e.hint(),
+                Self::Cgroup(e) => return e.hint(),
             }
             .to_owned(),
         )
@@ -75,10 +95,10 @@ impl Check {
         }
     }
 
-    /// A failure: `err` and its causes, and the hint of the outermost error in
-    /// that chain that has one.
-    fn fail(name: &'static str, err: &(dyn Error + 'static)) -> Self {
-        let detail = std::iter::successors(Some(err), |&e| e.source())
+    /// A failure: `err` and its causes, and its hint.
+    fn fail<E: Error + Hint + 'static>(name: &'static str, err: &E) -> Self {
+        let err_dyn: &(dyn Error + 'static) = err;
+        let detail = std::iter::successors(Some(err_dyn), |&e| e.source())
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(": ");
@@ -86,7 +106,7 @@ impl Check {
             name,
             ok: false,
             detail,
-            hint: hint::of(err),
+            hint: err.hint(),
         }
     }
 }
@@ -135,7 +155,7 @@ pub fn run_checks() -> Vec<Check> {
         (true, Ok(offsets), Ok(cgroot), Ok(bpffs)) if checks.iter().all(|c| c.ok) => {
             match enforcement_probe(&cgroot, offsets, &bpffs) {
                 Ok(detail) => Check::pass("enforce", detail),
-                Err(e) => Check::fail("enforce", &*e),
+                Err(e) => Check::fail("enforce", &e),
             }
         }
         _ => Check::fail("enforce", &DoctorError::NotTried),
@@ -146,14 +166,9 @@ pub fn run_checks() -> Vec<Check> {
 /// Which LSM hooks the kernel offers: every hook buildcage attaches to must be
 /// there; the optional ones are reported, since they decide known gaps.
 fn hooks_check(btf: &KernelBtf) -> Check {
-    let lsm_hooks: Vec<&str> = crate::loader::HOOKS
+    let lsm_hooks: Vec<&str> = HOOKS
         .iter()
-        .filter(|(_, attach)| {
-            matches!(
-                attach,
-                crate::loader::Attach::Cgroup | crate::loader::Attach::Global
-            )
-        })
+        .filter(|(_, attach)| matches!(attach, Attach::Cgroup | Attach::Global))
         .map(|(hook, _)| *hook)
         .collect();
     let missing: Vec<String> = lsm_hooks
@@ -191,11 +206,11 @@ fn enforcement_probe(
     cgroot: &std::path::Path,
     offsets: buildcage_common::Offsets,
     bpffs: &std::path::Path,
-) -> anyhow::Result<String> {
+) -> Result<String, DoctorError> {
     let name = format!("doctor-{}", std::process::id());
     let cg = BuildCgroup::create(cgroot, &name)?;
     let result = probe_in(&cg, offsets, bpffs);
-    let killed = cg.kill_all(Duration::from_secs(5));
+    let killed = cg.kill_all_blocking(Duration::from_secs(5));
     let removed = cg.remove();
     let detail = result?;
     killed?;
@@ -207,14 +222,15 @@ fn probe_in(
     cg: &BuildCgroup,
     offsets: buildcage_common::Offsets,
     bpffs: &std::path::Path,
-) -> anyhow::Result<String> {
+) -> Result<String, DoctorError> {
     let policy = BuildPolicy {
         socket_families: 1 << AF_UNIX,
         flags: 0,
         net: buildcage_common::policy::NET_NONE,
     };
-    let mut confinement = Confinement::attach(cg, policy, &[], offsets, bpffs)?;
-    let mut events = confinement.take_events()?;
+    let mut instance = Instance::attach(cg, offsets, bpffs)?;
+    let lease = Lease::take(&instance, policy, &[])?;
+    let mut events = instance.take_events()?;
     let procs = cg.procs_for_writing()?;
     // SAFETY: doctor runs before any other thread exists; the child only makes raw
     // system calls and leaves with _exit.
@@ -241,7 +257,9 @@ fn probe_in(
             libc::_exit(code);
         }
     }
-    anyhow::ensure!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
+    if pid < 0 {
+        return Err(DoctorError::Fork(std::io::Error::last_os_error()));
+    }
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -250,7 +268,7 @@ fn probe_in(
     let mut event = None;
     let mut userns_event = None;
     while let Some(item) = events.next() {
-        let record = Record::decode(&item, "doctor", &clock, &crate::paths::Mounts::default())?;
+        let record = Record::decode(&item, "doctor", &clock, &Mounts::default())?;
         if i32::try_from(record.pid).ok() != Some(pid) {
             continue;
         }
@@ -260,12 +278,11 @@ fn probe_in(
             _ => {}
         }
     }
-    let released = confinement.release();
-    anyhow::ensure!(
-        code != 100,
-        "could not move a process into the scratch cgroup {}",
-        cg.path().display()
-    );
+    drop(lease);
+    let released = instance.release();
+    if code == 100 {
+        return Err(DoctorError::NotMoved(cg.path().to_owned()));
+    }
     let failed = match code {
         0 => None,
         10 => Some("socket(AF_INET) succeeded (a cgroup-attached hook)"),
@@ -277,7 +294,7 @@ fn probe_in(
         _ => Some("the scratch build's process died"),
     };
     if let Some(what) = failed {
-        return Err(DoctorError::NotEnforced(what).into());
+        return Err(DoctorError::NotEnforced(what));
     }
     let event = event.ok_or(DoctorError::NoEvent("socket(AF_INET)"))?;
     let userns_event = userns_event.ok_or(DoctorError::NoEvent("unshare(CLONE_NEWUSER)"))?;

@@ -1,18 +1,16 @@
 //! buildcage: kernel-enforced confinement for package builds.
 //!
-//! The library holds everything the `buildcage` binary and the integration tests
-//! share: cgroups, BTF offsets, the loader, events and their printers, the checks
-//! of `doctor`, and the supervisor of a confined command.
+//! The library holds everything the `buildcage` binary (and, later, its daemon)
+//! shares: the [`plan`] of a build, the [`kernel`] side (BTF, cgroups, the
+//! instance of the programs and each build's lease on it), the [`session`]
+//! that runs one build, its [`events`] and their sinks, the checks of
+//! [`doctor`], and the [`policy`] language.
 
-pub mod btf;
-pub mod cgroup;
 pub mod doctor;
-pub mod event;
+pub mod events;
 pub mod harden;
 pub mod hint;
-pub mod loader;
-pub mod paths;
+pub mod kernel;
+pub mod plan;
 pub mod policy;
-pub mod print;
-pub mod supervise;
-pub mod sysfs;
+pub mod session;

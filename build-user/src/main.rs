@@ -3,11 +3,12 @@
 //! stdout is the confined command's alone; buildcage writes only to stderr, and
 //! to the events file. Errors end with a `hint:` line.
 
-use std::{fmt::Write as _, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod report;
 
 #[derive(Debug, Parser)]
 #[command(name = "buildcage", version, about, long_about = None)]
@@ -47,22 +48,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            report(&err);
+            report::report(&err);
             ExitCode::from(EXIT_BUILDCAGE_FAILED)
         }
     }
-}
-
-/// Prints `err` to stderr: what happened, then each of its causes once, then,
-/// on a line of its own, the hint of the outermost error in the chain that has
-/// one.
-pub(crate) fn report(err: &anyhow::Error) {
-    let mut msg = format!("buildcage: error: {err}");
-    for cause in err.chain().skip(1) {
-        let _ = write!(msg, ": {cause}");
-    }
-    if let Some(hint) = buildcage::hint::in_chain(err.chain()) {
-        let _ = write!(msg, "\nhint: {hint}");
-    }
-    eprintln!("{msg}");
 }

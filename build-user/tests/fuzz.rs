@@ -8,9 +8,11 @@
 use std::path::Path;
 
 use buildcage::{
-    event::{Clock, Record},
+    events::{
+        paths::Mounts,
+        record::{Clock, Record},
+    },
     hint::Hint as _,
-    paths::Mounts,
     policy::{self, Vars},
 };
 use buildcage_common::Event;

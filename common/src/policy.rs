@@ -17,6 +17,7 @@ pub const NET_ALLOW: u32 = 2;
 /// The compiled policy of one build, as the kernel programs read it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct BuildPolicy {
     /// Bit `n` set: `socket(AF_n, ...)` is allowed. AF_UNIX is the only family in
     /// the default policy. Families at or above 64 are always denied.
@@ -32,6 +33,7 @@ const _: () = assert!(size_of::<BuildPolicy>() == 16);
 /// Per-build counters, one copy per CPU; user space adds the copies up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct BuildStats {
     /// Decisions that were not allow (deny, audit or kill).
     pub denials: u64,

@@ -193,3 +193,44 @@ fn planted_links_at_roots_are_refused() {
         assert_eq!(snapshot(victim), before, "{root}");
     }
 }
+
+/// A command that cannot be started: exit 125 with the cause and a hint, and
+/// nothing left behind, neither the build's cgroup nor its pins.
+#[test]
+fn a_command_that_cannot_start_leaves_nothing_behind() {
+    let parent = scratch_in(Path::new("/var/tmp"), "no-such-command");
+    let tree = parent.join("nocmd");
+    std::fs::create_dir(&tree).unwrap();
+    let out = run_confined(
+        &["--tree", tree.to_str().unwrap()],
+        &["/nonexistent/buildcage-no-such-command"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("cannot start /nonexistent/buildcage-no-such-command: ")
+            && err.contains("\nhint: check the command's name and PATH"),
+        "{err}"
+    );
+    // Each cause once.
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    let left: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/buildcage")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("nocmd."))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "the build's cgroup is gone");
+    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf/buildcage")
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for dir in pins {
+        // Pins of concurrent tests' builds may be there; none may be ours,
+        // and ours would be the only one whose cgroup no longer exists.
+        let id: u64 = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let live = std::fs::read_dir("/sys/fs/cgroup/buildcage")
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| std::os::unix::fs::MetadataExt::ino(&e.metadata().unwrap()) == id);
+        assert!(live, "pins {} outlive their build", dir.display());
+    }
+}

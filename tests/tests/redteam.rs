@@ -59,10 +59,22 @@ fn world() -> Vec<(String, String)> {
         .iter()
         .map(|d| (d.to_string(), format!("{:?}", tree_digest(Path::new(d), 8))))
         .collect();
-    w.push((
-        "/root".into(),
-        format!("{:?}", tree_digest(Path::new("/root"), 2)),
-    ));
+    // The guest's /root is the live host's (read-only to the guest), whose
+    // tools (caches, toolchains) change as the host works: its entries' names
+    // and the shell's and ssh's files are what a backdoor would plant.
+    let mut names: Vec<String> = std::fs::read_dir("/root")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    w.push(("/root entries".into(), names.join("\n")));
+    for f in [".bashrc", ".profile", ".ssh"] {
+        let path = Path::new("/root").join(f);
+        w.push((
+            path.display().to_string(),
+            format!("{:?}", tree_digest(&path, 2)),
+        ));
+    }
     let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
@@ -93,6 +105,34 @@ fn listening(port: u16) -> bool {
                         .is_some_and(|p| u16::from_str_radix(p, 16) == Ok(port))
             })
     })
+}
+
+/// Runs every attempt of `file` in one build in `tree` under `policy`, with
+/// `env` for the runner; checks that each failed and was reported. Returns
+/// the runner's stdout and buildcage's stderr.
+fn run_attempts(
+    tree: &Path,
+    policy: &str,
+    file: &str,
+    attempts: &[Attempt],
+    env: &[(&str, String)],
+) -> (String, String) {
+    let events_file = tree.with_extension("events.jsonl");
+    let out = Command::new(buildcage_tests::buildcage_bin())
+        .args(["run", "--policy", policy, "--tree"])
+        .arg(tree)
+        .arg("--events")
+        .arg(&events_file)
+        .args(["--", "sh", RUNNER, file, PROBE])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    let text = stdout(&out);
+    eprintln!("--- stdout:\n{text}--- stderr:\n{err}");
+    assert_eq!(out.status.code(), Some(0), "the runner finished: {err}");
+    assert_attempts_failed(attempts, &text, &events(&events_file));
+    (text, err)
 }
 
 /// Every attempt failed, and those that reach a hook were reported from their
@@ -175,21 +215,16 @@ fn a_root_build_cannot_get_out() {
     assert!(foreign_pts.starts_with("/dev/pts/"), "{foreign_pts}");
     let before = world();
 
-    let events_file = parent.join("events.jsonl");
-    let out = Command::new(buildcage_tests::buildcage_bin())
-        .args(["run", "--tree", tree.to_str().unwrap(), "--events"])
-        .arg(&events_file)
-        .args(["--", "sh", RUNNER, ATTACKS, PROBE])
-        .env("TARGET", target_pid.to_string())
-        .env("FOREIGN_PTS", &foreign_pts)
-        .output()
-        .unwrap();
-    let err = stderr(&out);
-    let text = stdout(&out);
-    eprintln!("--- stdout:\n{text}--- stderr:\n{err}");
-    assert_eq!(out.status.code(), Some(0), "the runner finished: {err}");
-
-    assert_attempts_failed(&attempts, &text, &events(&events_file));
+    let (text, err) = run_attempts(
+        &tree,
+        "default",
+        ATTACKS,
+        &attempts,
+        &[
+            ("TARGET", target_pid.to_string()),
+            ("FOREIGN_PTS", foreign_pts.clone()),
+        ],
+    );
 
     // Still inside its cgroup, still confined, after every attempt.
     assert!(text.contains("STILL cgroup /buildcage/"), "{text}");
@@ -238,28 +273,17 @@ fn a_root_build_on_loopback_reaches_only_its_own_ports() {
     let parent = scratch_in(Path::new("/var/tmp"), "redteam-loopback");
     let tree = parent.join("tree");
     std::fs::create_dir(&tree).unwrap();
-    let events_file = parent.join("events.jsonl");
-    let out = Command::new(buildcage_tests::buildcage_bin())
-        .args([
-            "run",
-            "--policy",
-            "loopback",
-            "--tree",
-            tree.to_str().unwrap(),
-        ])
-        .arg("--events")
-        .arg(&events_file)
-        .args(["--", "sh", RUNNER, LOOPBACK_ATTACKS, PROBE])
-        .env("OUTSIDE", format!("127.0.0.1:{port}"))
-        .env("OUTSIDE_PORT", port.to_string())
-        .env("OUTSIDE_MAPPED", format!("[::ffff:127.0.0.1]:{port}"))
-        .output()
-        .unwrap();
-    let err = stderr(&out);
-    let text = stdout(&out);
-    eprintln!("--- stdout:\n{text}--- stderr:\n{err}");
-    assert_eq!(out.status.code(), Some(0), "the runner finished: {err}");
-    assert_attempts_failed(&attempts, &text, &events(&events_file));
+    let (text, err) = run_attempts(
+        &tree,
+        "loopback",
+        LOOPBACK_ATTACKS,
+        &attempts,
+        &[
+            ("OUTSIDE", format!("127.0.0.1:{port}")),
+            ("OUTSIDE_PORT", port.to_string()),
+            ("OUTSIDE_MAPPED", format!("[::ffff:127.0.0.1]:{port}")),
+        ],
+    );
 
     // Still inside its cgroup, and its own loopback traffic still works.
     assert!(text.contains("STILL cgroup /buildcage/"), "{text}");

@@ -72,7 +72,7 @@ pub(crate) fn exec(args: PolicyArgs) -> anyhow::Result<ExitCode> {
         // A policy error is the user's to fix, not buildcage failing: exit 1,
         // printed as any error is (file:line:col and caret, causes, hint).
         Err(err) => {
-            crate::report(&err.into());
+            crate::report::report(&err.into());
             Ok(ExitCode::FAILURE)
         }
     }

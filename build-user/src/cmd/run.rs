@@ -1,15 +1,22 @@
-//! `buildcage run`.
+//! `buildcage run`: resolve the plan, then run one session with the terminal's
+//! sinks, passing SIGINT and SIGTERM on to the command.
 
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
-use anyhow::Context as _;
 use buildcage::{
-    cgroup,
-    loader::Root,
-    policy::{self, Mode, Policy, Vars, WriteRoot},
-    supervise::{self, RunSpec},
+    events::{
+        sink::{Human, JsonLines, Sink},
+        summary::SummarySink,
+    },
+    hint::Hinted,
+    kernel::Host,
+    plan::{ConfinementPlan, Request},
+    session::{self, Control},
 };
-use buildcage_common::policy::{TAG_DEVICE, TAG_FILE, TAG_OWN, TAG_TREE};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
@@ -37,135 +44,84 @@ pub(crate) struct RunArgs {
 }
 
 pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
-    if let Some(name) = &args.name {
-        cgroup::validate_name(name)?;
-    }
-    let tree = match args.tree {
-        Some(t) => t,
-        None => std::env::current_dir().context("cannot read the current directory")?,
-    };
-    let tree = tree.canonicalize().with_context(|| {
-        format!(
-            "build tree {}\nhint: pass an existing directory to --tree",
-            tree.display()
-        )
+    let plan = ConfinementPlan::resolve(&Request {
+        tree: args.tree,
+        policy: args.policy,
+        set: args.set,
+        allow_write: args.allow_write,
+        name: args.name,
     })?;
-    let allow_write = args
-        .allow_write
-        .iter()
-        .map(|d| {
-            d.canonicalize().with_context(|| {
-                format!(
-                    "--allow-write {}\nhint: the directory must exist",
-                    d.display()
-                )
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut vars = Vars::from_set_args(&args.set)?;
-    if vars.get("TREE").is_none() {
-        vars.set("TREE", tree.display().to_string());
-    }
-    vars.fill_defaults()?;
-    let policy = policy::load(&args.policy, &vars)?;
-    let absent = policy.check_roots_exist()?;
-    for root in &absent {
-        let path = root.path.display().to_string();
-        let from = if root.origin == path {
-            String::new()
-        } else {
-            format!(", from `{}`", root.origin)
-        };
+    for root in &plan.absent {
+        let from = root
+            .origin
+            .as_ref()
+            .map(|o| format!(", from `{o}`"))
+            .unwrap_or_default();
         eprintln!(
-            "buildcage: write root {path} ({}{from}) does not exist here: nothing to write there, going on without it",
+            "buildcage: write root {} ({}{from}) does not exist here: nothing to write there, going on without it",
+            root.path.display(),
             root.mode
         );
     }
-    let compiled = policy.kernel()?;
-    let mut roots = vec![Root {
-        path: tree.clone(),
-        kind: TAG_TREE,
-    }];
-    roots.extend(allow_write.into_iter().map(|path| Root {
-        path,
-        kind: TAG_TREE,
-    }));
-    roots.extend(kernel_roots(&policy, &absent));
-    roots.extend(own_terminal(&roots));
-    let name = args.name.unwrap_or_else(|| cgroup::name_from_dir(&tree));
-    let spec = RunSpec {
-        name,
-        tree,
-        roots,
-        policy: compiled,
-        events: args.events,
-        capabilities: policy.capabilities.clone(),
-        argv: args.command,
-    };
-    let outcome = supervise::run(&spec)?;
+    let host = Host::discover()?;
+    let mut json = args
+        .events
+        .as_ref()
+        .map(|path| {
+            JsonLines::create(path).map_err(|e| {
+                Hinted::new(
+                    format!("cannot create the events file {}", path.display()),
+                    "check that its directory exists and is writable",
+                )
+                .because(e)
+            })
+        })
+        .transpose()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(async {
+        // Listen for SIGINT/SIGTERM before the command exists, so none is missed.
+        let control = forward_signals()?;
+        let mut human = Human::new(std::io::stderr());
+        let mut summary = SummarySink::new(std::io::stderr());
+        let mut sinks: Vec<&mut dyn Sink> = vec![&mut human];
+        if let Some(json) = json.as_mut() {
+            sinks.push(json);
+        }
+        sinks.push(&mut summary);
+        anyhow::Ok(session::run(&plan, &args.command, &host, &mut sinks, control).await?)
+    })?;
     Ok(ExitCode::from(
         u8::try_from(outcome.code & 0xff).unwrap_or(1),
     ))
 }
 
-/// The terminal buildcage runs on, as a `device` root: the build may open it by
-/// name (`tty`, then open), as it may through /dev/tty.
-fn own_terminal(roots: &[Root]) -> Vec<Root> {
-    let mut out: Vec<Root> = Vec::new();
-    let fds: [&dyn std::io::IsTerminal; 3] =
-        [&std::io::stdin(), &std::io::stdout(), &std::io::stderr()];
-    for (fd, stream) in fds.iter().enumerate() {
-        if !stream.is_terminal() {
-            continue;
-        }
-        let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
-            continue;
-        };
-        // A terminal whose node is gone (`/dev/console (deleted)` after a
-        // switch_root) or is not a device node gives nothing to name.
-        let is_device = std::fs::metadata(&path)
-            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()));
-        if !path.starts_with("/dev/")
-            || !is_device
-            || roots.iter().chain(&out).any(|r| r.path == path)
-        {
-            continue;
-        }
-        out.push(Root {
-            path,
-            kind: TAG_DEVICE,
-        });
-    }
-    out
-}
-
-/// The policy's write roots as the kernel tags them. A `file` root that does not
-/// exist yet cannot carry a tag, so it stays unwritable (fail closed) and is
-/// said so.
-fn kernel_roots(policy: &Policy, absent: &[&WriteRoot]) -> Vec<Root> {
-    policy
-        .write
-        .iter()
-        .filter(|w| !absent.contains(w))
-        .filter_map(|w| {
-            let kind = match w.mode {
-                Mode::Tree => TAG_TREE,
-                Mode::Own => TAG_OWN,
-                Mode::Device => TAG_DEVICE,
-                Mode::File => TAG_FILE,
+/// SIGINT and SIGTERM as the session's controls: the first is passed on to
+/// the command, a second one stops the whole build.
+fn forward_signals() -> std::io::Result<mpsc::Receiver<Control>> {
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            let sig = tokio::select! {
+                _ = int.recv() => nix::sys::signal::Signal::SIGINT,
+                _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
             };
-            if kind == TAG_FILE && !w.path.exists() {
-                tracing::warn!(
-                    "{} ({}) does not exist: a file root must exist before the build starts, so it stays unwritable",
-                    w.path.display(),
-                    w.origin
-                );
-                return None;
+            seen += 1;
+            let request = if seen == 1 {
+                Control::Signal(sig)
+            } else {
+                Control::Stop {
+                    why: format!("{sig} again"),
+                }
+            };
+            if tx.send(request).await.is_err() {
+                return;
             }
-            Some(Root {
-                path: w.path.clone(),
-                kind,
-            })
-        })
-        .collect()
+        }
+    });
+    Ok(rx)
 }

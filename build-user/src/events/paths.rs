@@ -51,8 +51,8 @@ impl Mounts {
                 let dev = (major.parse::<u32>().ok()? << 20) | minor.parse::<u32>().ok()?;
                 Some(Mount {
                     dev,
-                    root: PathBuf::from(crate::cgroup::unescape_octal(root)),
-                    mount_point: PathBuf::from(crate::cgroup::unescape_octal(mount_point)),
+                    root: PathBuf::from(crate::kernel::cgroup::unescape_octal(root)),
+                    mount_point: PathBuf::from(crate::kernel::cgroup::unescape_octal(mount_point)),
                 })
             })
             .collect();

@@ -6,7 +6,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use buildcage_common::BuildStats;
 
-use crate::{cgroup::Survivor, event::Record};
+use super::{
+    record::Record,
+    sink::{End, Sink},
+};
+use crate::kernel::cgroup::Survivor;
 
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -98,44 +102,53 @@ impl Summary {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use buildcage_common::{Action, Op};
+/// The summary as a sink: it counts every record, and writes itself when the
+/// build ends.
+#[derive(Debug)]
+pub struct SummarySink<W> {
+    summary: Summary,
+    out: W,
+}
 
-    use super::*;
-
-    fn socket(comm: &str, family: &str) -> Record {
-        Record {
-            time: String::new(),
-            build: "b".to_owned(),
-            pid: 1,
-            tid: None,
-            ppid: None,
-            uid: 0,
-            comm: comm.to_owned(),
-            op: Op::Socket,
-            action: Action::Deny,
-            family: Some(family.to_owned()),
-            sock_type: Some("stream".to_owned()),
-            protocol: None,
-            address: None,
-            port: None,
-            cmd: None,
-            target_pid: None,
-            code: None,
-            path: None,
-            path_partial: None,
-            reason: None,
+impl<W: std::io::Write> SummarySink<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            summary: Summary::default(),
+            out,
         }
     }
+}
+
+impl<W: std::io::Write> Sink for SummarySink<W> {
+    fn record(&mut self, record: &Record) -> std::io::Result<()> {
+        self.summary.add(record);
+        Ok(())
+    }
+
+    fn end(&mut self, end: &End) -> std::io::Result<()> {
+        let mut stats = end.stats;
+        // What this session's subscription missed is lost to its reader too.
+        stats.lost += end.lagged;
+        self.out.write_all(
+            self.summary
+                .render(&end.build, &stats, &end.survivors)
+                .as_bytes(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::record::socket_denial;
 
     #[test]
     fn groups_by_op_and_comm() {
         let mut s = Summary::default();
-        s.add(&socket("curl", "inet"));
-        s.add(&socket("curl", "inet6"));
-        s.add(&socket("curl", "inet"));
-        s.add(&socket("wget", "inet"));
+        s.add(&socket_denial("curl", "inet"));
+        s.add(&socket_denial("curl", "inet6"));
+        s.add(&socket_denial("curl", "inet"));
+        s.add(&socket_denial("wget", "inet"));
         let stats = BuildStats {
             denials: 5,
             lost: 1,

@@ -8,7 +8,7 @@ use buildcage_common::{
 };
 use serde::Serialize;
 
-use crate::paths::{EventPath, Mounts};
+use super::paths::{EventPath, Mounts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -285,6 +285,33 @@ pub fn sock_type_name(sock_type: u32) -> String {
         other => return format!("type{other}"),
     };
     name.to_owned()
+}
+
+/// A denied `socket(family, stream)` by `comm`, for the printers' tests.
+#[cfg(test)]
+pub(crate) fn socket_denial(comm: &str, family: &str) -> Record {
+    Record {
+        time: String::new(),
+        build: "b".to_owned(),
+        pid: 1,
+        tid: None,
+        ppid: None,
+        uid: 0,
+        comm: comm.to_owned(),
+        op: Op::Socket,
+        action: Action::Deny,
+        family: Some(family.to_owned()),
+        sock_type: Some("stream".to_owned()),
+        protocol: None,
+        address: None,
+        port: None,
+        cmd: None,
+        target_pid: None,
+        code: None,
+        path: None,
+        path_partial: None,
+        reason: None,
+    }
 }
 
 #[cfg(test)]

@@ -6,33 +6,42 @@ use std::{fs, io, path::PathBuf};
 
 use nix::mount::{MsFlags, mount};
 
-use crate::cgroup::find_mount;
+use super::cgroup::find_mount;
 
 pub const SECURITYFS: &str = "/sys/kernel/security";
 pub const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysfsError {
-    #[error(
-        "securityfs is not mounted at {SECURITYFS} and mounting it failed: {0}\nhint: mount it with `mount -t securityfs securityfs {SECURITYFS}`"
-    )]
+    #[error("securityfs is not mounted at {SECURITYFS} and mounting it failed")]
     SecurityFs(#[source] nix::Error),
-    #[error("cannot read the active LSM list from {path}: {source}")]
+    #[error("cannot read the active LSM list from {path}")]
     LsmList {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error(
-        "BPF LSM is not active: the kernel runs the LSMs `{0}`, without `bpf`\nhint: add bpf to the kernel command line, e.g. lsm={0},bpf (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub and reboot); the kernel also needs CONFIG_BPF_LSM=y"
-    )]
+    #[error("BPF LSM is not active: the kernel runs the LSMs `{0}`, without `bpf`")]
     NoBpfLsm(String),
-    #[error(
-        "bpffs is not mounted at {BPFFS} and mounting it failed: {0}\nhint: mount it with `mount -t bpf bpf {BPFFS}`"
-    )]
+    #[error("bpffs is not mounted at {BPFFS} and mounting it failed")]
     BpfFs(#[source] nix::Error),
-    #[error("cannot read /proc/self/mountinfo: {0}")]
+    #[error("cannot read /proc/self/mountinfo")]
     MountInfo(#[source] io::Error),
+}
+
+impl crate::hint::Hint for SysfsError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::SecurityFs(_) => Some(format!(
+                "mount it with `mount -t securityfs securityfs {SECURITYFS}`"
+            )),
+            Self::LsmList { .. } | Self::MountInfo(_) => Some("is /proc mounted?".to_owned()),
+            Self::NoBpfLsm(lsms) => Some(format!(
+                "add bpf to the kernel command line, e.g. lsm={lsms},bpf (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub and reboot); the kernel also needs CONFIG_BPF_LSM=y"
+            )),
+            Self::BpfFs(_) => Some(format!("mount it with `mount -t bpf bpf {BPFFS}`")),
+        }
+    }
 }
 
 fn mountinfo() -> Result<String, SysfsError> {

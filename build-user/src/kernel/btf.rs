@@ -15,21 +15,15 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error(
-        "cannot read kernel BTF from {path}: {source}\nhint: buildcage needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
-    )]
+    #[error("cannot read kernel BTF from {path}")]
     Read {
         path: String,
         #[source]
         source: btf_rs::Error,
     },
-    #[error(
-        "kernel BTF has no struct {0}\nhint: this kernel is too different from the ones buildcage knows (6.1 to 6.18); please report it"
-    )]
+    #[error("kernel BTF has no struct {0}")]
     NoStruct(&'static str),
-    #[error(
-        "kernel BTF has no field {field} in struct {ty}\nhint: this kernel is too different from the ones buildcage knows (6.1 to 6.18); please report it"
-    )]
+    #[error("kernel BTF has no field {field} in struct {ty}")]
     NoField {
         ty: &'static str,
         field: &'static str,
@@ -39,12 +33,25 @@ pub enum BtfError {
         ty: &'static str,
         field: &'static str,
     },
-    #[error(
-        "kernel BTF has no LSM hook {0}\nhint: the kernel lacks CONFIG_BPF_LSM=y, or names the hook differently"
-    )]
+    #[error("kernel BTF has no LSM hook {0}")]
     NoHook(String),
-    #[error("kernel BTF is inconsistent: {0}")]
+    #[error("kernel BTF is inconsistent")]
     Parse(#[from] btf_rs::Error),
+}
+
+impl crate::hint::Hint for BtfError {
+    fn hint(&self) -> Option<String> {
+        Some(
+            match self {
+                Self::Read { .. } => "buildcage needs a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+                Self::NoStruct(_) | Self::NoField { .. } | Self::Unaligned { .. } | Self::Parse(_) => {
+                    "this kernel is too different from the ones buildcage knows (6.1 to 6.18); please report it"
+                }
+                Self::NoHook(_) => "the kernel lacks CONFIG_BPF_LSM=y, or names the hook differently",
+            }
+            .to_owned(),
+        )
+    }
 }
 
 /// The kernel's BTF, parsed once.

@@ -16,29 +16,39 @@ pub const PARENT: &str = "buildcage";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error(
-        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)\nhint: mount one with `mount -t cgroup2 none /sys/fs/cgroup`, or boot with systemd.unified_cgroup_hierarchy=1"
-    )]
+    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)")]
     NotMounted,
-    #[error("cannot read /proc/self/mountinfo: {0}")]
+    #[error("cannot read /proc/self/mountinfo")]
     MountInfo(#[source] io::Error),
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error(
-        "{path} has no cgroup.kill: the kernel is older than 5.14\nhint: buildcage needs Linux 5.14 or newer to end every process of a build"
-    )]
+    #[error("{path} has no cgroup.kill: the kernel is older than 5.14")]
     NoKill { path: PathBuf },
     #[error("processes in {path} did not exit within {secs} s of cgroup.kill")]
     KillTimeout { path: PathBuf, secs: u64 },
-    #[error(
-        "invalid build name {0:?}\nhint: use letters, digits, '.', '_' and '-' only, at most 64 characters"
-    )]
+    #[error("invalid build name {0:?}")]
     BadName(String),
+}
+
+impl crate::hint::Hint for CgroupError {
+    fn hint(&self) -> Option<String> {
+        Some(
+            match self {
+                Self::NotMounted => "mount one with `mount -t cgroup2 none /sys/fs/cgroup`, or boot with systemd.unified_cgroup_hierarchy=1",
+                Self::MountInfo(_) => "is /proc mounted?",
+                Self::Io { .. } => return None,
+                Self::NoKill { .. } => "buildcage needs Linux 5.14 or newer to end every process of a build",
+                Self::KillTimeout { .. } => "a process may be stuck in the kernel (D state); the build stays confined until it is gone, and the next `buildcage run` reaps it",
+                Self::BadName(_) => "use letters, digits, '.', '_' and '-' only, at most 64 characters",
+            }
+            .to_owned(),
+        )
+    }
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CgroupError {
@@ -271,8 +281,9 @@ impl BuildCgroup {
     }
 
     /// Ends every process left in the build and names each. The cgroup is frozen
-    /// first, so that nothing can fork between the listing and the kill.
-    pub fn kill_all(&self, timeout: Duration) -> Result<Vec<Survivor>, CgroupError> {
+    /// first, so that nothing can fork between the listing and the kill. It
+    /// waits with the runtime's timer, never blocking its thread.
+    pub async fn kill_all(&self, timeout: Duration) -> Result<Vec<Survivor>, CgroupError> {
         if !self.populated()? {
             return Ok(Vec::new());
         }
@@ -281,7 +292,7 @@ impl BuildCgroup {
         // atomic against forks on its own.
         if self.write_knob("cgroup.freeze", "1").is_ok() {
             while !self.frozen()? && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
+                tokio::time::sleep(POLL).await;
             }
         }
         let survivors = self
@@ -303,9 +314,18 @@ impl BuildCgroup {
                     secs: timeout.as_secs(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(5));
+            tokio::time::sleep(POLL).await;
         }
         Ok(survivors)
+    }
+
+    /// [`Self::kill_all`] for callers outside an async runtime (doctor).
+    pub fn kill_all_blocking(&self, timeout: Duration) -> Result<Vec<Survivor>, CgroupError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(io_err("cannot start a timer for", &self.path))?
+            .block_on(self.kill_all(timeout))
     }
 
     /// Removes the cgroup and any the build made beneath it (all must be empty).
@@ -313,6 +333,9 @@ impl BuildCgroup {
         remove_tree(&self.path)
     }
 }
+
+/// How often teardown looks at cgroup.events while it waits.
+const POLL: Duration = Duration::from_millis(5);
 
 fn collect_pids(dir: &Path, out: &mut Vec<u32>) -> Result<(), CgroupError> {
     let procs = dir.join("cgroup.procs");

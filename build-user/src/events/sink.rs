@@ -1,0 +1,172 @@
+//! Where a build's events go, behind one trait (as ripgrep's `Sink`): a line
+//! per event for people ([`Human`]), JSON lines for tools ([`JsonLines`]), and
+//! the summary at the end ([`super::summary::Summary`]). A session hands every
+//! record, every notice and the end of the build to each of its sinks.
+
+use std::{
+    fmt,
+    fs::File,
+    io::{self, BufWriter, Write},
+    path::{Path, PathBuf},
+};
+
+use buildcage_common::BuildStats;
+
+use super::record::Record;
+use crate::kernel::cgroup::Survivor;
+
+/// Something a session did that the user should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// SIGINT or SIGTERM reached buildcage and was passed on to the command.
+    PassedOn { signal: String, pid: u32 },
+    /// The whole build is being killed, for the reason given.
+    Killing { why: String },
+    /// A build that a dead buildcage left behind was ended.
+    Reaped {
+        cgroup: PathBuf,
+        killed: Vec<Survivor>,
+    },
+    /// A build that a dead buildcage left behind could not be ended; it stays
+    /// confined.
+    ReapFailed { cgroup: PathBuf, why: String },
+}
+
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PassedOn { signal, pid } => write!(f, "{signal}: passing it on to pid {pid}"),
+            Self::Killing { why } => write!(f, "{why}: killing the whole build"),
+            Self::Reaped { cgroup, killed } => {
+                write!(
+                    f,
+                    "reaped {}, left by a buildcage that died: killed {} process(es)",
+                    cgroup.display(),
+                    killed.len()
+                )?;
+                killed
+                    .iter()
+                    .try_for_each(|s| write!(f, " {} ({})", s.pid, s.comm))
+            }
+            Self::ReapFailed { cgroup, why } => write!(
+                f,
+                "cannot reap the orphaned build {}: {why}; it stays confined",
+                cgroup.display()
+            ),
+        }
+    }
+}
+
+/// How a build ended, for the sinks that report on the whole build.
+#[derive(Debug, Clone)]
+pub struct End {
+    pub build: String,
+    /// The kernel's own counters.
+    pub stats: BuildStats,
+    /// Processes still running when the command ended, killed since.
+    pub survivors: Vec<Survivor>,
+    /// Events this session's subscription missed because it fell behind.
+    pub lagged: u64,
+}
+
+/// A destination for a build's events.
+pub trait Sink {
+    /// One decision of the kernel's.
+    fn record(&mut self, record: &Record) -> io::Result<()>;
+
+    /// Something the session did that the user should know.
+    fn notice(&mut self, _notice: &Notice) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// The build is over.
+    fn end(&mut self, _end: &End) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `buildcage: deny socket(inet6, stream) pid 4242 curl`.
+pub fn line(record: &Record) -> String {
+    format!(
+        "buildcage: {} {} pid {} {}",
+        record.action.name(),
+        record.what(),
+        record.pid,
+        record.comm
+    )
+}
+
+/// One line per event and per notice, as they happen (on stderr, for `run`).
+#[derive(Debug)]
+pub struct Human<W> {
+    out: W,
+}
+
+impl<W: Write> Human<W> {
+    pub fn new(out: W) -> Self {
+        Self { out }
+    }
+}
+
+impl<W: Write> Sink for Human<W> {
+    fn record(&mut self, record: &Record) -> io::Result<()> {
+        writeln!(self.out, "{}", line(record))
+    }
+
+    fn notice(&mut self, notice: &Notice) -> io::Result<()> {
+        writeln!(self.out, "buildcage: {notice}")
+    }
+}
+
+/// `--events FILE`: one JSON object per event, one per line, flushed as written
+/// so that `tail -f` shows each decision as it happens.
+#[derive(Debug)]
+pub struct JsonLines {
+    out: BufWriter<File>,
+}
+
+impl JsonLines {
+    pub fn create(path: &Path) -> io::Result<Self> {
+        Ok(Self {
+            out: BufWriter::new(File::create(path)?),
+        })
+    }
+}
+
+impl Sink for JsonLines {
+    fn record(&mut self, record: &Record) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, record)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::record::socket_denial;
+
+    #[test]
+    fn deny_line() {
+        let record = Record {
+            pid: 4242,
+            ppid: Some(1),
+            comm: "curl".to_owned(),
+            family: Some("inet6".to_owned()),
+            protocol: Some(0),
+            ..socket_denial("curl", "inet6")
+        };
+        assert_eq!(
+            line(&record),
+            "buildcage: deny socket(inet6, stream) pid 4242 curl"
+        );
+        let mut out = Vec::new();
+        Human::new(&mut out)
+            .record(&record)
+            .expect("a Vec takes every write");
+        assert_eq!(
+            out,
+            b"buildcage: deny socket(inet6, stream) pid 4242 curl\n"
+        );
+    }
+}
