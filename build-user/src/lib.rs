@@ -4,8 +4,9 @@
 //! shares: the [`plan`] of a build, the [`kernel`] side (BTF, cgroups, the
 //! instance of the programs and each build's lease on it), the [`session`]
 //! that runs one build, its [`events`] and their sinks, the checks of
-//! [`doctor`], and the [`policy`] language.
+//! [`doctor`], the [`policy`] language, and the live [`builds`] of the machine.
 
+pub mod builds;
 pub mod doctor;
 pub mod events;
 pub mod harden;

@@ -25,6 +25,8 @@ enum Command {
     Doctor(cmd::doctor::DoctorArgs),
     /// Check, show and suggest policies.
     Policy(cmd::policy::PolicyArgs),
+    /// List the live builds: name, owner, policy, processes, age, denials, lost events.
+    Ps(cmd::ps::PsArgs),
 }
 
 /// Exit status when buildcage itself fails before or around the command.
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd::run::exec(args),
         Command::Doctor(args) => cmd::doctor::exec(&args),
         Command::Policy(args) => cmd::policy::exec(args),
+        Command::Ps(args) => cmd::ps::exec(&args),
     };
     match result {
         Ok(code) => code,

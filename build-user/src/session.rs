@@ -10,7 +10,7 @@ use std::{
     ffi::OsString,
     io,
     os::{fd::AsRawFd as _, unix::process::ExitStatusExt as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    builds::{Registration, STATE_DIR},
     events::{
         bus::Bus,
         record::Record,
@@ -164,6 +165,10 @@ async fn confined(
 ) -> Result<Outcome, Failure> {
     use Failure::{Contained, Uncontained};
     let lease = Lease::take(instance, plan.policy, &plan.roots).map_err(|e| Contained(e.into()))?;
+    // For `buildcage ps`; a build runs without it.
+    let _registration = Registration::write(Path::new(STATE_DIR), cg.id(), plan)
+        .inspect_err(|e| tracing::warn!("cannot record the build in {STATE_DIR}: {e}"))
+        .ok();
     let ring = instance.take_events().map_err(|e| Contained(e.into()))?;
     let shutdown = CancellationToken::new();
     let (bus, reader) =
@@ -343,6 +348,7 @@ async fn reap_orphans(host: &Host) -> Vec<Notice> {
             notices.push(failed(format!("cannot unpin {}: {e}", pins.display())));
             continue;
         }
+        let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", orphan.id())));
         match orphan.remove() {
             Ok(()) => notices.push(Notice::Reaped {
                 cgroup: cgroup.clone(),

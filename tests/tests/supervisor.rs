@@ -51,6 +51,13 @@ fn a_killed_supervisor_leaves_the_build_confined_until_reaped() {
         .trim()
         .parse()
         .unwrap();
+    let row = ps_row("orphan").expect("buildcage ps lists the build");
+    assert_eq!(row["policy"], "default", "{row}");
+    assert_eq!(row["supervised"], true, "{row}");
+    assert_eq!(row["supervisor"], sup.id(), "{row}");
+    assert_eq!(row["uid"], 0, "{row}");
+    assert_eq!(row["denials"], 0, "{row}");
+    assert!(row["processes"].as_u64() >= Some(1), "{row}");
     sup.kill().unwrap();
     sup.wait().unwrap();
     // The supervisor is gone; the build goes on, still confined.
@@ -61,6 +68,21 @@ fn a_killed_supervisor_leaves_the_build_confined_until_reaped() {
         "socket inet stream EPERM\n"
     );
     assert!(alive(shell), "the orphaned build still runs");
+    // `ps` reads the kernel's own state: the build, its denial, and that
+    // nobody supervises it any more.
+    let row = ps_row("orphan").expect("buildcage ps still lists the build");
+    assert_eq!(row["supervised"], false, "{row}");
+    assert_eq!(row["denials"], 1, "{row}");
+    assert_eq!(row["lost"], 0, "{row}");
+    let table = Command::new(buildcage_bin()).arg("ps").output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    eprintln!("buildcage ps:\n{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("orphan ") && l.contains("(gone: confined until reaped)")),
+        "{table}"
+    );
     let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/buildcage")
         .unwrap()
         .flatten()
@@ -91,4 +113,17 @@ fn a_killed_supervisor_leaves_the_build_confined_until_reaped() {
             .join(&cgroups[0])
             .exists()
     );
+    assert_eq!(ps_row("orphan"), None, "reaped builds are gone from ps");
+}
+
+/// The `buildcage ps --json` row of the build named `name`, if any.
+fn ps_row(name: &str) -> Option<serde_json::Value> {
+    let out = Command::new(buildcage_bin())
+        .args(["ps", "--json"])
+        .output()
+        .expect("run buildcage ps");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("ps --json prints a JSON array");
+    rows.into_iter().find(|r| r["name"] == name)
 }

@@ -2,4 +2,5 @@
 
 pub(crate) mod doctor;
 pub(crate) mod policy;
+pub(crate) mod ps;
 pub(crate) mod run;

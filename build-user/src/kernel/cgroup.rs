@@ -193,24 +193,42 @@ impl BuildCgroup {
     /// machine's buildcage crashed). Their programs stay pinned, so they stay
     /// confined, until someone reaps them.
     pub fn orphans(root: &Path) -> Vec<Self> {
+        Self::all(root)
+            .into_iter()
+            .filter(|(_, sup)| !supervised(*sup))
+            .map(|(cg, _)| cg)
+            .collect()
+    }
+
+    /// Every build cgroup (`<name>.<pid>`), with the pid of the buildcage that
+    /// made it.
+    pub fn all(root: &Path) -> Vec<(Self, u32)> {
         let Ok(entries) = fs::read_dir(root.join(PARENT)) else {
             return Vec::new();
         };
         entries
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter(|e| {
+            .filter_map(|e| {
                 let name = e.file_name();
                 let pid = name
                     .to_string_lossy()
                     .rsplit_once('.')
-                    .and_then(|(_, pid)| pid.parse::<u32>().ok());
-                pid.is_some_and(|pid| {
-                    proc_comm_ppid(pid).is_none_or(|(comm, _)| comm != "buildcage")
-                })
+                    .and_then(|(_, pid)| pid.parse::<u32>().ok())?;
+                Some((Self::open(&e.path()).ok()?, pid))
             })
-            .filter_map(|e| Self::open(&e.path()).ok())
             .collect()
+    }
+
+    /// The build's name: its directory's, without the `.<pid>`.
+    pub fn name(&self) -> String {
+        let dir = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        dir.rsplit_once('.')
+            .map_or(dir.clone(), |(n, _)| n.to_owned())
     }
 
     fn open(path: &Path) -> Result<Self, CgroupError> {
@@ -336,6 +354,11 @@ impl BuildCgroup {
 
 /// How often teardown looks at cgroup.events while it waits.
 const POLL: Duration = Duration::from_millis(5);
+
+/// Whether `pid` is a live buildcage, the supervisor of its build.
+pub fn supervised(pid: u32) -> bool {
+    proc_comm_ppid(pid).is_some_and(|(comm, _)| comm == "buildcage")
+}
 
 fn collect_pids(dir: &Path, out: &mut Vec<u32>) -> Result<(), CgroupError> {
     let procs = dir.join("cgroup.procs");

@@ -247,7 +247,7 @@ impl Instance {
 
     /// Where map `name` is pinned.
     pub(crate) fn map_pin(&self, name: &str) -> PathBuf {
-        self.pin_dir.join(format!("map_{name}"))
+        self.pin_dir.join(map_pin_name(name))
     }
 
     /// Takes the ring buffer out, for the event bus.
@@ -271,6 +271,11 @@ impl Instance {
             source,
         })
     }
+}
+
+/// The file name map `name` is pinned as.
+pub(crate) fn map_pin_name(name: &str) -> String {
+    format!("map_{name}")
 }
 
 /// Removes a build's pin directory and every pin in it: its programs detach

@@ -98,14 +98,17 @@ impl Lease {
             .stats
             .get(&build, 0)
             .map_err(|source| KernelError::Map { build, source })?;
-        Ok(per_cpu
-            .iter()
-            .fold(BuildStats::default(), |acc, s| BuildStats {
-                denials: acc.denials + s.denials,
-                lost: acc.lost + s.lost,
-                errors: acc.errors + s.errors,
-            }))
+        Ok(sum(per_cpu.iter()))
     }
+}
+
+/// Per-CPU counters added up.
+pub(crate) fn sum<'a>(per_cpu: impl Iterator<Item = &'a BuildStats>) -> BuildStats {
+    per_cpu.fold(BuildStats::default(), |acc, s| BuildStats {
+        denials: acc.denials + s.denials,
+        lost: acc.lost + s.lost,
+        errors: acc.errors + s.errors,
+    })
 }
 
 impl std::fmt::Debug for Lease {

@@ -1,0 +1,135 @@
+//! The live builds of this machine, as the kernel and buildcage's own state
+//! show them: the build cgroups, their pinned counters, and the plan each
+//! session leaves in `/run/buildcage/builds/` while it runs. `buildcage ps`
+//! reads them, and so can a restarted daemon: nothing here needs a process of
+//! buildcage's to be alive.
+
+use std::{
+    fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{Map, MapData, PerCpuHashMap};
+use buildcage_common::BuildStats;
+
+use crate::{
+    kernel::{cgroup::BuildCgroup, instance},
+    plan::ConfinementPlan,
+};
+
+/// Where sessions leave their plans.
+pub const STATE_DIR: &str = "/run/buildcage/builds";
+
+/// What a session writes for its build, as `<cgroup id>.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Registered {
+    pub plan: ConfinementPlan,
+    /// When the build started, in seconds since the epoch.
+    pub started: u64,
+    /// The real uid of who started it.
+    pub uid: u32,
+}
+
+/// The plan of a running build, on disk for as long as the value lives.
+#[derive(Debug)]
+pub struct Registration {
+    path: PathBuf,
+}
+
+impl Registration {
+    /// Writes `plan` for the build with cgroup id `build`.
+    pub fn write(dir: &Path, build: u64, plan: &ConfinementPlan) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{build}.json"));
+        let started = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let text = serde_json::to_vec(&Registered {
+            plan: plan.clone(),
+            started,
+            uid: nix::unistd::getuid().as_raw(),
+        })?;
+        fs::write(&path, text)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_file(&self.path) {
+            tracing::warn!("cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// One row of `buildcage ps`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LiveBuild {
+    pub name: String,
+    /// The cgroup id: events carry it.
+    pub id: u64,
+    pub cgroup: PathBuf,
+    /// The buildcage that runs it, and whether it is still alive (when not,
+    /// the build stays confined until the next start reaps it).
+    pub supervisor: u32,
+    pub supervised: bool,
+    /// Who started it: as its session recorded, else the owner of its
+    /// buildcage's process.
+    pub uid: Option<u32>,
+    /// The policy, as asked for; absent when its plan can't be read.
+    pub policy: Option<String>,
+    pub processes: usize,
+    pub age_secs: Option<u64>,
+    /// The kernel's own counters; absent when they can't be read.
+    pub denials: Option<u64>,
+    pub lost: Option<u64>,
+}
+
+/// Every build cgroup under `cgroot`, with what can be found about it in the
+/// pins under `bpffs` and the plans in `state_dir`.
+pub fn list(cgroot: &Path, bpffs: &Path, state_dir: &Path) -> Vec<LiveBuild> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    let mut builds: Vec<LiveBuild> = BuildCgroup::all(cgroot)
+        .into_iter()
+        .map(|(cg, supervisor)| {
+            let registered = fs::read(state_dir.join(format!("{}.json", cg.id())))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Registered>(&b).ok());
+            let stats = stats(&crate::kernel::pin_dir(bpffs, cg.id()), cg.id());
+            LiveBuild {
+                name: registered
+                    .as_ref()
+                    .map_or_else(|| cg.name(), |r| r.plan.name.clone()),
+                id: cg.id(),
+                cgroup: cg.path().to_owned(),
+                supervisor,
+                supervised: crate::kernel::cgroup::supervised(supervisor),
+                uid: registered.as_ref().map(|r| r.uid).or_else(|| {
+                    fs::metadata(format!("/proc/{supervisor}"))
+                        .ok()
+                        .map(|m| m.uid())
+                }),
+                policy: registered.as_ref().map(|r| r.plan.policy_name.clone()),
+                processes: cg.pids().map_or(0, |p| p.len()),
+                age_secs: registered.map(|r| now.saturating_sub(r.started)),
+                denials: stats.map(|s| s.denials),
+                lost: stats.map(|s| s.lost),
+            }
+        })
+        .collect();
+    builds.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+    builds
+}
+
+/// A build's counters, from the map its instance pinned, added up over CPUs.
+fn stats(pin_dir: &Path, build: u64) -> Option<BuildStats> {
+    let data = MapData::from_pin(pin_dir.join(instance::map_pin_name("STATS"))).ok()?;
+    let map: PerCpuHashMap<_, u64, BuildStats> =
+        PerCpuHashMap::try_from(Map::from_map_data(data).ok()?).ok()?;
+    Some(crate::kernel::lease::sum(map.get(&build, 0).ok()?.iter()))
+}
