@@ -27,6 +27,8 @@ enum Command {
     Policy(cmd::policy::PolicyArgs),
     /// List the live builds: name, owner, policy, processes, age, denials, lost events.
     Ps(cmd::ps::PsArgs),
+    /// End a live build: kill what runs in it and clean up, as `run` does.
+    Stop(cmd::stop::StopArgs),
 }
 
 /// Exit status when buildcage itself fails before or around the command.
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => cmd::doctor::exec(&args),
         Command::Policy(args) => cmd::policy::exec(args),
         Command::Ps(args) => cmd::ps::exec(&args),
+        Command::Stop(args) => cmd::stop::exec(&args),
     };
     match result {
         Ok(code) => code,

@@ -331,31 +331,34 @@ fn spawn(
 async fn reap_orphans(host: &Host) -> Vec<Notice> {
     let mut notices = Vec::new();
     for orphan in BuildCgroup::orphans(&host.cgroot) {
-        let cgroup = orphan.path().to_owned();
-        let failed = |why: String| Notice::ReapFailed {
-            cgroup: cgroup.clone(),
-            why,
-        };
-        let killed = match orphan.kill_all(KILL_TIMEOUT).await {
-            Ok(s) => s,
-            Err(e) => {
-                notices.push(failed(e.to_string()));
-                continue;
-            }
-        };
-        let pins: PathBuf = host.pin_dir(orphan.id());
-        if let Err(e) = kernel::instance::unpin_dir(&pins) {
-            notices.push(failed(format!("cannot unpin {}: {e}", pins.display())));
-            continue;
-        }
-        let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", orphan.id())));
-        match orphan.remove() {
-            Ok(()) => notices.push(Notice::Reaped {
-                cgroup: cgroup.clone(),
-                killed,
-            }),
-            Err(e) => notices.push(failed(e.to_string())),
-        }
+        notices.push(reap(&host.bpffs, orphan).await);
     }
     notices
+}
+
+/// Ends a build nobody supervises: kills what runs in it, then unpins its
+/// programs, forgets its plan and removes its cgroup. A failure leaves it
+/// confined, and says why.
+pub async fn reap(bpffs: &Path, orphan: BuildCgroup) -> Notice {
+    let cgroup = orphan.path().to_owned();
+    let failed = |why: String| Notice::ReapFailed {
+        cgroup: cgroup.clone(),
+        why,
+    };
+    let killed = match orphan.kill_all(KILL_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => return failed(e.to_string()),
+    };
+    let pins: PathBuf = kernel::pin_dir(bpffs, orphan.id());
+    if let Err(e) = kernel::instance::unpin_dir(&pins) {
+        return failed(format!("cannot unpin {}: {e}", pins.display()));
+    }
+    let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", orphan.id())));
+    match orphan.remove() {
+        Ok(()) => Notice::Reaped {
+            cgroup: cgroup.clone(),
+            killed,
+        },
+        Err(e) => failed(e.to_string()),
+    }
 }

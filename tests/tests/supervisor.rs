@@ -127,3 +127,58 @@ fn ps_row(name: &str) -> Option<serde_json::Value> {
         serde_json::from_slice(&out.stdout).expect("ps --json prints a JSON array");
     rows.into_iter().find(|r| r["name"] == name)
 }
+
+/// `buildcage stop NAME` ends a supervised build: its command is killed, and
+/// its buildcage reports and cleans up as when a command ends.
+#[test]
+fn stop_ends_a_build_and_its_buildcage_cleans_up() {
+    let tree = scratch_in(Path::new("/var/tmp"), "stoppable");
+    let started = tree.join("started");
+    let script = format!(
+        "echo $$ > {s}.tmp && mv {s}.tmp {s}; exec sleep 1000",
+        s = started.display()
+    );
+    let sup = Command::new(buildcage_bin())
+        .args([
+            "run",
+            "--tree",
+            tree.to_str().unwrap(),
+            "--name",
+            "stoppable",
+        ])
+        .args(["--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&started, "the build's start");
+    let sleeper: u32 = std::fs::read_to_string(&started)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stop = Command::new(buildcage_bin())
+        .args(["stop", "stoppable"])
+        .output()
+        .unwrap();
+    let err = stderr(&stop);
+    assert_eq!(stop.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("buildcage: stopped stoppable: killed 1 process(es)"),
+        "{err}"
+    );
+    let run = sup.wait_with_output().unwrap();
+    assert_eq!(run.status.code(), Some(128 + 9), "{}", stderr(&run));
+    assert!(!alive(sleeper));
+    assert_eq!(ps_row("stoppable"), None);
+    let none = Command::new(buildcage_bin())
+        .args(["stop", "no-such-build"])
+        .output()
+        .unwrap();
+    let err = stderr(&none);
+    assert_eq!(none.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("no live build is named no-such-build\nhint: `buildcage ps`"),
+        "{err}"
+    );
+}

@@ -4,3 +4,4 @@ pub(crate) mod doctor;
 pub(crate) mod policy;
 pub(crate) mod ps;
 pub(crate) mod run;
+pub(crate) mod stop;
