@@ -32,6 +32,11 @@ pub struct Registered {
     pub uid: u32,
 }
 
+/// Where the session of build `build` (a cgroup id) leaves its plan.
+pub fn state_file(dir: &Path, build: u64) -> PathBuf {
+    dir.join(format!("{build}.json"))
+}
+
 /// The plan of a running build, on disk for as long as the value lives.
 #[derive(Debug)]
 pub struct Registration {
@@ -42,7 +47,7 @@ impl Registration {
     /// Writes `plan` for the build with cgroup id `build`.
     pub fn write(dir: &Path, build: u64, plan: &ConfinementPlan) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{build}.json"));
+        let path = state_file(dir, build);
         let started = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -97,7 +102,7 @@ pub fn list(cgroot: &Path, bpffs: &Path, state_dir: &Path) -> Vec<LiveBuild> {
     let mut builds: Vec<LiveBuild> = BuildCgroup::all(cgroot)
         .into_iter()
         .map(|(cg, supervisor)| {
-            let registered = fs::read(state_dir.join(format!("{}.json", cg.id())))
+            let registered = fs::read(state_file(state_dir, cg.id()))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Registered>(&b).ok());
             let stats = stats(&crate::kernel::pin_dir(bpffs, cg.id()), cg.id());

@@ -353,7 +353,7 @@ pub async fn reap(bpffs: &Path, orphan: BuildCgroup) -> Notice {
     if let Err(e) = kernel::instance::unpin_dir(&pins) {
         return failed(format!("cannot unpin {}: {e}", pins.display()));
     }
-    let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", orphan.id())));
+    let _ = std::fs::remove_file(crate::builds::state_file(Path::new(STATE_DIR), orphan.id()));
     match orphan.remove() {
         Ok(()) => Notice::Reaped {
             cgroup: cgroup.clone(),

@@ -153,11 +153,6 @@ impl Host {
             bpffs: sysfs::bpffs()?,
         })
     }
-
-    /// Where the pins of the build with cgroup id `build` live.
-    pub fn pin_dir(&self, build: u64) -> PathBuf {
-        pin_dir(&self.bpffs, build)
-    }
 }
 
 /// `<bpffs>/buildcage/<cgroup id>`.
