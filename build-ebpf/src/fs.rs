@@ -3,7 +3,9 @@
 //! The answer comes from inode ancestry, never from path strings: the programs
 //! walk `d_parent` from the target and look for a tag in the `ROOTS` inode
 //! storage, which user space put on each allowed root (keyed by an open fd, so it
-//! is the kernel's own identity of the directory). Symlinks, `..`, renamed
+//! is the kernel's own identity of the directory). A tag names a root; whether
+//! that root is this build's, and of which kind, is in `ROOT_KINDS`. Another
+//! build's root is walked past, so nested and sibling trees stay apart. Symlinks, `..`, renamed
 //! parents, bind mounts and chroots cannot fool it. The walk is bounded by
 //! `MAX_DEPTH`; running out of budget denies.
 //!
@@ -17,7 +19,10 @@ use buildcage_common::{
     policy::{MAX_DEPTH, TAG_DEVICE, TAG_FILE, TAG_OWN, TAG_OWNED, TAG_TREE},
 };
 
-use crate::{maps::ROOTS, offsets};
+use crate::{
+    maps::{ROOTS, root_kind},
+    offsets,
+};
 
 /// A `struct dentry *` as the kernel handed it to the hook.
 pub(crate) type Dentry = *const u8;
@@ -156,9 +161,11 @@ pub(crate) struct Found {
     pub(crate) exhausted: bool,
 }
 
-/// Walks from `d` up to its file system's root and returns the nearest tag.
+/// Walks from `d` up to its file system's root and returns the nearest tag
+/// that means something to `build`: one of its roots, or an inode some build
+/// created in an `own` root.
 #[inline(always)]
-pub(crate) fn nearest_tag(d: Dentry) -> Found {
+pub(crate) fn nearest_tag(build: u64, d: Dentry) -> Found {
     let mut d = d;
     let mut depth = 0;
     while depth < MAX_DEPTH {
@@ -169,12 +176,27 @@ pub(crate) fn nearest_tag(d: Dentry) -> Found {
             if !tag.is_null() {
                 // SAFETY: non-null pointer to the inode's storage.
                 let tag = unsafe { *tag };
-                return Found {
-                    kind: tag.kind,
-                    owner: tag.owner,
-                    at_start: depth == 0,
-                    exhausted: false,
+                let kind = if tag.root == 0 {
+                    None
+                } else {
+                    root_kind(build, tag.root)
                 };
+                if let Some(kind) = kind {
+                    return Found {
+                        kind,
+                        owner: 0,
+                        at_start: depth == 0,
+                        exhausted: false,
+                    };
+                }
+                if tag.owner != 0 {
+                    return Found {
+                        kind: TAG_OWNED,
+                        owner: tag.owner,
+                        at_start: depth == 0,
+                        exhausted: false,
+                    };
+                }
             }
         }
         let parent = parent_of(d);
@@ -207,7 +229,7 @@ pub(crate) struct Refusal {
 /// existing object at `d`?
 #[inline(always)]
 pub(crate) fn may_modify(build: u64, d: Dentry) -> Result<(), Refusal> {
-    let found = nearest_tag(d);
+    let found = nearest_tag(build, d);
     let ok = match found.kind {
         TAG_TREE => true,
         // Beneath something this build created in an `own` root.
@@ -232,7 +254,7 @@ pub(crate) fn may_modify(build: u64, d: Dentry) -> Result<(), Refusal> {
 /// inode is to be tagged as the build's own (it is in an `own` root).
 #[inline(always)]
 pub(crate) fn may_create(build: u64, dir: Dentry) -> Result<bool, Refusal> {
-    let found = nearest_tag(dir);
+    let found = nearest_tag(build, dir);
     match found.kind {
         TAG_TREE => Ok(false),
         // Directly in the `own` root, or in a directory this build made there.
@@ -249,7 +271,7 @@ pub(crate) fn may_create(build: u64, dir: Dentry) -> Result<bool, Refusal> {
 /// (tagged as its own when devpts created it).
 #[inline(always)]
 pub(crate) fn may_open_device(build: u64, d: Dentry) -> Result<(), Refusal> {
-    let found = nearest_tag(d);
+    let found = nearest_tag(build, d);
     match found.kind {
         TAG_DEVICE if found.at_start => Ok(()),
         TAG_TREE => Ok(()),

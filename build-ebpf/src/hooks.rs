@@ -13,7 +13,7 @@ use buildcage_common::{Op, policy::POLICY_AUDIT};
 use crate::{
     Verdict, current_build,
     fs::{self, Dentry},
-    in_this_build, maps, policy_or_deny, refusal_flags, refuse,
+    in_a_build, maps, policy_or_deny, refusal_flags, refuse,
     report::Details,
 };
 
@@ -347,13 +347,13 @@ fn setattr(dentry: Dentry, attr: *const u8) -> Verdict {
 
 // ---- files: the other hooks, for every task --------------------------------
 
-/// Runs `check` only for tasks of this build, keeping an earlier refusal.
+/// Runs `check` only for tasks of a build, keeping an earlier refusal.
 #[inline(always)]
 pub(crate) fn global(previous: i32, check: impl FnOnce() -> Verdict) -> i32 {
     if previous != 0 {
         return previous;
     }
-    if !in_this_build() {
+    if !in_a_build() {
         return 0;
     }
     check().mac()
@@ -447,7 +447,7 @@ pub(crate) fn file_ioctl(ctx: LsmContext) -> i32 {
 /// terminals, and no other.
 #[lsm(hook = "d_instantiate")]
 pub(crate) fn d_instantiate(ctx: LsmContext) -> i32 {
-    if !in_this_build() {
+    if !in_a_build() {
         return 0;
     }
     let dentry: Dentry = ctx.arg(0);

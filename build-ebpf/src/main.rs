@@ -6,13 +6,17 @@
 //! An internal error denies and is counted (fail closed).
 //!
 //! Two kinds of attachment, chosen per hook in user space (build-user/src/kernel/instance.rs):
-//! - `BPF_LSM_CGROUP` programs, attached to the build's cgroup, for the hottest
-//!   hooks: tasks outside every build never run them. They return 1 to allow and
+//! - `BPF_LSM_CGROUP` programs, attached once to the parent of every build's
+//!   cgroup, for the hottest hooks: tasks outside every build never run them. They return 1 to allow and
 //!   0 to refuse, which the kernel turns into -EPERM
 //!   (<https://elixir.bootlin.com/linux/v6.12/source/kernel/bpf/cgroup.c#L59>).
 //!   Only 10 hooks may carry such programs system-wide (CGROUP_LSM_NUM).
 //! - plain BPF LSM programs for the rest, which run for every task and return at
-//!   once for tasks outside this build; they return 0 or -EPERM.
+//!   once for tasks outside every build; they return 0 or -EPERM.
+//!
+//! One instance serves every build: each program finds the build by the
+//! current task's cgroup (or, for socket programs, the socket's), and every
+//! map is keyed by it.
 #![no_std]
 #![no_main]
 
@@ -31,10 +35,6 @@ use buildcage_common::{
 };
 
 use crate::{fs::Dentry, report::Details};
-
-/// The build this instance serves, for the programs that run for every task.
-#[unsafe(no_mangle)]
-static BUILD_ID: u64 = 0;
 
 /// Kernel struct offsets for the running kernel, read from its BTF and set by the
 /// loader, since Rust eBPF has no CO-RE relocations.
@@ -69,6 +69,8 @@ static OFFSETS: Offsets = Offsets {
     sock_cgroup: 0,
     msghdr_control: 0,
     msghdr_controllen: 0,
+    sock_addr_sk: 0,
+    _pad: 0,
 };
 
 /// The offsets, read through a volatile load so that the verifier, not LLVM,
@@ -93,12 +95,13 @@ pub(crate) fn current_build() -> u64 {
     unsafe { bpf_get_current_cgroup_id() }
 }
 
-/// Whether the current task belongs to this instance's build (for programs
-/// attached to every task).
+/// Whether the current task belongs to a build (for programs attached to
+/// every task). A build's entry is in `BUILDS` from before its first process
+/// starts until after its cgroup is empty and gone, so no task of a build is
+/// ever outside it.
 #[inline(always)]
-pub(crate) fn in_this_build() -> bool {
-    // SAFETY: a read of our own global.
-    current_build() == unsafe { core::ptr::read_volatile(&BUILD_ID) }
+pub(crate) fn in_a_build() -> bool {
+    maps::policy(current_build()).is_some()
 }
 
 /// A decision, before it is turned into the return convention of the program kind.

@@ -1,17 +1,19 @@
 //! The maps shared with user space, and the small accessors the programs use.
 
 use aya_ebpf::{
-    btf_maps::InodeStorage,
+    btf_maps::{HashOfMaps, InodeStorage, RingBuf},
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use buildcage_common::{
-    BuildPolicy, BuildStats, Counter, InodeTag,
-    policy::{COUNTERS_LEN, TAG_OWNED},
+    BuildPolicy, BuildStats, Counter, Event, InodeTag, PortKey, RootKey, event::RING_BYTES,
+    policy::COUNTERS_LEN,
 };
 
-/// Builds that may exist at once in one loaded instance.
+/// Builds that may exist at once in the instance.
 const MAX_BUILDS: u32 = 1024;
+/// Allowed roots, and loopback ports, of all live builds together.
+const MAX_PER_BUILD_ITEMS: u32 = 16 * 1024;
 
 /// Compiled policy per build, keyed by the build's cgroup id.
 #[map]
@@ -23,9 +25,15 @@ pub(crate) static BUILDS: HashMap<u64, BuildPolicy> = HashMap::with_max_entries(
 pub(crate) static STATS: PerCpuHashMap<u64, BuildStats> =
     PerCpuHashMap::with_max_entries(MAX_BUILDS, 0);
 
-/// Decisions on their way to user space. 4 MiB holds about 3,500 events.
-#[map]
-pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+/// Each build's decisions on their way to user space, in a ring of its own,
+/// keyed like `BUILDS`: a build that floods its ring loses only its own
+/// events, and each reader drains one build without an election among them.
+#[btf_map]
+pub(crate) static RINGS: HashOfMaps<
+    u64,
+    RingBuf<Event, { RING_BYTES as usize }>,
+    { MAX_BUILDS as usize },
+> = HashOfMaps::new();
 
 /// What happens outside any known build.
 #[map]
@@ -81,6 +89,20 @@ pub(crate) fn count_error(build: u64) {
 #[btf_map]
 pub(crate) static ROOTS: InodeStorage<InodeTag> = InodeStorage::new();
 
+/// What root `root` lets build `build` do (`TAG_*`). Set by user space with the
+/// build's policy, removed when the build ends.
+#[map]
+pub(crate) static ROOT_KINDS: HashMap<RootKey, u32> =
+    HashMap::with_max_entries(MAX_PER_BUILD_ITEMS, 0);
+
+#[inline(always)]
+pub(crate) fn root_kind(build: u64, root: u64) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    ROOT_KINDS
+        .get_ptr(&RootKey { build, root })
+        .map(|p| unsafe { *p })
+}
+
 /// Dentries a build is about to create in an `own` root, until d_instantiate
 /// tags their inode. LRU, so that creates that fail later do not pile up.
 #[map]
@@ -103,24 +125,21 @@ pub(crate) fn tag_if_created(dentry: *const u8, ino: *mut aya_ebpf::bindings::in
 }
 
 /// Marks `ino` as created by build `owner` in an `own` root: the build may
-/// change it, and what it creates beneath it.
+/// change it, and what it creates beneath it. A root id already on the inode
+/// stays.
 #[inline(always)]
 pub(crate) fn tag_owned(ino: *mut aya_ebpf::bindings::inode, owner: u64) {
     if ino.is_null() {
         return;
     }
-    let mut tag = InodeTag {
-        kind: TAG_OWNED,
-        _pad: 0,
-        owner,
-    };
+    let mut tag = InodeTag { root: 0, owner };
     // SAFETY: `ino` is the hook's BTF-typed inode pointer.
     let slot = unsafe { ROOTS.get_or_insert_ptr_mut(ino, Some(&mut tag)) };
     if slot.is_null() {
         count_error(owner);
     } else {
         // SAFETY: non-null storage of this inode.
-        unsafe { *slot = tag };
+        unsafe { (*slot).owner = owner };
     }
 }
 
@@ -153,7 +172,33 @@ pub(crate) fn take_create_refused(dentry: *const u8) -> bool {
     seen == dentry as u64
 }
 
-/// Loopback ports a process of this build bound or listens on (host order): the
+/// Loopback ports a process of a build bound or listens on, per build: the
 /// only ones it may connect or send to in loopback mode.
 #[map]
-pub(crate) static BOUND: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+static BOUND: HashMap<PortKey, u8> = HashMap::with_max_entries(MAX_PER_BUILD_ITEMS, 0);
+
+#[inline(always)]
+pub(crate) fn owns_port(build: u64, port: u32) -> bool {
+    BOUND
+        .get_ptr(&PortKey {
+            build,
+            port,
+            _pad: 0,
+        })
+        .is_some()
+}
+
+/// Records `port` as build `build`'s own.
+#[inline(always)]
+pub(crate) fn own_port(build: u64, port: u32) {
+    if port != 0 && !owns_port(build, port) {
+        let key = PortKey {
+            build,
+            port,
+            _pad: 0,
+        };
+        if BOUND.insert(&key, &1, 0).is_err() {
+            count_error(build);
+        }
+    }
+}

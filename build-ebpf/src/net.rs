@@ -106,7 +106,7 @@ fn check_dest(build: u64, policy: &BuildPolicy, op: Op, dest: Dest) -> Verdict {
     if !dest.loopback() {
         return refuse(build, policy.flags, op, dest.details(), None, 0);
     }
-    if maps::BOUND.get_ptr(u32::from(dest.port)).is_some() {
+    if maps::owns_port(build, u32::from(dest.port)) {
         return Verdict::Allow;
     }
     let verdict = refuse(build, policy.flags, op, dest.details(), None, 0);
@@ -176,7 +176,7 @@ pub(crate) fn socket_sendmsg(ctx: LsmContext) -> i32 {
     if policy.net != NET_LOOPBACK {
         return Verdict::Allow.cgroup();
     }
-    own(local_port(ctx.arg(0)));
+    maps::own_port(build, local_port(ctx.arg(0)));
     let msg: *const u8 = ctx.arg(1);
     if let Some((details, flags)) = ip_options_cmsg(msg) {
         let verdict = refuse(build, policy.flags, Op::Cmsg, details, None, flags);
@@ -334,8 +334,8 @@ pub(crate) fn socket_bind(ctx: LsmContext) -> i32 {
 
 /// After a bind of the build's succeeded, with the port the kernel gave it
 /// (the one asked for, or an ephemeral one for port 0): the build owns it.
-/// `BPF_CGROUP_INET4_POST_BIND` on the build's cgroup (net/ipv4/af_inet.c:
-/// __inet_bind). `src_port` is in host order.
+/// `BPF_CGROUP_INET4_POST_BIND`, inherited from the parent of the builds'
+/// cgroups (net/ipv4/af_inet.c: __inet_bind). `src_port` is in host order.
 #[cgroup_sock(post_bind4)]
 pub(crate) fn post_bind4(ctx: SockContext) -> i32 {
     own_port(&ctx)
@@ -352,8 +352,43 @@ fn own_port(ctx: &SockContext) -> i32 {
     // SAFETY: the context's `struct bpf_sock`, whose src_port the verifier
     // lets this program type read.
     let port = unsafe { (*ctx.sock).src_port };
-    own(port);
+    // The context is the kernel's `struct sock` itself
+    // (kernel/bpf/cgroup.c: __cgroup_bpf_run_filter_sk).
+    let build = crate::guard::cgroup_of_sock(address_of(ctx.sock).cast());
+    maps::own_port(build, port);
     1
+}
+
+/// The address a context pointer holds, as a plain number that may be offset
+/// and probe-read: the verifier allows neither on the context pointer itself.
+#[inline(always)]
+fn address_of<T>(ptr: *const T) -> *const u8 {
+    let slot = ptr;
+    // SAFETY: a probe read of our own stack slot.
+    unsafe { bpf_probe_read_kernel::<u64>(core::ptr::addr_of!(slot).cast()) }
+        .map_or(core::ptr::null(), |a| a as *const u8)
+}
+
+/// The build whose socket a sock_addr program runs for: the cgroup the socket
+/// was made in (`sk->sk_cgrp_data`), which an MPTCP subflow that a kernel
+/// worker opens inherits from its parent socket (net/mptcp/subflow.c). The
+/// current task's cgroup would be the worker's. 0 (no build: deny) when the
+/// socket can't be read.
+#[inline(always)]
+fn build_of_sock_addr(ctx: &SockAddrContext) -> u64 {
+    let kern = address_of(ctx.sock_addr);
+    if kern.is_null() {
+        return 0;
+    }
+    // SAFETY: the context is the kernel's `struct bpf_sock_addr_kern`
+    // (kernel/bpf/cgroup.c: __cgroup_bpf_run_filter_sock_addr); `sk` is at an
+    // offset from this kernel's BTF.
+    match unsafe {
+        bpf_probe_read_kernel::<*const u8>(kern.add(offsets().sock_addr_sk as usize).cast())
+    } {
+        Ok(sk) if !sk.is_null() => crate::guard::cgroup_of_sock(sk),
+        _ => 0,
+    }
 }
 
 /// An unconnected UDP send of the build's, after the kernel bound the socket
@@ -365,15 +400,17 @@ fn own_port(ctx: &SockContext) -> i32 {
 /// made in the build's name, which no LSM socket hook sees.
 #[cgroup_sock_addr(sendmsg4)]
 pub(crate) fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    own_sender_port(&ctx);
-    check_sock_addr(dest4(&ctx), Op::Sendmsg)
+    let build = build_of_sock_addr(&ctx);
+    own_sender_port(&ctx, build);
+    check_sock_addr(build, dest4(&ctx), Op::Sendmsg)
 }
 
 /// The same for inet6 sockets.
 #[cgroup_sock_addr(sendmsg6)]
 pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    own_sender_port(&ctx);
-    check_sock_addr(dest6(&ctx), Op::Sendmsg)
+    let build = build_of_sock_addr(&ctx);
+    own_sender_port(&ctx, build);
+    check_sock_addr(build, dest6(&ctx), Op::Sendmsg)
 }
 
 /// Every inet connect of a socket of the build's cgroup, the kernel's own
@@ -385,35 +422,31 @@ pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
 /// connect(2) the LSM hook has already decided the same way.
 #[cgroup_sock_addr(connect4)]
 pub(crate) fn connect4(ctx: SockAddrContext) -> i32 {
-    check_sock_addr(dest4(&ctx), Op::Connect)
+    check_sock_addr(build_of_sock_addr(&ctx), dest4(&ctx), Op::Connect)
 }
 
 /// The same for inet6 sockets.
 #[cgroup_sock_addr(connect6)]
 pub(crate) fn connect6(ctx: SockAddrContext) -> i32 {
-    check_sock_addr(dest6(&ctx), Op::Connect)
+    check_sock_addr(build_of_sock_addr(&ctx), dest6(&ctx), Op::Connect)
 }
 
 #[inline(always)]
-fn own_sender_port(ctx: &SockAddrContext) {
+fn own_sender_port(ctx: &SockAddrContext, build: u64) {
     // SAFETY: the context's `struct bpf_sock_addr` and its socket, which this
     // program type may read.
     let port = unsafe {
         let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
         if sk.is_null() { 0 } else { (*sk).src_port }
     };
-    own(port);
+    maps::own_port(build, port);
 }
 
-/// Loopback mode's destination rule for a `struct bpf_sock_addr`. The program
-/// is attached to this instance's build cgroup and runs for its sockets only,
-/// so the build is this instance's, not the current task's (an MPTCP worker
-/// may be running it). No SIGKILL here, whatever the policy: the current task
-/// may be a kernel worker. In audit mode it lets everything through silently.
+/// Loopback mode's destination rule for a `struct bpf_sock_addr` of `build`'s
+/// socket. No SIGKILL here, whatever the policy: the current task may be a
+/// kernel worker. In audit mode it lets everything through silently.
 #[inline(always)]
-fn check_sock_addr(dest: Dest, op: Op) -> i32 {
-    // SAFETY: a read of our own global.
-    let build = unsafe { core::ptr::read_volatile(&crate::BUILD_ID) };
+fn check_sock_addr(build: u64, dest: Dest, op: Op) -> i32 {
     let policy = match policy_or_deny(build, op) {
         Ok(p) => p,
         Err(v) => return v.cgroup(),
@@ -421,7 +454,7 @@ fn check_sock_addr(dest: Dest, op: Op) -> i32 {
     if policy.net != NET_LOOPBACK {
         return 1;
     }
-    if dest.loopback() && maps::BOUND.get_ptr(u32::from(dest.port)).is_some() {
+    if dest.loopback() && maps::owns_port(build, u32::from(dest.port)) {
         return 1;
     }
     if policy.flags & POLICY_AUDIT != 0 {
@@ -463,13 +496,6 @@ fn dest6(ctx: &SockAddrContext) -> Dest {
         family: AF_INET6,
         port: u16::from_be(port as u16),
         addr,
-    }
-}
-
-#[inline(always)]
-fn own(port: u32) {
-    if port != 0 && maps::BOUND.get_ptr(port).is_none() {
-        let _ = maps::BOUND.insert(port, 1, 0);
     }
 }
 

@@ -14,7 +14,7 @@ use buildcage_common::{
 
 use crate::{
     fs::{self, Dentry},
-    maps::{self, EVENTS, Stat},
+    maps::{self, RINGS, Stat},
     offsets,
 };
 
@@ -40,7 +40,14 @@ pub(crate) fn decision(
     flags: u32,
 ) {
     maps::count(build, Stat::Denials);
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+    // SAFETY: the inner map is only reserved from here. Its entry goes only
+    // once the build's cgroup is empty, and the kernel keeps the map alive
+    // while this program holds the pointer (RCU).
+    let Some(ring) = (unsafe { RINGS.get(&build) }) else {
+        maps::count(build, Stat::Lost);
+        return;
+    };
+    let Some(mut entry) = ring.reserve(0) else {
         maps::count(build, Stat::Lost);
         return;
     };

@@ -11,11 +11,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aya::maps::{Map, MapData, PerCpuHashMap};
 use buildcage_common::BuildStats;
 
 use crate::{
-    kernel::{cgroup::BuildCgroup, instance},
+    kernel::{cgroup::BuildCgroup, instance::Instance, lease::Maps},
     plan::ConfinementPlan,
 };
 
@@ -105,7 +104,7 @@ pub fn list(cgroot: &Path, bpffs: &Path, state_dir: &Path) -> Vec<LiveBuild> {
             let registered = fs::read(state_file(state_dir, cg.id()))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Registered>(&b).ok());
-            let stats = stats(&crate::kernel::pin_dir(bpffs, cg.id()), cg.id());
+            let stats = stats(&Instance::of(bpffs, &cg), cg.id());
             LiveBuild {
                 name: registered
                     .as_ref()
@@ -131,10 +130,7 @@ pub fn list(cgroot: &Path, bpffs: &Path, state_dir: &Path) -> Vec<LiveBuild> {
     builds
 }
 
-/// A build's counters, from the map its instance pinned, added up over CPUs.
-fn stats(pin_dir: &Path, build: u64) -> Option<BuildStats> {
-    let data = MapData::from_pin(pin_dir.join(instance::map_pin_name("STATS"))).ok()?;
-    let map: PerCpuHashMap<_, u64, BuildStats> =
-        PerCpuHashMap::try_from(Map::from_map_data(data).ok()?).ok()?;
-    Some(crate::kernel::lease::sum(map.get(&build, 0).ok()?.iter()))
+/// A build's counters, from the maps its instance pinned, added up over CPUs.
+fn stats(instance: &Instance, build: u64) -> Option<BuildStats> {
+    Maps::open(instance).ok()?.stats(build).ok()
 }

@@ -12,9 +12,10 @@ use crate::{
     },
     hint::Hint,
     kernel::{
+        Host,
         btf::KernelBtf,
         cgroup::{self, BuildCgroup},
-        instance::{Attach, HOOKS, Instance},
+        instance::{self, Attach, HOOKS, Instance},
         lease::Lease,
         sysfs,
     },
@@ -152,8 +153,8 @@ pub fn run_checks() -> Vec<Check> {
         Err(e) => Check::fail("bpffs", e),
     });
     checks.push(match (root, offsets, cgroot, bpffs) {
-        (true, Ok(offsets), Ok(cgroot), Ok(bpffs)) if checks.iter().all(|c| c.ok) => {
-            match enforcement_probe(&cgroot, offsets, &bpffs) {
+        (true, Ok(_), Ok(cgroot), Ok(bpffs)) if checks.iter().all(|c| c.ok) => {
+            match enforcement_probe(&cgroot, &bpffs) {
                 Ok(detail) => Check::pass("enforce", detail),
                 Err(e) => Check::fail("enforce", &e),
             }
@@ -200,37 +201,43 @@ fn hooks_check(btf: &KernelBtf) -> Check {
     )
 }
 
-/// Loads the programs for a scratch build, makes a child in it try
+/// Finds or loads the instance, makes a child of a scratch build in it try
 /// `socket(AF_INET)`, and requires EPERM plus the matching event.
 fn enforcement_probe(
     cgroot: &std::path::Path,
-    offsets: buildcage_common::Offsets,
     bpffs: &std::path::Path,
 ) -> Result<String, DoctorError> {
-    let name = format!("doctor-{}", std::process::id());
-    let cg = BuildCgroup::create(cgroot, &name)?;
-    let result = probe_in(&cg, offsets, bpffs);
-    let killed = cg.kill_all_blocking(Duration::from_secs(5));
-    let removed = cg.remove();
-    let detail = result?;
-    killed?;
-    removed?;
-    Ok(detail)
-}
-
-fn probe_in(
-    cg: &BuildCgroup,
-    offsets: buildcage_common::Offsets,
-    bpffs: &std::path::Path,
-) -> Result<String, DoctorError> {
+    let host = Host {
+        cgroot: cgroot.to_owned(),
+        bpffs: bpffs.to_owned(),
+    };
+    let lock = instance::lock()?;
+    let instance = Instance::ensure(&host, &lock)?;
+    let cg = BuildCgroup::create(instance.cgroup(), &format!("doctor.{}", std::process::id()))?;
     let policy = BuildPolicy {
         socket_families: 1 << AF_UNIX,
         flags: 0,
         net: buildcage_common::policy::NET_NONE,
     };
-    let mut instance = Instance::attach(cg, offsets, bpffs)?;
-    let lease = Lease::take(&instance, policy, &[])?;
-    let mut events = instance.take_events()?;
+    let mut lease = match Lease::take(&instance, &lock, cg.id(), policy, &[]) {
+        Ok(lease) => lease,
+        Err(e) => {
+            let _ = cg.remove();
+            return Err(e.into());
+        }
+    };
+    drop(lock);
+    let result = probe_in(&cg, &mut lease);
+    // Teardown as a session does it: the entries go only once the cgroup is
+    // empty, or the scratch build stays confined.
+    cg.kill_all_blocking(Duration::from_secs(5))?;
+    lease.release()?;
+    cg.remove()?;
+    result
+}
+
+fn probe_in(cg: &BuildCgroup, lease: &mut Lease) -> Result<String, DoctorError> {
+    let mut events = lease.take_ring()?;
     let procs = cg.procs_for_writing()?;
     // SAFETY: doctor runs before any other thread exists; the child only makes raw
     // system calls and leaves with _exit.
@@ -278,8 +285,6 @@ fn probe_in(
             _ => {}
         }
     }
-    drop(lease);
-    let released = instance.release();
     if code == 100 {
         return Err(DoctorError::NotMoved(cg.path().to_owned()));
     }
@@ -298,7 +303,6 @@ fn probe_in(
     }
     let event = event.ok_or(DoctorError::NoEvent("socket(AF_INET)"))?;
     let userns_event = userns_event.ok_or(DoctorError::NoEvent("unshare(CLONE_NEWUSER)"))?;
-    released?;
     Ok(format!(
         "socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM; events: {} and {} pid {}",
         event.what(),

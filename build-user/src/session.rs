@@ -1,5 +1,5 @@
-//! The life of one confined build: its cgroup, its instance and lease, its
-//! command, its events, and the teardown that leaves nothing behind.
+//! The life of one confined build: its cgroup beneath the shared instance, its
+//! lease, its command, its events, and the teardown that leaves nothing behind.
 //!
 //! A session prints nothing. Records, notices and the end of the build go to
 //! the [`Sink`]s it is given; what to do while the command runs (pass a signal
@@ -10,7 +10,7 @@ use std::{
     ffi::OsString,
     io,
     os::{fd::AsRawFd as _, unix::process::ExitStatusExt as _},
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -27,10 +27,10 @@ use crate::{
         sink::{End, Notice, Sink},
     },
     kernel::{
-        self, Host, KernelError,
+        Host, KernelError,
         cgroup::{BuildCgroup, CgroupError, Survivor},
-        instance::Instance,
-        lease::Lease,
+        instance::{self, Instance, InstanceLock},
+        lease::{Lease, Maps},
     },
     plan::ConfinementPlan,
 };
@@ -100,9 +100,9 @@ impl crate::hint::Hint for SessionError {
 
 /// Runs `argv` confined as `plan` says, and returns how it ended. Nothing is
 /// started unless the policy is in force first (fail closed). Whatever goes
-/// wrong after the cgroup exists, the cgroup, the lease and the instance are
-/// cleaned up, except when a process may still be in the cgroup: then
-/// everything stays pinned and confined, for the next start to reap.
+/// wrong after the cgroup exists, the cgroup and the lease are cleaned up,
+/// except when a process may still be in the cgroup: then the lease stays,
+/// and the build confined, for the next start to reap.
 pub async fn run(
     plan: &ConfinementPlan,
     argv: &[OsString],
@@ -113,38 +113,40 @@ pub async fn run(
     if argv.is_empty() {
         return Err(SessionError::NoCommand);
     }
-    for notice in reap_orphans(host).await {
+    let lock = instance::lock()?;
+    let instance = Instance::ensure(host, &lock)?;
+    for notice in reap_orphans(host, &lock).await {
         notify(sinks, &notice)?;
     }
     let cg = BuildCgroup::create(
-        &host.cgroot,
+        instance.cgroup(),
         &format!("{}.{}", plan.name, std::process::id()),
     )?;
-    let mut instance = match Instance::attach(&cg, host.offsets, &host.bpffs) {
-        Ok(i) => i,
+    let mut lease = match Lease::take(&instance, &lock, cg.id(), plan.policy, &plan.roots) {
+        Ok(lease) => lease,
         Err(e) => {
             remove_cgroup(cg);
             return Err(e.into());
         }
     };
+    drop(lock);
     tracing::debug!(cgroup = %cg.path().display(), id = cg.id(), "build confined");
-    let result = confined(plan, argv, &cg, &mut instance, sinks, control).await;
-    match result {
+    match confined(plan, argv, &cg, &mut lease, sinks, control).await {
         Ok(outcome) => {
-            // Only now, with the cgroup empty, may the programs go.
-            instance.release()?;
+            // Only now, with the cgroup empty, may the build's entries go.
+            lease.release()?;
             cg.remove()?;
             Ok(outcome)
         }
         Err(Failure::Contained(e)) => {
             // The cgroup is known to be empty: undo everything.
-            if let Err(release) = instance.release() {
+            if let Err(release) = lease.release() {
                 tracing::error!("{release}");
             }
             remove_cgroup(cg);
             Err(e)
         }
-        // Processes may be left: the pins keep them confined.
+        // Processes may be left: the lease keeps them confined.
         Err(Failure::Uncontained(e)) => Err(e),
     }
 }
@@ -159,17 +161,16 @@ async fn confined(
     plan: &ConfinementPlan,
     argv: &[OsString],
     cg: &BuildCgroup,
-    instance: &mut Instance,
+    lease: &mut Lease,
     sinks: &mut [&mut dyn Sink],
     mut control: mpsc::Receiver<Control>,
 ) -> Result<Outcome, Failure> {
     use Failure::{Contained, Uncontained};
-    let lease = Lease::take(instance, plan.policy, &plan.roots).map_err(|e| Contained(e.into()))?;
     // For `buildcage ps`; a build runs without it.
     let _registration = Registration::write(Path::new(STATE_DIR), cg.id(), plan)
         .inspect_err(|e| tracing::warn!("cannot record the build in {STATE_DIR}: {e}"))
         .ok();
-    let ring = instance.take_events().map_err(|e| Contained(e.into()))?;
+    let ring = lease.take_ring().map_err(|e| Contained(e.into()))?;
     let shutdown = CancellationToken::new();
     let (bus, reader) =
         Bus::spawn(ring, shutdown.clone()).map_err(|e| Contained(SessionError::Runtime(e)))?;
@@ -230,7 +231,6 @@ async fn confined(
         Err(e) => return Err(Contained(SessionError::Runtime(io::Error::other(e)))),
     }
     let stats = lease.stats().map_err(|e| Contained(e.into()))?;
-    drop(lease);
     let end = End {
         build: plan.name.clone(),
         stats,
@@ -326,19 +326,29 @@ fn spawn(
 }
 
 /// Ends the builds that a dead buildcage left behind: kills what still runs
-/// in them, then unpins their programs and removes their cgroups. Until now
-/// they stayed confined. A failure leaves that build confined, and is said.
-async fn reap_orphans(host: &Host) -> Vec<Notice> {
+/// in them, then removes their entries and cgroups. Until now they stayed
+/// confined. A failure leaves that build confined, and is said. Then retires
+/// the older instances that serve no build any more.
+async fn reap_orphans(host: &Host, lock: &InstanceLock) -> Vec<Notice> {
     let mut notices = Vec::new();
     for orphan in BuildCgroup::orphans(&host.cgroot) {
         notices.push(reap(&host.bpffs, orphan).await);
     }
+    let own = Instance::own_tag();
+    for old in Instance::all(&host.bpffs, &host.cgroot) {
+        if old.tag() != own && !old.serves_builds() {
+            match old.retire(lock) {
+                Ok(()) => tracing::info!("retired the unused instance {}", old.tag()),
+                Err(e) => tracing::warn!("cannot retire the instance {}: {e}", old.tag()),
+            }
+        }
+    }
     notices
 }
 
-/// Ends a build nobody supervises: kills what runs in it, then unpins its
-/// programs, forgets its plan and removes its cgroup. A failure leaves it
-/// confined, and says why.
+/// Ends a build nobody supervises: kills what runs in it, then removes its
+/// entries from its instance's maps, forgets its plan and removes its
+/// cgroup. A failure leaves it confined, and says why.
 pub async fn reap(bpffs: &Path, orphan: BuildCgroup) -> Notice {
     let cgroup = orphan.path().to_owned();
     let failed = |why: String| Notice::ReapFailed {
@@ -349,9 +359,9 @@ pub async fn reap(bpffs: &Path, orphan: BuildCgroup) -> Notice {
         Ok(s) => s,
         Err(e) => return failed(e.to_string()),
     };
-    let pins: PathBuf = kernel::pin_dir(bpffs, orphan.id());
-    if let Err(e) = kernel::instance::unpin_dir(&pins) {
-        return failed(format!("cannot unpin {}: {e}", pins.display()));
+    let instance = Instance::of(bpffs, &orphan);
+    if let Err(e) = Maps::open(&instance).and_then(|mut maps| maps.forget(orphan.id())) {
+        return failed(e.to_string());
     }
     let _ = std::fs::remove_file(crate::builds::state_file(Path::new(STATE_DIR), orphan.id()));
     match orphan.remove() {

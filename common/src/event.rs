@@ -198,6 +198,11 @@ impl TryFrom<u32> for Action {
     }
 }
 
+/// The size of each build's ring buffer: 1 MiB holds about 900 events, which
+/// user space drains as they come; past that, losses are counted exactly.
+/// The kernel programs declare it, user space creates each ring with it.
+pub const RING_BYTES: u32 = 1 << 20;
+
 /// Event flag: the program could not read the parent task, `ppid` is 0 and not real.
 pub const EVENT_FLAG_NO_PPID: u32 = 1 << 0;
 /// Event flag: the path walk stopped before the file system's root (too deep, or

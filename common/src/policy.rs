@@ -127,23 +127,51 @@ pub struct Offsets {
     /// control messages of a send, which may carry IP options (a source route).
     pub msghdr_control: u32,
     pub msghdr_controllen: u32,
+    /// `offsetof(struct bpf_sock_addr_kern, sk)`: the socket behind a cgroup
+    /// sock_addr program's context, whose cgroup says which build it is.
+    pub sock_addr_sk: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 29 * 4);
+const _: () = assert!(size_of::<Offsets>() == 31 * 4);
 
-/// What an allowed root lets a build do, stored on the root's inode (BPF inode
-/// storage), and on the inodes a build creates in an `own` root.
+/// What the kernel knows of an inode, in BPF inode storage: which allowed root
+/// it is (an id user space gave it), and which build created it beneath an
+/// `own` root. One slot per inode serves every build: what a root lets a build
+/// do is in `ROOT_KINDS`, keyed by {build, root}, so a build never sees
+/// another build's roots.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InodeTag {
-    /// `TAG_*`.
-    pub kind: u32,
-    pub _pad: u32,
-    /// For `TAG_OWNED`: the build (cgroup id) that created the inode.
+    /// The root's id, 0 when the inode is no build's root.
+    pub root: u64,
+    /// The build (cgroup id) that created the inode in an `own` root, or 0.
     pub owner: u64,
 }
 
 const _: () = assert!(size_of::<InodeTag>() == 16);
+
+/// The key of `ROOT_KINDS`: root `root` of build `build`. The value is a `TAG_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RootKey {
+    pub build: u64,
+    pub root: u64,
+}
+
+const _: () = assert!(size_of::<RootKey>() == 16);
+
+/// The key of `BOUND`: a loopback port that a process of build `build` bound
+/// or sent from (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortKey {
+    pub build: u64,
+    pub port: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<PortKey>() == 16);
 
 /// Anything beneath may be changed.
 pub const TAG_TREE: u32 = 1;
@@ -153,7 +181,8 @@ pub const TAG_OWN: u32 = 2;
 pub const TAG_DEVICE: u32 = 3;
 /// This one file may be created, written, replaced or removed.
 pub const TAG_FILE: u32 = 4;
-/// Created by build `owner` beneath an `own` root.
+/// Created by the build beneath an `own` root (never stored: it is what a
+/// walk reports for an inode whose `owner` is set).
 pub const TAG_OWNED: u32 = 5;
 
 /// How many parents the ancestry walk looks at before it gives up and denies.
@@ -166,4 +195,6 @@ mod pod {
     unsafe impl aya::Pod for super::BuildStats {}
     unsafe impl aya::Pod for super::Offsets {}
     unsafe impl aya::Pod for super::InodeTag {}
+    unsafe impl aya::Pod for super::RootKey {}
+    unsafe impl aya::Pod for super::PortKey {}
 }

@@ -103,6 +103,8 @@ impl KernelBtf {
             msghdr_name: self.field_offset("msghdr", "msg_name")?,
             msghdr_control: self.field_offset("msghdr", "msg_control")?,
             msghdr_controllen: self.field_offset("msghdr", "msg_controllen")?,
+            sock_addr_sk: self.field_offset("bpf_sock_addr_kern", "sk")?,
+            _pad: 0,
             unix_dentry: self.field_offset("unix_sock", "path")?
                 + self.field_offset("path", "dentry")?,
             file_flags: self.field_offset("file", "f_flags")?,

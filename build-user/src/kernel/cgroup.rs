@@ -1,7 +1,8 @@
 //! cgroup v2: finding the hierarchy, making one cgroup per build, and tearing it down.
 //!
-//! A build's cgroup is the unit of confinement: the kernel programs are attached to
-//! it, its id keys the policy, and `cgroup.kill` ends everything in it at once.
+//! A build's cgroup is the unit of confinement: it inherits the kernel programs
+//! from its instance's cgroup (`<root>/buildcage/<tag>/`), its id keys the
+//! policy, and `cgroup.kill` ends everything in it at once.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -11,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The parent of every build cgroup, below the cgroup v2 root.
+/// The parent of every instance's cgroup, below the cgroup v2 root.
 pub const PARENT: &str = "buildcage";
 
 #[derive(Debug, thiserror::Error)]
@@ -169,15 +170,9 @@ pub struct BuildCgroup {
 }
 
 impl BuildCgroup {
-    /// Creates `<root>/buildcage/<name>`.
-    pub fn create(root: &Path, name: &str) -> Result<Self, CgroupError> {
+    /// Creates `<parent>/<name>`; `parent` is an instance's cgroup.
+    pub fn create(parent: &Path, name: &str) -> Result<Self, CgroupError> {
         validate_name(name)?;
-        let parent = root.join(PARENT);
-        match fs::create_dir(&parent) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err("cannot create cgroup", &parent)(e)),
-        }
         let path = parent.join(name);
         fs::create_dir(&path).map_err(io_err("cannot create cgroup", &path))?;
         let this = Self::open(&path)?;
@@ -200,24 +195,39 @@ impl BuildCgroup {
             .collect()
     }
 
-    /// Every build cgroup (`<name>.<pid>`), with the pid of the buildcage that
-    /// made it.
+    /// Every build cgroup (`<tag>/<name>.<pid>`, of any instance), with the
+    /// pid of the buildcage that made it.
     pub fn all(root: &Path) -> Vec<(Self, u32)> {
-        let Ok(entries) = fs::read_dir(root.join(PARENT)) else {
-            return Vec::new();
+        let subdirs = |dir: &Path| {
+            fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
         };
-        entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| {
-                let name = e.file_name();
-                let pid = name
+        subdirs(&root.join(PARENT))
+            .iter()
+            .flat_map(|instance| subdirs(instance))
+            .filter_map(|path| {
+                let pid = path
+                    .file_name()?
                     .to_string_lossy()
                     .rsplit_once('.')
                     .and_then(|(_, pid)| pid.parse::<u32>().ok())?;
-                Some((Self::open(&e.path()).ok()?, pid))
+                Some((Self::open(&path).ok()?, pid))
             })
             .collect()
+    }
+
+    /// The tag of the instance the build belongs to: its parent's name.
+    pub fn instance(&self) -> String {
+        self.path
+            .parent()
+            .and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     /// The build's name: its directory's, without the `.<pid>`.

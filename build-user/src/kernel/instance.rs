@@ -1,50 +1,70 @@
-//! An instance of the kernel programs: loaded, attached and pinned.
+//! The one instance of the kernel programs that serves every build: loaded,
+//! attached and pinned once, then found again by every later start.
 //!
-//! Today each build gets its own instance: its own ring buffer, and
-//! `BPF_LSM_CGROUP` attachment to its own cgroup, so that processes outside
-//! every build never run a single instruction of ours. The programs look the
-//! policy up by cgroup id, and what one build needs in the maps is the
-//! business of its [`Lease`](super::lease::Lease), so one instance can serve
-//! many builds once a daemon owns it.
+//! - The `BPF_LSM_CGROUP` and cgroup socket programs are attached to the
+//!   instance's cgroup, `<cgroup2>/buildcage/<tag>/`, whose children (the
+//!   builds) inherit them: starting a build attaches nothing, and processes
+//!   outside every build never run them.
+//! - Links and maps are pinned in `<bpffs>/buildcage/<tag>/`, so that both
+//!   confinement and the builds' state outlive any process of buildcage's.
+//! - `<tag>` names the kernel object's version. `map_VERSION`, pinned last,
+//!   says the instance is complete.
 //!
-//! Links and the maps a lease writes are pinned in bpffs: if buildcage dies,
-//! the kernel keeps the build confined (fail closed) until the pins are
-//! removed, and its state can be found again.
+//! **Upgrades.** A buildcage whose object differs finds no instance of its own
+//! tag and loads one beside the old. The old one keeps serving the builds
+//! started under it, whose state is in its maps, until the last of them ends;
+//! new builds go to the new one. A build is never judged by programs that do
+//! not know it, and never left without its own. An old instance is retired
+//! (unpinned, its cgroup removed) by the first start that finds it serving no
+//! build.
 
 use std::{
-    fs, io,
+    fs::{self, File},
+    io,
     path::{Path, PathBuf},
+    sync::LazyLock,
 };
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, RingBuf},
+    maps::{Array, MapData},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, LsmCgroup, links::FdLink},
 };
 use buildcage_common::Offsets;
+use nix::fcntl::{Flock, FlockArg};
+use sha2::Digest as _;
 
-use super::{KernelError, cgroup::BuildCgroup};
+use super::{
+    Host, KernelError,
+    cgroup::{self, BuildCgroup},
+};
 
 /// The object file built from build-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/buildcage"));
 
-/// Where buildcage pins its links, below the bpffs mount.
+/// The object's digest: the instance's version.
+static DIGEST: LazyLock<[u8; 32]> = LazyLock::new(|| sha2::Sha256::digest(OBJECT).into());
+
+/// Where buildcage pins its instances, below the bpffs mount.
 pub const PIN_DIR: &str = "buildcage";
+
+/// Held while an instance is found or loaded and while roots are tagged, so
+/// that concurrent starts neither load twice nor tag one inode twice.
+pub const LOCK_FILE: &str = "/run/buildcage/instance.lock";
 
 /// How a program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
-    /// `BPF_LSM_CGROUP` on the build's cgroup: only the build's tasks run it.
+    /// `BPF_LSM_CGROUP` on the instance's cgroup: only builds' tasks run it.
     /// For the hottest hooks; at most 10 hooks system-wide may carry these.
     Cgroup,
-    /// Plain BPF LSM: runs for every task, returns at once outside the build.
+    /// Plain BPF LSM: runs for every task, returns at once outside the builds.
     Global,
-    /// A cgroup socket program on the build's cgroup (not an LSM hook, and not
-    /// one of the 10): runs after a bind of the build's succeeded. Its ELF
-    /// section says inet4 or inet6.
+    /// A cgroup socket program (not an LSM hook, and not one of the 10): runs
+    /// after a bind of a build's succeeded. Its ELF section says inet4 or inet6.
     PostBind,
-    /// A cgroup sock_addr program on the build's cgroup: runs for the connects
-    /// and unconnected UDP sends of the build's sockets, the kernel's included.
+    /// A cgroup sock_addr program: runs for the connects and unconnected UDP
+    /// sends of the builds' sockets, the kernel's included.
     SockAddr,
 }
 
@@ -93,77 +113,185 @@ pub const HOOKS: &[(&str, Attach)] = &[
     ("uring_override_creds", Attach::Global),
 ];
 
-/// A loaded, attached and pinned instance of the programs, serving one build.
+/// The maps pinned as `map_NAME` (bpffs reserves names with a dot:
+/// kernel/bpf/inode.c, bpf_lookup): what a lease, `ps` or a daemon reads and
+/// writes. The others are the programs' own scratch space.
+pub(crate) const PINNED_MAPS: [&str; 7] = [
+    "BUILDS",
+    "STATS",
+    "RINGS",
+    "ROOTS",
+    "ROOT_KINDS",
+    "BOUND",
+    "COUNTERS",
+];
+
+/// The lock of [`LOCK_FILE`], released when dropped.
 #[derive(Debug)]
-pub struct Instance {
-    ebpf: Ebpf,
-    build: u64,
-    pin_dir: PathBuf,
+pub struct InstanceLock(#[allow(dead_code)] Flock<File>);
+
+/// Waits for and takes the instance lock.
+pub fn lock() -> Result<InstanceLock, KernelError> {
+    let path = Path::new(LOCK_FILE);
+    let io = |source| KernelError::Io {
+        action: "cannot lock",
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io)?;
+    }
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map(InstanceLock)
+        .map_err(|(_, errno)| io(errno.into()))
 }
 
-/// The maps a lease writes, pinned as `map_NAME` beside the links (bpffs
-/// reserves names with a dot: kernel/bpf/inode.c, bpf_lookup).
-pub(crate) const LEASED_MAPS: [&str; 3] = ["BUILDS", "STATS", "ROOTS"];
+/// A pinned instance, this binary's or an older one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    tag: String,
+    pins: PathBuf,
+    cgroup: PathBuf,
+}
 
 impl Instance {
-    /// Loads the programs for `cgroup`, attaches every program and pins its
-    /// link, and pins the maps a lease needs. Nothing of the build's is in the maps
-    /// yet, and programs that find no policy deny: the cgroup must stay empty
-    /// until a [`Lease`](super::lease::Lease) is taken. On failure, whatever
-    /// was pinned is unpinned again.
-    pub fn attach(
-        cgroup: &BuildCgroup,
-        offsets: Offsets,
-        bpffs: &Path,
-    ) -> Result<Self, KernelError> {
-        let build = cgroup.id();
-        let ebpf = EbpfLoader::new()
-            .override_global("BUILD_ID", &build, true)
-            .override_global("OFFSETS", &offsets, true)
-            .load(OBJECT)
-            .map_err(KernelError::Object)?;
-        let pin_dir = super::pin_dir(bpffs, build);
-        fs::create_dir_all(&pin_dir).map_err(|source| KernelError::Io {
-            action: "cannot create",
-            path: pin_dir.clone(),
+    /// This binary's instance tag: `v` and the start of its object's digest.
+    pub fn own_tag() -> String {
+        let hex: String = DIGEST[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("v{hex}")
+    }
+
+    /// The instance `tag`, pinned below `bpffs` with its cgroup below
+    /// `cgroot`, whether or not it exists.
+    pub fn at(bpffs: &Path, cgroot: &Path, tag: &str) -> Self {
+        Self {
+            tag: tag.to_owned(),
+            pins: bpffs.join(PIN_DIR).join(tag),
+            cgroup: cgroot.join(cgroup::PARENT).join(tag),
+        }
+    }
+
+    /// The instance that serves `build`: the one whose cgroup is its parent.
+    pub fn of(bpffs: &Path, build: &BuildCgroup) -> Self {
+        let cgroup = build.path().parent().unwrap_or(build.path()).to_owned();
+        let tag = build.instance();
+        Self {
+            pins: bpffs.join(PIN_DIR).join(&tag),
+            tag,
+            cgroup,
+        }
+    }
+
+    /// Every instance pinned on this host.
+    pub fn all(bpffs: &Path, cgroot: &Path) -> Vec<Self> {
+        let Ok(entries) = fs::read_dir(bpffs.join(PIN_DIR)) else {
+            return Vec::new();
+        };
+        let mut all: Vec<Self> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                is_tag(&name).then(|| Self::at(bpffs, cgroot, &name))
+            })
+            .collect();
+        all.sort_by(|a, b| a.tag.cmp(&b.tag));
+        all
+    }
+
+    /// Finds this binary's instance, or loads, attaches and pins it. A
+    /// partly pinned one (a loader died half-way) serves no build, and is
+    /// replaced.
+    pub fn ensure(host: &Host, _lock: &InstanceLock) -> Result<Self, KernelError> {
+        let this = Self::at(&host.bpffs, &host.cgroot, &Self::own_tag());
+        if this.is_complete() {
+            return Ok(this);
+        }
+        if this.pins.exists() {
+            tracing::warn!("replacing the incomplete instance {}", this.pins.display());
+            unpin_dir(&this.pins).map_err(|source| KernelError::Io {
+                action: "cannot unpin",
+                path: this.pins.clone(),
+                source,
+            })?;
+        }
+        fs::create_dir_all(&this.cgroup).map_err(|source| KernelError::Io {
+            action: "cannot create cgroup",
+            path: this.cgroup.clone(),
             source,
         })?;
-        let mut this = Self {
-            ebpf,
-            build,
-            pin_dir,
-        };
-        if let Err(e) = this.pin_and_attach(cgroup, &offsets) {
-            if let Err(unpin) = unpin_dir(&this.pin_dir) {
-                tracing::error!("cannot unpin {}: {unpin}", this.pin_dir.display());
+        fs::create_dir_all(&this.pins).map_err(|source| KernelError::Io {
+            action: "cannot create",
+            path: this.pins.clone(),
+            source,
+        })?;
+        let loaded = super::btf::KernelBtf::from_sys_fs()
+            .and_then(|btf| btf.offsets())
+            .map_err(KernelError::from)
+            .and_then(|offsets| this.load(offsets));
+        if let Err(e) = loaded {
+            if let Err(unpin) = unpin_dir(&this.pins) {
+                tracing::error!("cannot unpin {}: {unpin}", this.pins.display());
             }
             return Err(e);
         }
+        tracing::debug!(tag = this.tag, "instance loaded");
         Ok(this)
     }
 
-    fn pin_and_attach(
-        &mut self,
-        cgroup: &BuildCgroup,
-        offsets: &Offsets,
-    ) -> Result<(), KernelError> {
+    fn load(&self, offsets: Offsets) -> Result<(), KernelError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .load(OBJECT)
+            .map_err(KernelError::Object)?;
+        self.attach_all(&mut ebpf, &offsets)?;
+        // The maps after the programs: a kernel that refuses them says so first.
+        for name in PINNED_MAPS {
+            let path = self.map_pin(name);
+            ebpf.map(name)
+                .ok_or(KernelError::Missing(name))?
+                .pin(&path)
+                .map_err(|source| KernelError::Pin {
+                    program: name,
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        // Last: the mark of a complete instance.
+        let version_err = |source| KernelError::Map { build: 0, source };
+        let mut version: Array<MapData, u64> = Array::create(1, 0).map_err(version_err)?;
+        version.set(0, digest_word(), 0).map_err(version_err)?;
+        let path = self.map_pin("VERSION");
+        version.pin(&path).map_err(|source| KernelError::Pin {
+            program: "VERSION",
+            path: path.clone(),
+            source,
+        })
+    }
+
+    fn attach_all(&self, ebpf: &mut Ebpf, offsets: &Offsets) -> Result<(), KernelError> {
         let btf = Btf::from_sys_fs().map_err(KernelError::AyaBtf)?;
-        let dir = cgroup.dir().map_err(|e| KernelError::Io {
+        let dir = File::open(&self.cgroup).map_err(|source| KernelError::Io {
             action: "cannot open",
-            path: cgroup.path().to_owned(),
-            source: io::Error::other(e),
+            path: self.cgroup.clone(),
+            source,
         })?;
         // Loads a cgroup socket program (of type `$ty`) and attaches it to the
-        // build's cgroup through a BPF link, which can be pinned.
+        // instance's cgroup through a BPF link, which can be pinned.
         macro_rules! cgroup_sock_link {
-            ($ty:ty, $prog:ident, $program:ident, $dir:ident, $attach_err:ident) => {{
+            ($ty:ty, $prog:ident, $program:ident, $attach_err:ident) => {{
                 let prog: &mut $ty = $prog.try_into().map_err(|source| KernelError::Load {
                     program: $program,
                     source,
                 })?;
                 prog.load().map_err(|source| load_error($program, source))?;
                 let id = prog
-                    .attach(&$dir, CgroupAttachMode::Single)
+                    .attach(&dir, CgroupAttachMode::Single)
                     .map_err($attach_err)?;
                 let link = prog.take_link(id).map_err(|source| KernelError::Load {
                     program: $program,
@@ -177,13 +305,12 @@ impl Instance {
         }
         for &(hook, attach) in HOOKS {
             let program = program_for(hook, offsets);
-            let prog = self
-                .ebpf
+            let prog = ebpf
                 .program_mut(program)
                 .ok_or(KernelError::Missing(program))?;
             let attach_err = |source| KernelError::Attach {
                 program,
-                cgroup: cgroup.path().to_owned(),
+                cgroup: self.cgroup.clone(),
                 source,
             };
             let link: FdLink = match attach {
@@ -198,10 +325,8 @@ impl Instance {
                         .map_err(|source| KernelError::Load { program, source })?
                         .into()
                 }
-                Attach::PostBind => cgroup_sock_link!(CgroupSock, prog, program, dir, attach_err),
-                Attach::SockAddr => {
-                    cgroup_sock_link!(CgroupSockAddr, prog, program, dir, attach_err)
-                }
+                Attach::PostBind => cgroup_sock_link!(CgroupSock, prog, program, attach_err),
+                Attach::SockAddr => cgroup_sock_link!(CgroupSockAddr, prog, program, attach_err),
                 Attach::Global => {
                     let prog: &mut Lsm = prog
                         .try_into()
@@ -214,8 +339,7 @@ impl Instance {
                         .into()
                 }
             };
-            let path = self.pin_dir.join(program);
-            let _ = fs::remove_file(&path);
+            let path = self.pins.join(program);
             // Dropping the PinnedLink closes our fd; the pin keeps the link alive.
             link.pin(&path).map_err(|source| KernelError::Pin {
                 program,
@@ -223,64 +347,80 @@ impl Instance {
                 source,
             })?;
         }
-        // The maps last: a kernel that refuses the programs says so first.
-        for name in LEASED_MAPS {
-            let path = self.map_pin(name);
-            let _ = fs::remove_file(&path);
-            self.ebpf
-                .map(name)
-                .ok_or(KernelError::Missing(name))?
-                .pin(&path)
-                .map_err(|source| KernelError::Pin {
-                    program: name,
-                    path: path.clone(),
-                    source,
-                })?;
-        }
         Ok(())
     }
 
-    /// The build's cgroup id.
-    pub fn build(&self) -> u64 {
-        self.build
+    /// Whether every pin is in place: `map_VERSION` goes in last, and holds
+    /// the digest of the object whose tag names the directory.
+    fn is_complete(&self) -> bool {
+        let Ok(data) = MapData::from_pin(self.map_pin("VERSION")) else {
+            return false;
+        };
+        let Ok(version) = Array::<_, u64>::try_from(aya::maps::Map::Array(data)) else {
+            return false;
+        };
+        self.tag != Self::own_tag() || version.get(&0, 0).ok() == Some(digest_word())
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The cgroup the programs are attached to; builds are made beneath it.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
     }
 
     /// Where map `name` is pinned.
     pub(crate) fn map_pin(&self, name: &str) -> PathBuf {
-        self.pin_dir.join(map_pin_name(name))
+        self.pins.join(format!("map_{name}"))
     }
 
-    /// Takes the ring buffer out, for the event bus.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .ok_or(KernelError::Missing("map EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| KernelError::Map {
-            build: self.build,
-            source,
+    /// Whether any build cgroup is left beneath this instance's cgroup.
+    pub fn serves_builds(&self) -> bool {
+        fs::read_dir(&self.cgroup).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         })
     }
 
-    /// Removes the pins, so the programs detach once this instance is dropped.
-    /// Call only once the build's cgroup is empty.
-    pub fn release(self) -> Result<(), KernelError> {
-        unpin_dir(&self.pin_dir).map_err(|source| KernelError::Io {
+    /// Unpins an instance that serves no build, and removes its cgroup: its
+    /// programs detach once nothing holds them. Call with the lock held.
+    pub fn retire(&self, _lock: &InstanceLock) -> Result<(), KernelError> {
+        unpin_dir(&self.pins).map_err(|source| KernelError::Io {
             action: "cannot unpin",
-            path: self.pin_dir.clone(),
+            path: self.pins.clone(),
             source,
-        })
+        })?;
+        match fs::remove_dir(&self.cgroup) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(KernelError::Io {
+                action: "cannot remove cgroup",
+                path: self.cgroup.clone(),
+                source,
+            }),
+        }
     }
 }
 
-/// The file name map `name` is pinned as.
-pub(crate) fn map_pin_name(name: &str) -> String {
-    format!("map_{name}")
+/// Whether a pin directory's name is an instance tag (`v` and hex digits).
+fn is_tag(name: &str) -> bool {
+    name.strip_prefix('v')
+        .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Removes a build's pin directory and every pin in it: its programs detach
-/// once nothing else holds them. Call only once the build's cgroup is empty.
-pub fn unpin_dir(dir: &Path) -> io::Result<()> {
+/// The first 8 bytes of the digest, as `map_VERSION` holds them.
+fn digest_word() -> u64 {
+    let mut word = [0; 8];
+    word.copy_from_slice(&DIGEST[..8]);
+    u64::from_le_bytes(word)
+}
+
+/// Removes a pin directory and every pin in it: its programs detach once
+/// nothing else holds them.
+fn unpin_dir(dir: &Path) -> io::Result<()> {
     match fs::read_dir(dir) {
         Ok(entries) => {
             for e in entries {
@@ -317,5 +457,25 @@ fn load_error(program: &'static str, source: aya::programs::ProgramError) -> Ker
         KernelError::LoadPermission { program, source }
     } else {
         KernelError::Load { program, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_tag_is_a_tag() {
+        let tag = Instance::own_tag();
+        assert_eq!(tag.len(), 13, "{tag}");
+        assert!(is_tag(&tag), "{tag}");
+    }
+
+    #[test]
+    fn only_version_directories_are_instances() {
+        assert!(is_tag("v0a1b2c"));
+        assert!(!is_tag("v"));
+        assert!(!is_tag("1234"), "a per-build pin directory of old");
+        assert!(!is_tag("vx1"));
     }
 }

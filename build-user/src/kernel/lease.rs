@@ -1,16 +1,27 @@
-//! A build's lease on the kernel instance: its policy, its counters and its
-//! root tags, installed when the build starts and removed when the lease is
-//! dropped, so that nothing of a build stays in the maps after it ended.
+//! A build's lease on the kernel instance: its policy, counters, ring buffer,
+//! and what each of its roots lets it do, installed before its first process
+//! starts and removed once its cgroup is empty.
+//!
+//! A lease dropped without [`Lease::release`] leaves everything in place, so
+//! that a build whose processes may still run stays confined (fail closed):
+//! its entry in `BUILDS` is what makes the programs judge its tasks. The next
+//! start reaps it with [`Maps::forget`].
 
 use std::{fs, os::unix::fs::OpenOptionsExt as _, path::PathBuf};
 
 use aya::{
-    maps::{HashMap, InodeStorage, Map, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{
+        HashMap, HashOfMaps, InodeStorage, Map, MapData, MapError, PerCpuHashMap, PerCpuValues,
+        RingBuf,
+    },
     util::nr_cpus,
 };
-use buildcage_common::{BuildPolicy, BuildStats, InodeTag};
+use buildcage_common::{BuildPolicy, BuildStats, InodeTag, PortKey, RootKey, event::RING_BYTES};
 
-use super::{KernelError, instance::Instance};
+use super::{
+    KernelError,
+    instance::{Instance, InstanceLock},
+};
 
 /// A directory or file the build may write, and how: a `TAG_*` kind.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -19,39 +30,194 @@ pub struct Root {
     pub kind: u32,
 }
 
-/// The build's entries in the instance's maps. Dropping it removes them.
-pub struct Lease {
-    build: u64,
+/// The instance's maps that hold per-build state, opened from their pins.
+pub struct Maps {
     builds: HashMap<MapData, u64, BuildPolicy>,
     stats: PerCpuHashMap<MapData, u64, BuildStats>,
+    rings: HashOfMaps<MapData, u64, MapData>,
     roots: InodeStorage<MapData, InodeTag>,
-    /// The tagged roots, held open: their tags come off through them.
-    tagged: Vec<(PathBuf, fs::File)>,
+    root_kinds: HashMap<MapData, RootKey, u32>,
+    bound: HashMap<MapData, PortKey, u8>,
+}
+
+impl Maps {
+    /// Opens the pinned maps of `instance`.
+    pub fn open(instance: &Instance) -> Result<Self, KernelError> {
+        let map_err = |source| KernelError::Map { build: 0, source };
+        let open = |name: &'static str| -> Result<Map, KernelError> {
+            let data = MapData::from_pin(instance.map_pin(name)).map_err(map_err)?;
+            Map::from_map_data(data).map_err(map_err)
+        };
+        Ok(Self {
+            builds: HashMap::try_from(open("BUILDS")?).map_err(map_err)?,
+            stats: PerCpuHashMap::try_from(open("STATS")?).map_err(map_err)?,
+            rings: HashOfMaps::try_from(open("RINGS")?).map_err(map_err)?,
+            roots: InodeStorage::try_from(open("ROOTS")?).map_err(map_err)?,
+            root_kinds: HashMap::try_from(open("ROOT_KINDS")?).map_err(map_err)?,
+            bound: HashMap::try_from(open("BOUND")?).map_err(map_err)?,
+        })
+    }
+
+    /// A build's counters, added up over CPUs.
+    pub fn stats(&self, build: u64) -> Result<BuildStats, KernelError> {
+        let per_cpu = self
+            .stats
+            .get(&build, 0)
+            .map_err(|source| KernelError::Map { build, source })?;
+        Ok(sum(per_cpu.iter()))
+    }
+
+    /// A build's ring buffer, for a reader that did not create it (a
+    /// restarted daemon).
+    pub fn ring(&self, build: u64) -> Result<RingBuf<MapData>, KernelError> {
+        let map_err = |source| KernelError::Map { build, source };
+        let data = self.rings.get(&build, 0).map_err(map_err)?;
+        RingBuf::try_from(Map::RingBuf(data)).map_err(map_err)
+    }
+
+    /// Removes every entry of `build`: its policy, counters, ring, ports and
+    /// roots. Call only once its cgroup is empty: from then on its tasks, if
+    /// any were left, would be judged as no build's. The roots' ids stay on
+    /// their inodes, which hold one slot each and free it with the inode;
+    /// without a `ROOT_KINDS` entry an id grants nothing.
+    pub fn forget(&mut self, build: u64) -> Result<(), KernelError> {
+        let ports: Vec<PortKey> = self
+            .bound
+            .keys()
+            .flatten()
+            .filter(|k| k.build == build)
+            .collect();
+        let roots: Vec<RootKey> = self
+            .root_kinds
+            .keys()
+            .flatten()
+            .filter(|k| k.build == build)
+            .collect();
+        // Every removal is tried; the first failure is said.
+        let results = [
+            self.builds.remove(&build),
+            self.stats.remove(&build),
+            self.rings.remove(&build),
+        ]
+        .into_iter()
+        .chain(ports.iter().map(|key| self.bound.remove(key)))
+        .chain(roots.iter().map(|key| self.root_kinds.remove(key)))
+        .collect::<Vec<_>>();
+        results
+            .into_iter()
+            .filter(|r| !matches!(r, Err(MapError::KeyNotFound)))
+            .collect::<Result<(), _>>()
+            .map_err(|source| KernelError::Map { build, source })
+    }
+
+    /// The number of entries per map that holds per-build state, by name.
+    pub fn entries(&self) -> [(&'static str, usize); 5] {
+        [
+            ("BUILDS", self.builds.keys().count()),
+            ("STATS", self.stats.keys().count()),
+            ("RINGS", self.rings.keys().count()),
+            ("ROOT_KINDS", self.root_kinds.keys().count()),
+            ("BOUND", self.bound.keys().count()),
+        ]
+    }
+
+    /// Gives `root` an id on its inode, or finds the one it has (another
+    /// build's root, or an earlier build's), and records what it lets
+    /// `build` do. The caller holds the instance lock, so no other start tags
+    /// at the same time; the kernel only ever sets the `owner` half.
+    fn grant(&mut self, build: u64, root: &Root) -> Result<(), KernelError> {
+        let file = open_root(root)?;
+        let root_err = |source| KernelError::Root {
+            path: root.path.clone(),
+            source,
+        };
+        let id = match self.roots.get(&file, 0) {
+            Ok(tag) if tag.root != 0 => tag.root,
+            found => {
+                let owner = found.map(|t| t.owner).unwrap_or(0);
+                let id = new_root_id().map_err(|e| KernelError::Io {
+                    action: "cannot draw a root id for",
+                    path: root.path.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                self.roots
+                    .insert(&file, InodeTag { root: id, owner }, 0)
+                    .map_err(root_err)?;
+                id
+            }
+        };
+        self.root_kinds
+            .insert(RootKey { build, root: id }, root.kind, 0)
+            .map_err(root_err)
+    }
+}
+
+/// `BPF_MAP_TYPE_RINGBUF`: a variant of a fieldless `#[repr(u32)]` enum, for
+/// which `as` is the conversion.
+#[allow(clippy::as_conversions)]
+const RINGBUF_MAP_TYPE: u32 = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32;
+
+/// A fresh root id: random, so that ids never repeat across builds, boots or
+/// instances, and 0 (no root) never comes up.
+fn new_root_id() -> Result<u64, getrandom::Error> {
+    loop {
+        let id = getrandom::u64()?;
+        if id != 0 {
+            return Ok(id);
+        }
+    }
+}
+
+/// The build's entries in the instance's maps.
+pub struct Lease {
+    build: u64,
+    maps: Maps,
+    ring: Option<RingBuf<MapData>>,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maps").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("build", &self.build)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Lease {
-    /// Installs `policy`, zeroed counters and the tags of `roots` for the
-    /// build of `instance`. The policy goes in last: until it is there, the
-    /// programs deny everything the build does.
+    /// Installs zeroed counters, a ring buffer, the grants of `roots` and,
+    /// last, `policy` for `build`, whose cgroup must still be empty: until
+    /// the policy is in, the cgroup programs deny everything there. On
+    /// failure, whatever was installed is removed again.
     pub fn take(
         instance: &Instance,
+        _lock: &InstanceLock,
+        build: u64,
         policy: BuildPolicy,
         roots: &[Root],
     ) -> Result<Self, KernelError> {
-        let build = instance.build();
-        let map_err = |source| KernelError::Map { build, source };
-        let open = |name: &'static str| -> Result<Map, KernelError> {
-            let path = instance.map_pin(name);
-            let data = MapData::from_pin(&path).map_err(map_err)?;
-            Map::from_map_data(data).map_err(map_err)
-        };
         let mut lease = Self {
             build,
-            builds: HashMap::try_from(open("BUILDS")?).map_err(map_err)?,
-            stats: PerCpuHashMap::try_from(open("STATS")?).map_err(map_err)?,
-            roots: InodeStorage::try_from(open("ROOTS")?).map_err(map_err)?,
-            tagged: Vec::new(),
+            maps: Maps::open(instance)?,
+            ring: None,
         };
+        if let Err(e) = lease.install(policy, roots) {
+            if let Err(undo) = lease.maps.forget(build) {
+                tracing::error!("cannot undo the lease of build {build}: {undo}");
+            }
+            return Err(e);
+        }
+        Ok(lease)
+    }
+
+    fn install(&mut self, policy: BuildPolicy, roots: &[Root]) -> Result<(), KernelError> {
+        let build = self.build;
+        let map_err = |source| KernelError::Map { build, source };
         let cpus = nr_cpus().map_err(|(_, source)| KernelError::Io {
             action: "cannot count",
             path: PathBuf::from("/sys/devices/system/cpu/possible"),
@@ -64,41 +230,36 @@ impl Lease {
                 source,
             }
         })?;
-        lease.stats.insert(build, zero, 0).map_err(map_err)?;
+        self.maps.stats.insert(build, zero, 0).map_err(map_err)?;
+        let ring = MapData::create(
+            aya_obj::Map::new_from_params(RINGBUF_MAP_TYPE, 0, 0, RING_BYTES, 0),
+            "ring",
+            None,
+        )
+        .map_err(map_err)?;
+        self.maps.rings.insert(build, &ring, 0).map_err(map_err)?;
+        self.ring = Some(RingBuf::try_from(Map::RingBuf(ring)).map_err(map_err)?);
         for root in roots {
-            lease.tag(root)?;
+            self.maps.grant(build, root)?;
         }
-        lease.builds.insert(build, policy, 0).map_err(map_err)?;
-        Ok(lease)
+        self.maps.builds.insert(build, policy, 0).map_err(map_err)
     }
 
-    /// Puts a root's tag on its inode, through an O_PATH fd: the kernel's own
-    /// identity of the file, whatever path or mount it is reached by.
-    fn tag(&mut self, root: &Root) -> Result<(), KernelError> {
-        let file = open_root(root)?;
-        let tag = InodeTag {
-            kind: root.kind,
-            _pad: 0,
-            owner: 0,
-        };
-        self.roots
-            .insert(&file, tag, 0)
-            .map_err(|source| KernelError::Root {
-                path: root.path.clone(),
-                source,
-            })?;
-        self.tagged.push((root.path.clone(), file));
-        Ok(())
+    /// Takes the build's ring buffer out, for the event bus.
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+        self.ring
+            .take()
+            .ok_or(KernelError::Missing("the build's ring buffer"))
     }
 
     /// The build's counters, added up over CPUs.
     pub fn stats(&self) -> Result<BuildStats, KernelError> {
-        let build = self.build;
-        let per_cpu = self
-            .stats
-            .get(&build, 0)
-            .map_err(|source| KernelError::Map { build, source })?;
-        Ok(sum(per_cpu.iter()))
+        self.maps.stats(self.build)
+    }
+
+    /// Removes the build's entries. Call only once its cgroup is empty.
+    pub fn release(mut self) -> Result<(), KernelError> {
+        self.maps.forget(self.build)
     }
 }
 
@@ -109,34 +270,6 @@ pub(crate) fn sum<'a>(per_cpu: impl Iterator<Item = &'a BuildStats>) -> BuildSta
         lost: acc.lost + s.lost,
         errors: acc.errors + s.errors,
     })
-}
-
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease")
-            .field("build", &self.build)
-            .field("roots", &self.tagged.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Lease {
-    /// The policy goes first: from then on the programs deny whatever the
-    /// build still tries (fail closed), so the order of the rest is free.
-    fn drop(&mut self) {
-        let build = self.build;
-        if let Err(e) = self.builds.remove(&build) {
-            tracing::error!("cannot remove the policy of build {build}: {e}");
-        }
-        if let Err(e) = self.stats.remove(&build) {
-            tracing::error!("cannot remove the counters of build {build}: {e}");
-        }
-        for (path, file) in &self.tagged {
-            if let Err(e) = self.roots.remove(file) {
-                tracing::error!("cannot untag {}: {e}", path.display());
-            }
-        }
-    }
 }
 
 /// Opens a root for tagging, refusing what a build could have planted: a

@@ -8,12 +8,7 @@ pub mod instance;
 pub mod lease;
 pub mod sysfs;
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
-
-use buildcage_common::Offsets;
+use std::{io, path::PathBuf};
 
 /// What loading, attaching and leasing the programs can run into.
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +103,6 @@ impl crate::hint::Hint for KernelError {
 /// once, and checked so that nothing starts on a host that can't confine.
 #[derive(Debug, Clone)]
 pub struct Host {
-    /// Kernel struct offsets, from the running kernel's BTF.
-    pub offsets: Offsets,
     /// The cgroup v2 mount.
     pub cgroot: PathBuf,
     /// The bpffs mount.
@@ -141,21 +134,17 @@ impl crate::hint::Hint for HostError {
 }
 
 impl Host {
-    /// Checks root, BPF LSM, BTF, cgroup v2 and bpffs.
+    /// Checks root, BPF LSM, cgroup v2 and bpffs. The kernel's BTF is read
+    /// only when an instance must be loaded: parsing it costs more than the
+    /// rest of a start that finds the instance in place.
     pub fn discover() -> Result<Self, HostError> {
         if !nix::unistd::geteuid().is_root() {
             return Err(HostError::NotRoot);
         }
         sysfs::require_bpf_lsm()?;
         Ok(Self {
-            offsets: btf::KernelBtf::from_sys_fs()?.offsets()?,
             cgroot: cgroup::mount_point()?,
             bpffs: sysfs::bpffs()?,
         })
     }
-}
-
-/// `<bpffs>/buildcage/<cgroup id>`.
-pub fn pin_dir(bpffs: &Path, build: u64) -> PathBuf {
-    bpffs.join(instance::PIN_DIR).join(build.to_string())
 }
