@@ -104,7 +104,7 @@ pub fn list(cgroot: &Path, bpffs: &Path, state_dir: &Path) -> Vec<LiveBuild> {
             let registered = fs::read(state_file(state_dir, cg.id()))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Registered>(&b).ok());
-            let stats = stats(&Instance::of(bpffs, &cg), cg.id());
+            let stats = stats(&Instance::of(bpffs, cgroot, &cg), cg.id());
             LiveBuild {
                 name: registered
                     .as_ref()

@@ -332,7 +332,7 @@ fn spawn(
 async fn reap_orphans(host: &Host, lock: &InstanceLock) -> Vec<Notice> {
     let mut notices = Vec::new();
     for orphan in BuildCgroup::orphans(&host.cgroot) {
-        notices.push(reap(&host.bpffs, orphan).await);
+        notices.push(reap(&host.bpffs, &host.cgroot, orphan).await);
     }
     let own = Instance::own_tag();
     for old in Instance::all(&host.bpffs, &host.cgroot) {
@@ -349,7 +349,7 @@ async fn reap_orphans(host: &Host, lock: &InstanceLock) -> Vec<Notice> {
 /// Ends a build nobody supervises: kills what runs in it, then removes its
 /// entries from its instance's maps, forgets its plan and removes its
 /// cgroup. A failure leaves it confined, and says why.
-pub async fn reap(bpffs: &Path, orphan: BuildCgroup) -> Notice {
+pub async fn reap(bpffs: &Path, cgroot: &Path, orphan: BuildCgroup) -> Notice {
     let cgroup = orphan.path().to_owned();
     let failed = |why: String| Notice::ReapFailed {
         cgroup: cgroup.clone(),
@@ -359,7 +359,7 @@ pub async fn reap(bpffs: &Path, orphan: BuildCgroup) -> Notice {
         Ok(s) => s,
         Err(e) => return failed(e.to_string()),
     };
-    let instance = Instance::of(bpffs, &orphan);
+    let instance = Instance::of(bpffs, cgroot, &orphan);
     if let Err(e) = Maps::open(&instance).and_then(|mut maps| maps.forget(orphan.id())) {
         return failed(e.to_string());
     }

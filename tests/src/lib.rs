@@ -5,6 +5,7 @@
 //! `cargo xtask vm-test`; on a kernel that cannot confine they fail, loudly, by
 //! design: a test that cannot reach BPF LSM must never pass by skipping.
 
+pub mod kernel;
 use std::{
     path::PathBuf,
     process::{Command, Output},

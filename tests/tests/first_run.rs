@@ -214,23 +214,21 @@ fn a_command_that_cannot_start_leaves_nothing_behind() {
     );
     // Each cause once.
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
-    let left: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/buildcage")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("nocmd."))
-        .collect();
-    assert_eq!(left, Vec::<String>::new(), "the build's cgroup is gone");
-    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf/buildcage")
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+    assert_eq!(
+        buildcage_tests::kernel::build_cgroups_named("nocmd"),
+        Vec::<String>::new(),
+        "the build's cgroup is gone"
+    );
+    // Its lease went with it: the state file that names its cgroup id too.
+    let state: Vec<_> = std::fs::read_dir("/run/buildcage/builds")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    for dir in pins {
-        // Pins of concurrent tests' builds may be there; none may be ours,
-        // and ours would be the only one whose cgroup no longer exists.
-        let id: u64 = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        let live = std::fs::read_dir("/sys/fs/cgroup/buildcage")
-            .unwrap()
-            .filter_map(Result::ok)
-            .any(|e| std::os::unix::fs::MetadataExt::ino(&e.metadata().unwrap()) == id);
-        assert!(live, "pins {} outlive their build", dir.display());
+    for file in state {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        assert!(
+            !text.contains("\"nocmd\""),
+            "{} outlives its build",
+            file.display()
+        );
     }
 }

@@ -142,10 +142,10 @@ fn a_double_forked_daemon_is_confined_then_killed_and_named() {
         "survivor report names the daemon: {err}"
     );
     assert!(!alive(pid), "the daemon is gone when run returns");
-    let pins = Path::new("/sys/fs/bpf/buildcage").read_dir();
-    assert!(
-        !pins.is_ok_and(|mut d| d.next().is_some()),
-        "no pins left behind"
+    assert_eq!(
+        buildcage_tests::kernel::build_cgroups_named("daemon"),
+        Vec::<String>::new(),
+        "its cgroup is gone"
     );
 }
 

@@ -8,27 +8,22 @@
 //!   connection reaches the listener), while each build keeps its own tree and
 //!   its own ports.
 //! - Starting a build once the instance exists loads no BPF program (the
-//!   kernel's own list of programs, walked with bpf(2), does not change) and
-//!   replaces no pinned link.
+//!   kernel's own list of programs does not change) and replaces no pinned
+//!   link.
 //! - A build leaves nothing behind: after 40 builds that each bound loopback
 //!   ports and wrote in their tree, the entries of the instance's maps, the
 //!   build cgroups beneath the instance's cgroup, and the kernel's programs,
 //!   maps and links are as many as before.
 //!
-//! The kernel's state is read with the raw bpf(2) system call, not through
-//! buildcage, so a buildcage that misreports its own state cannot pass these.
+//! The kernel's state is read from the kernel with aya
+//! ([`buildcage_tests::kernel`]), not through buildcage, so a buildcage that
+//! misreports its own state cannot pass these.
 #![expect(
     clippy::unwrap_used,
     reason = "helpers of tests: a failure should stop the test loudly"
 )]
 
 use std::{
-    collections::BTreeMap,
-    ffi::CString,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
-    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{Mutex, PoisonError},
@@ -36,16 +31,10 @@ use std::{
 };
 
 use buildcage_tests::{
-    Snapshot, buildcage_bin, events, run_confined, scratch_in, snapshot, stderr, stdout,
+    Snapshot, buildcage_bin, events, kernel, run_confined, scratch_in, snapshot, stderr, stdout,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
-
-/// Where buildcage pins its instances, one directory per version tag.
-const PIN_ROOT: &str = "/sys/fs/bpf/buildcage";
-/// Where the instances' cgroups are, one per version tag, with the builds
-/// beneath.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/buildcage";
 
 /// These tests count what is in the kernel: no two of them may run at once
 /// (the VM runs one test at a time anyway; this holds under `cargo test` too).
@@ -136,219 +125,14 @@ impl Drop for Background {
 }
 
 // ---------------------------------------------------------------------------
-// The kernel's state, read with bpf(2) (include/uapi/linux/bpf.h).
-
-/// `enum bpf_cmd`.
-const BPF_MAP_GET_NEXT_KEY: libc::c_int = 4;
-const BPF_OBJ_GET: libc::c_int = 7;
-const BPF_PROG_GET_NEXT_ID: libc::c_int = 11;
-const BPF_MAP_GET_NEXT_ID: libc::c_int = 12;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
-const BPF_LINK_GET_NEXT_ID: libc::c_int = 31;
-/// `BPF_F_RDONLY`: the fd BPF_OBJ_GET returns may read the map only.
-const BPF_F_RDONLY: u32 = 1 << 3;
-
-/// `union bpf_attr` for BPF_*_GET_NEXT_ID.
-#[repr(C)]
-#[derive(Default)]
-struct NextIdAttr {
-    start_id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
-/// `union bpf_attr` for BPF_OBJ_GET.
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
-#[repr(C)]
-#[derive(Default)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// `union bpf_attr` for BPF_MAP_GET_NEXT_KEY.
-#[repr(C)]
-#[derive(Default)]
-struct NextKeyAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    next_key: u64,
-}
-
-/// A pointer as bpf(2) takes it, in a `__u64`.
-fn user_ptr<T>(p: *const T) -> u64 {
-    u64::try_from(p.expose_provenance()).unwrap()
-}
-
-/// bpf(2), with `attr` as its `union bpf_attr`.
-///
-/// # Safety
-///
-/// `attr` must have the layout the kernel expects for `cmd`, and every
-/// pointer in it must be valid for what the kernel reads or writes through
-/// it for `cmd` (a map's key size, an info length).
-unsafe fn sys_bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<libc::c_long> {
-    let size = libc::c_uint::try_from(size_of::<T>()).unwrap();
-    // SAFETY: attr is valid for reads and writes of `size` bytes, the most
-    // the kernel reads or writes back of it; the caller vouches for the
-    // pointers inside it.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-/// How many objects the kernel has of one kind: `cmd` is
-/// BPF_{PROG,MAP,LINK}_GET_NEXT_ID. Its own walk of the kernel's idr, whoever
-/// loaded them.
-fn kernel_objects(cmd: libc::c_int) -> usize {
-    let mut attr = NextIdAttr::default();
-    let mut n = 0;
-    loop {
-        // SAFETY: NextIdAttr is the GET_NEXT_ID layout; it holds no pointer.
-        match unsafe { sys_bpf(cmd, &mut attr) } {
-            Ok(_) => {
-                n += 1;
-                attr.start_id = attr.next_id;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return n,
-            Err(e) => panic!("bpf(2) command {cmd}: {e}"),
-        }
-    }
-}
-
-/// A read-only fd of the object pinned at `path`.
-fn open_pin(path: &Path) -> OwnedFd {
-    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let mut attr = ObjGetAttr {
-        pathname: user_ptr(c.as_ptr()),
-        bpf_fd: 0,
-        file_flags: BPF_F_RDONLY,
-    };
-    // SAFETY: ObjGetAttr is BPF_OBJ_GET's layout; pathname is a NUL-terminated
-    // string that outlives the call, which the kernel only reads.
-    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }
-        .unwrap_or_else(|e| panic!("open the pin {}: {e}", path.display()));
-    // SAFETY: BPF_OBJ_GET returned a new fd, which nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(libc::c_int::try_from(fd).unwrap()) }
-}
-
-/// The number of entries of the map pinned at `path`, by walking its keys,
-/// which must be `key_size` bytes long.
-fn map_entries(path: &Path, key_size: usize) -> usize {
-    let fd = open_pin(path);
-    let map_fd = u32::try_from(fd.as_raw_fd()).unwrap();
-    // The head of `struct bpf_map_info`: type, id, key_size, value_size,
-    // max_entries, map_flags. The kernel copies only as much as asked.
-    let mut info = [0u32; 6];
-    let mut attr = InfoAttr {
-        bpf_fd: map_fd,
-        info_len: u32::try_from(size_of_val(&info)).unwrap(),
-        info: user_ptr(info.as_mut_ptr()),
-    };
-    // SAFETY: InfoAttr is BPF_OBJ_GET_INFO_BY_FD's layout; the kernel writes at
-    // most info_len bytes to `info`, which is that long and outlives the call.
-    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }
-        .unwrap_or_else(|e| panic!("the info of {}: {e}", path.display()));
-    assert_eq!(
-        usize::try_from(info[2]).unwrap(),
-        key_size,
-        "the key size of {}: {info:?}",
-        path.display()
-    );
-    let mut key = vec![0u8; key_size];
-    let mut next = vec![0u8; key_size];
-    let mut n = 0usize;
-    loop {
-        let mut attr = NextKeyAttr {
-            map_fd,
-            _pad: 0,
-            // No key: the first one.
-            key: if n == 0 { 0 } else { user_ptr(key.as_ptr()) },
-            next_key: user_ptr(next.as_mut_ptr()),
-        };
-        // SAFETY: NextKeyAttr is BPF_MAP_GET_NEXT_KEY's layout; the kernel reads
-        // key_size bytes of `key` and writes key_size bytes to `next`, both
-        // that long (checked above) and alive across the call.
-        match unsafe { sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
-            Ok(_) => {
-                n += 1;
-                key.copy_from_slice(&next);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return n,
-            Err(e) => panic!("the keys of {}: {e}", path.display()),
-        }
-        assert!(n <= 1 << 20, "{} does not end", path.display());
-    }
-}
-
-// ---------------------------------------------------------------------------
 // The instance.
-
-/// The one instance: its tag and its pin directory.
-fn instance() -> (String, PathBuf) {
-    let dirs: Vec<String> = std::fs::read_dir(PIN_ROOT)
-        .unwrap_or_else(|e| panic!("{PIN_ROOT}: {e}"))
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(dirs.len(), 1, "one shared instance in {PIN_ROOT}: {dirs:?}");
-    let tag = dirs.into_iter().next().unwrap();
-    let pins = Path::new(PIN_ROOT).join(&tag);
-    assert!(
-        Path::new(CGROUP_ROOT).join(&tag).is_dir(),
-        "the instance {tag} has its cgroup in {CGROUP_ROOT}"
-    );
-    (tag, pins)
-}
 
 /// Makes sure an instance exists: one short build.
 fn ensure_instance(name: &str) -> (String, PathBuf) {
     let tree = scratch_in(Path::new("/var/tmp"), name);
     let out = run_confined(&["--tree", tree.to_str().unwrap()], &["true"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    instance()
-}
-
-/// The pinned links of the instance (every pin but the maps), by name, with
-/// their inode numbers.
-fn link_pins(pins: &Path) -> BTreeMap<String, u64> {
-    std::fs::read_dir(pins)
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_type().is_ok_and(|t| !t.is_dir())
-                && !e.file_name().to_string_lossy().starts_with("map_")
-        })
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                e.metadata().unwrap().ino(),
-            )
-        })
-        .collect()
-}
-
-/// The build cgroups beneath the instance's cgroup.
-fn build_cgroups(tag: &str) -> usize {
-    std::fs::read_dir(Path::new(CGROUP_ROOT).join(tag))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .count()
+    kernel::instance()
 }
 
 /// What builds put in the kernel, counted.
@@ -367,17 +151,16 @@ struct Counts {
 }
 
 fn counts(tag: &str, pins: &Path) -> Counts {
-    let map = |name: &str, key_size| map_entries(&pins.join(format!("map_{name}")), key_size);
     Counts {
-        builds: map("BUILDS", 8),
-        stats: map("STATS", 8),
-        rings: map("RINGS", 8),
-        bound: map("BOUND", 16),
-        root_kinds: map("ROOT_KINDS", 16),
-        cgroups: build_cgroups(tag),
-        programs: kernel_objects(BPF_PROG_GET_NEXT_ID),
-        maps: kernel_objects(BPF_MAP_GET_NEXT_ID),
-        links: kernel_objects(BPF_LINK_GET_NEXT_ID),
+        builds: kernel::map_entries(pins, "BUILDS"),
+        stats: kernel::map_entries(pins, "STATS"),
+        rings: kernel::map_entries(pins, "RINGS"),
+        bound: kernel::map_entries(pins, "BOUND"),
+        root_kinds: kernel::map_entries(pins, "ROOT_KINDS"),
+        cgroups: kernel::build_cgroups(tag),
+        programs: kernel::programs(),
+        maps: kernel::maps(),
+        links: kernel::links(),
     }
 }
 
@@ -565,7 +348,7 @@ fn a_sibling_build_can_reach_neither_the_tree_nor_the_ports_of_another() {
 fn a_second_build_loads_no_program() {
     let _serial = serial();
     let (tag, pins) = ensure_instance("shared-first");
-    let links = link_pins(&pins);
+    let links = kernel::link_pins(&pins);
     eprintln!("instance {tag}: links {links:?}");
     for program in ["file_open", "socket_create"] {
         assert!(
@@ -573,7 +356,7 @@ fn a_second_build_loads_no_program() {
             "{program} is pinned: {links:?}"
         );
     }
-    let programs = kernel_objects(BPF_PROG_GET_NEXT_ID);
+    let programs = kernel::programs();
 
     // A second build, live, and confined: it starts, makes a refused call, and
     // waits.
@@ -588,15 +371,15 @@ fn a_second_build_loads_no_program() {
     );
     let live = Background::start(&tree, &["--name", "shared-second"], &script);
     wait_for(&started, "the second build's start");
-    let during = kernel_objects(BPF_PROG_GET_NEXT_ID);
-    let links_during = link_pins(&pins);
+    let during = kernel::programs();
+    let links_during = kernel::link_pins(&pins);
     assert_eq!(
         std::fs::read_to_string(&probe_out).unwrap(),
         "socket inet stream EPERM\n",
         "the second build is confined"
     );
     // ...by this instance: its cgroup is beneath the instance's.
-    let cgroup = Path::new(CGROUP_ROOT)
+    let cgroup = Path::new(kernel::CGROUP_ROOT)
         .join(&tag)
         .join(format!("shared-second.{}", live.pid()));
     assert!(cgroup.is_dir(), "{} exists", cgroup.display());
@@ -609,12 +392,12 @@ fn a_second_build_loads_no_program() {
 
     let out = live.finish();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let after = kernel_objects(BPF_PROG_GET_NEXT_ID);
+    let after = kernel::programs();
     eprintln!("programs: before {programs}, during {during}, after {after}");
     assert_eq!(during, programs, "the second build loaded no program");
     assert_eq!(after, programs, "and left none");
     assert_eq!(links_during, links, "no link was replaced");
-    assert_eq!(link_pins(&pins), links, "no link was replaced");
+    assert_eq!(kernel::link_pins(&pins), links, "no link was replaced");
 }
 
 #[test]

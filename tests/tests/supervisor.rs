@@ -83,12 +83,7 @@ fn a_killed_supervisor_leaves_the_build_confined_until_reaped() {
             .any(|l| l.starts_with("orphan ") && l.contains("(gone: confined until reaped)")),
         "{table}"
     );
-    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/buildcage")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("orphan."))
-        .collect();
+    let cgroups = buildcage_tests::kernel::build_cgroups_named("orphan");
     assert_eq!(cgroups.len(), 1, "{cgroups:?}");
 
     // The next start reaps it.

@@ -46,7 +46,7 @@ pub(crate) fn exec(args: &StopArgs) -> anyhow::Result<ExitCode> {
             .find(|cg| cg.id() == build.id);
         let Some(cg) = cg else { continue };
         if !build.supervised {
-            human.notice(&runtime.block_on(session::reap(&bpffs, cg)))?;
+            human.notice(&runtime.block_on(session::reap(&bpffs, &cgroot, cg)))?;
             continue;
         }
         let killed = runtime.block_on(cg.kill_all(Duration::from_secs(10)))?;

@@ -5,10 +5,14 @@
 //!   instance's cgroup, `<cgroup2>/buildcage/<tag>/`, whose children (the
 //!   builds) inherit them: starting a build attaches nothing, and processes
 //!   outside every build never run them.
-//! - Links and maps are pinned in `<bpffs>/buildcage/<tag>/`, so that both
-//!   confinement and the builds' state outlive any process of buildcage's.
+//! - Links and maps are pinned in `<bpffs>/buildcage/<tag>-<view>/`, so that
+//!   both confinement and the builds' state outlive any process of buildcage's.
 //! - `<tag>` names the kernel object's version. `map_VERSION`, pinned last,
 //!   says the instance is complete.
+//! - `<view>` is the id of the cgroup that this process's cgroup2 mount shows
+//!   as its root: 1 on a host, another in a cgroup namespace (a container),
+//!   whose buildcage can neither see nor make builds beneath the host's
+//!   instance cgroup, and so has an instance of its own.
 //!
 //! **Upgrades.** A buildcage whose object differs finds no instance of its own
 //! tag and loads one beside the old. The old one keeps serving the builds
@@ -167,37 +171,35 @@ impl Instance {
         format!("v{hex}")
     }
 
-    /// The instance `tag`, pinned below `bpffs` with its cgroup below
-    /// `cgroot`, whether or not it exists.
+    /// The instance `tag` of the cgroup tree mounted at `cgroot`, pinned below
+    /// `bpffs`, whether or not it exists.
     pub fn at(bpffs: &Path, cgroot: &Path, tag: &str) -> Self {
         Self {
             tag: tag.to_owned(),
-            pins: bpffs.join(PIN_DIR).join(tag),
+            pins: bpffs.join(PIN_DIR).join(format!("{tag}-{}", view(cgroot))),
             cgroup: cgroot.join(cgroup::PARENT).join(tag),
         }
     }
 
     /// The instance that serves `build`: the one whose cgroup is its parent.
-    pub fn of(bpffs: &Path, build: &BuildCgroup) -> Self {
-        let cgroup = build.path().parent().unwrap_or(build.path()).to_owned();
-        let tag = build.instance();
-        Self {
-            pins: bpffs.join(PIN_DIR).join(&tag),
-            tag,
-            cgroup,
-        }
+    pub fn of(bpffs: &Path, cgroot: &Path, build: &BuildCgroup) -> Self {
+        Self::at(bpffs, cgroot, &build.instance())
     }
 
-    /// Every instance pinned on this host.
+    /// Every instance pinned for the cgroup tree mounted at `cgroot`. Those
+    /// of other views (a container's, or the host's seen from a container)
+    /// are not this process's to judge: it cannot see their builds.
     pub fn all(bpffs: &Path, cgroot: &Path) -> Vec<Self> {
         let Ok(entries) = fs::read_dir(bpffs.join(PIN_DIR)) else {
             return Vec::new();
         };
+        let ours = view(cgroot);
         let mut all: Vec<Self> = entries
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
-                is_tag(&name).then(|| Self::at(bpffs, cgroot, &name))
+                let (tag, view) = parse_pin_name(&name)?;
+                (view == ours).then(|| Self::at(bpffs, cgroot, tag))
             })
             .collect();
         all.sort_by(|a, b| a.tag.cmp(&b.tag));
@@ -405,10 +407,20 @@ impl Instance {
     }
 }
 
-/// Whether a pin directory's name is an instance tag (`v` and hex digits).
-fn is_tag(name: &str) -> bool {
-    name.strip_prefix('v')
-        .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+/// The tag and view of an instance's pin directory, `v<hex>-<view>`; None for
+/// anything else (the per-build pin directories of older versions).
+fn parse_pin_name(name: &str) -> Option<(&str, u64)> {
+    let (tag, view) = name.split_once('-')?;
+    let hex = tag.strip_prefix('v')?;
+    (!hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some((tag, view.parse().ok()?))
+}
+
+/// The id of the cgroup shown as the root of the cgroup2 mount at `cgroot`
+/// (its directory's inode number is the cgroup id, as for every cgroup).
+fn view(cgroot: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(cgroot).map_or(0, |m| m.ino())
 }
 
 /// The first 8 bytes of the digest, as `map_VERSION` holds them.
@@ -465,17 +477,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn own_tag_is_a_tag() {
+    fn an_instance_is_found_again_by_its_pin_name() {
         let tag = Instance::own_tag();
         assert_eq!(tag.len(), 13, "{tag}");
-        assert!(is_tag(&tag), "{tag}");
+        let name = format!("{tag}-1");
+        assert_eq!(parse_pin_name(&name), Some((tag.as_str(), 1)));
     }
 
     #[test]
     fn only_version_directories_are_instances() {
-        assert!(is_tag("v0a1b2c"));
-        assert!(!is_tag("v"));
-        assert!(!is_tag("1234"), "a per-build pin directory of old");
-        assert!(!is_tag("vx1"));
+        assert_eq!(parse_pin_name("v0a1b2c-7"), Some(("v0a1b2c", 7)));
+        assert_eq!(parse_pin_name("v0a1b2c"), None, "no view");
+        assert_eq!(parse_pin_name("v-1"), None);
+        assert_eq!(
+            parse_pin_name("1234"),
+            None,
+            "a per-build pin directory of old"
+        );
+        assert_eq!(parse_pin_name("vx1-1"), None);
     }
 }

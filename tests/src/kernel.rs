@@ -1,0 +1,253 @@
+//! The kernel's state as the kernel reports it: its BPF programs, maps and
+//! links, the entries of the shared instance's pinned maps, the instance's pins
+//! and the build cgroups beneath it.
+//!
+//! Everything is read with aya straight from the kernel (its object ids, the
+//! pins in bpffs, the cgroup tree), never through buildcage, so a buildcage
+//! that misreports its own state cannot pass a test that uses these. Each
+//! helper panics, loudly, when the kernel cannot be read: a count that could
+//! not be taken must never look like an unchanged one.
+
+use std::{
+    collections::BTreeMap,
+    error::Error,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap, HashOfMaps, Map, MapData, MapError, MapKeys, PerCpuHashMap, loaded_maps},
+    programs::{loaded_links, loaded_programs},
+};
+use buildcage_common::{BuildPolicy, BuildStats, PortKey, RootKey};
+
+/// Where buildcage pins its instances, one directory per version tag.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/buildcage";
+/// Where the instances' cgroups are, one per version tag, with the builds
+/// beneath.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/buildcage";
+
+/// The most entries a map walk believes: a walk that gets this far does not
+/// end (a key removed under the walk restarts it from the first key).
+const MAX_WALK: usize = 1 << 20;
+
+/// Whether `e` says the object is gone: freed between the kernel naming its id
+/// and our opening it.
+fn vanished(e: &(dyn Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOENT))
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// The objects of one of aya's `loaded_*` walks, counted. An object freed
+/// during the walk is not counted; any other failure panics.
+fn count_loaded<T, E: Error + 'static>(
+    what: &str,
+    walk: impl Iterator<Item = Result<T, E>>,
+) -> usize {
+    walk.filter(|object| match object {
+        Ok(_) => true,
+        Err(e) if vanished(e) => false,
+        Err(e) => panic!("the kernel's {what}: {e}"),
+    })
+    .count()
+}
+
+/// How many BPF programs the kernel has, whoever loaded them
+/// (`aya::programs::loaded_programs`).
+pub fn programs() -> usize {
+    count_loaded("programs", loaded_programs())
+}
+
+/// How many BPF maps the kernel has, whoever created them
+/// (`aya::maps::loaded_maps`).
+pub fn maps() -> usize {
+    count_loaded("maps", loaded_maps())
+}
+
+/// How many BPF links the kernel has, whoever made them
+/// (`aya::programs::loaded_links`).
+pub fn links() -> usize {
+    count_loaded("links", loaded_links())
+}
+
+/// The keys of the map at `path`, counted.
+fn count_keys<K: Pod>(path: &Path, keys: MapKeys<'_, K>) -> usize {
+    let mut n = 0;
+    for key in keys {
+        if let Err(e) = key {
+            panic!("the keys of {}: {e}", path.display());
+        }
+        n += 1;
+        assert!(n <= MAX_WALK, "{} does not end", path.display());
+    }
+    n
+}
+
+/// The map at `path` as the aya type `M`, which checks the map's type and its
+/// key and value sizes against `M`'s.
+fn typed<M: TryFrom<Map, Error = MapError>>(path: &Path, map: Map) -> M {
+    M::try_from(map).unwrap_or_else(|e| {
+        let ty = std::any::type_name::<M>();
+        panic!("{} as {ty}: {e}", path.display())
+    })
+}
+
+/// The number of entries of the instance's map `map_<name>`, pinned in `pins`:
+/// one of `BUILDS`, `STATS`, `RINGS`, `BOUND` and `ROOT_KINDS`, opened
+/// (`MapData::from_pin`, `Map::from_map_data`) as the typed map the kernel
+/// programs declare, with the key and value types of `buildcage-common`, and
+/// its keys walked (`keys()`).
+pub fn map_entries(pins: &Path, name: &str) -> usize {
+    let path = pins.join(format!("map_{name}"));
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let map = Map::from_map_data(data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    match name {
+        "BUILDS" => count_keys(
+            &path,
+            typed::<HashMap<_, u64, BuildPolicy>>(&path, map).keys(),
+        ),
+        "STATS" => count_keys(
+            &path,
+            typed::<PerCpuHashMap<_, u64, BuildStats>>(&path, map).keys(),
+        ),
+        "RINGS" => count_keys(&path, typed::<HashOfMaps<_, u64>>(&path, map).keys()),
+        "BOUND" => count_keys(&path, typed::<HashMap<_, PortKey, u8>>(&path, map).keys()),
+        "ROOT_KINDS" => count_keys(&path, typed::<HashMap<_, RootKey, u32>>(&path, map).keys()),
+        _ => panic!("no per-build map {name}"),
+    }
+}
+
+/// The one instance: its tag and its pin directory. Asserts that there is
+/// exactly one, and that its cgroup, [`CGROUP_ROOT`]`/<tag>`, exists.
+pub fn instance() -> (String, PathBuf) {
+    let dirs = instance_dirs().unwrap_or_else(|e| panic!("{PIN_ROOT}: {e}"));
+    let [dir] = <[String; 1]>::try_from(dirs)
+        .unwrap_or_else(|dirs| panic!("one shared instance in {PIN_ROOT}: {dirs:?}"));
+    let tag = tag_of(&dir).to_owned();
+    assert!(
+        Path::new(CGROUP_ROOT).join(&tag).is_dir(),
+        "the instance {tag} has its cgroup in {CGROUP_ROOT}"
+    );
+    (tag, Path::new(PIN_ROOT).join(dir))
+}
+
+/// The pin directories of this cgroup tree's instances, by name: the
+/// directories in [`PIN_ROOT`] named `<tag>` or `<tag>-<view>`, where a tag is
+/// `v` and hex digits and the view is the id of the cgroup2 root the instance
+/// serves (the inode number of `/sys/fs/cgroup`; a container's instance has
+/// another). Others, such as the per-build pin directories of older versions,
+/// are no instance of ours.
+fn instance_dirs() -> std::io::Result<Vec<String>> {
+    let ours = std::fs::metadata("/sys/fs/cgroup")?.ino();
+    let is_ours = |name: &str| {
+        let (tag, view) = name
+            .split_once('-')
+            .map_or((name, None), |(t, v)| (t, Some(v)));
+        tag.strip_prefix('v')
+            .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            && view.is_none_or(|v| v.parse() == Ok(ours))
+    };
+    Ok(std::fs::read_dir(PIN_ROOT)?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| is_ours(name))
+        .collect())
+}
+
+/// The tag of the instance pinned in the directory `dir`: `dir` without its
+/// view, if it has one.
+fn tag_of(dir: &str) -> &str {
+    dir.split_once('-').map_or(dir, |(tag, _view)| tag)
+}
+
+/// The number of entries of the instance's `map_BUILDS`: the builds the
+/// kernel programs know of. 0 while there is no instance (no [`PIN_ROOT`],
+/// no instance in it, or one whose `map_BUILDS` is not pinned yet); more than
+/// one instance is a failure, as in [`instance`].
+pub fn build_entries() -> usize {
+    let dirs = match instance_dirs() {
+        Ok(dirs) => dirs,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+        Err(e) => panic!("{PIN_ROOT}: {e}"),
+    };
+    assert!(
+        dirs.len() <= 1,
+        "one shared instance in {PIN_ROOT}: {dirs:?}"
+    );
+    let Some(tag) = dirs.first() else {
+        return 0;
+    };
+    let pins = Path::new(PIN_ROOT).join(tag);
+    if !pins.join("map_BUILDS").exists() {
+        return 0;
+    }
+    map_entries(&pins, "BUILDS")
+}
+
+/// The pinned links of the instance (every pin in `pins` but the maps), by
+/// name, with their inode numbers: a replaced link has a new inode.
+pub fn link_pins(pins: &Path) -> BTreeMap<String, u64> {
+    std::fs::read_dir(pins)
+        .unwrap_or_else(|e| panic!("{}: {e}", pins.display()))
+        .flatten()
+        .filter(|e| {
+            e.file_type().is_ok_and(|t| !t.is_dir())
+                && !e.file_name().to_string_lossy().starts_with("map_")
+        })
+        .map(|e| {
+            let meta = e
+                .metadata()
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+            (e.file_name().to_string_lossy().into_owned(), meta.ino())
+        })
+        .collect()
+}
+
+/// The build cgroups beneath the cgroup of the instance `tag`.
+pub fn build_cgroups(tag: &str) -> usize {
+    let dir = Path::new(CGROUP_ROOT).join(tag);
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .count()
+}
+
+/// The cgroups of the builds named `name` (`<name>.<pid>`) beneath every
+/// instance's cgroup, sorted, as paths relative to [`CGROUP_ROOT`]:
+/// `<tag>/<name>.<pid>`. None while there is no [`CGROUP_ROOT`].
+pub fn build_cgroups_named(name: &str) -> Vec<String> {
+    let prefix = format!("{name}.");
+    let subdirs = |dir: &Path| -> Vec<String> {
+        match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => panic!("{}: {e}", dir.display()),
+        }
+    };
+    let mut found: Vec<String> = subdirs(Path::new(CGROUP_ROOT))
+        .into_iter()
+        .flat_map(|tag| {
+            subdirs(&Path::new(CGROUP_ROOT).join(&tag))
+                .into_iter()
+                .filter(|build| build.starts_with(&prefix))
+                .map(move |build| format!("{tag}/{build}"))
+        })
+        .collect();
+    found.sort();
+    found
+}
