@@ -1,5 +1,6 @@
-//! One reader of the kernel's ring buffer, fanning records out to each build's
-//! subscribers through `tokio::sync::broadcast`, as mini-redis's pub/sub does.
+//! A reader of a build's ring buffer (each build has its own, in the
+//! instance's `RINGS`), fanning records out to the build's subscribers
+//! through `tokio::sync::broadcast`, as mini-redis's pub/sub does.
 //!
 //! The reader never waits for a subscriber: a receiver that falls more than
 //! [`CAPACITY`] records behind gets `Lagged(n)`, and those n records are that
