@@ -141,20 +141,18 @@ pub fn instance() -> (String, PathBuf) {
 }
 
 /// The pin directories of this cgroup tree's instances, by name: the
-/// directories in [`PIN_ROOT`] named `<tag>` or `<tag>-<view>`, where a tag is
-/// `v` and hex digits and the view is the id of the cgroup2 root the instance
-/// serves (the inode number of `/sys/fs/cgroup`; a container's instance has
-/// another). Others, such as the per-build pin directories of older versions,
-/// are no instance of ours.
+/// directories in [`PIN_ROOT`] named `<tag>-<view>`, where a tag is `v` and
+/// hex digits and the view is the id of the cgroup2 root the instance serves
+/// (the inode number of `/sys/fs/cgroup`; a container's instance has
+/// another).
 fn instance_dirs() -> std::io::Result<Vec<String>> {
     let ours = std::fs::metadata("/sys/fs/cgroup")?.ino();
     let is_ours = |name: &str| {
-        let (tag, view) = name
-            .split_once('-')
-            .map_or((name, None), |(t, v)| (t, Some(v)));
-        tag.strip_prefix('v')
-            .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            && view.is_none_or(|v| v.parse() == Ok(ours))
+        name.split_once('-').is_some_and(|(tag, view)| {
+            tag.strip_prefix('v')
+                .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                && view.parse() == Ok(ours)
+        })
     };
     Ok(std::fs::read_dir(PIN_ROOT)?
         .flatten()
@@ -165,33 +163,9 @@ fn instance_dirs() -> std::io::Result<Vec<String>> {
 }
 
 /// The tag of the instance pinned in the directory `dir`: `dir` without its
-/// view, if it has one.
+/// view.
 fn tag_of(dir: &str) -> &str {
     dir.split_once('-').map_or(dir, |(tag, _view)| tag)
-}
-
-/// The number of entries of the instance's `map_BUILDS`: the builds the
-/// kernel programs know of. 0 while there is no instance (no [`PIN_ROOT`],
-/// no instance in it, or one whose `map_BUILDS` is not pinned yet); more than
-/// one instance is a failure, as in [`instance`].
-pub fn build_entries() -> usize {
-    let dirs = match instance_dirs() {
-        Ok(dirs) => dirs,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
-        Err(e) => panic!("{PIN_ROOT}: {e}"),
-    };
-    assert!(
-        dirs.len() <= 1,
-        "one shared instance in {PIN_ROOT}: {dirs:?}"
-    );
-    let Some(tag) = dirs.first() else {
-        return 0;
-    };
-    let pins = Path::new(PIN_ROOT).join(tag);
-    if !pins.join("map_BUILDS").exists() {
-        return 0;
-    }
-    map_entries(&pins, "BUILDS")
 }
 
 /// The pinned links of the instance (every pin in `pins` but the maps), by
