@@ -29,6 +29,28 @@ pub struct Registered {
     pub started: u64,
     /// The real uid of who started it.
     pub uid: u32,
+    /// Who reads its events.
+    #[serde(default)]
+    pub supervisor: Supervisor,
+}
+
+/// Who reads a build's events: the `run` that runs its command, or the
+/// daemon (for a `run` that asked it for the build). A restarted daemon
+/// resumes only its own builds, so that it never takes a standalone
+/// `run`'s events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Supervisor {
+    #[default]
+    Standalone,
+    Daemon,
+}
+
+/// The plan a session left for build `build`, if it can be read.
+pub fn registered(dir: &Path, build: u64) -> Option<Registered> {
+    fs::read(state_file(dir, build))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Registered>(&b).ok())
 }
 
 /// Where the session of build `build` (a cgroup id) leaves its plan.
@@ -43,8 +65,14 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Writes `plan` for the build with cgroup id `build`.
-    pub fn write(dir: &Path, build: u64, plan: &ConfinementPlan) -> io::Result<Self> {
+    /// Writes `plan` for the build with cgroup id `build`, asked for by `uid`.
+    pub fn write(
+        dir: &Path,
+        build: u64,
+        plan: &ConfinementPlan,
+        uid: u32,
+        supervisor: Supervisor,
+    ) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let path = state_file(dir, build);
         let started = SystemTime::now()
@@ -53,15 +81,26 @@ impl Registration {
         let text = serde_json::to_vec(&Registered {
             plan: plan.clone(),
             started,
-            uid: nix::unistd::getuid().as_raw(),
+            uid,
+            supervisor,
         })?;
         fs::write(&path, text)?;
         Ok(Self { path })
     }
+
+    /// Takes over the registration of a build that another buildcage wrote.
+    pub fn adopt(dir: &Path, build: u64) -> Self {
+        Self {
+            path: state_file(dir, build),
+        }
+    }
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
+impl Registration {
+    /// The build is over. (Not on drop: a build whose buildcage or daemon
+    /// dies stays registered, so that `ps` and a restarted daemon still know
+    /// it until it is reaped.)
+    pub fn remove(self) {
         if let Err(e) = fs::remove_file(&self.path) {
             tracing::warn!("cannot remove {}: {e}", self.path.display());
         }
@@ -69,7 +108,7 @@ impl Drop for Registration {
 }
 
 /// One row of `buildcage ps`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LiveBuild {
     pub name: String,
     /// The cgroup id: events carry it.
@@ -101,9 +140,7 @@ pub fn list(cgroot: &Path, bpffs: &Path, state_dir: &Path) -> Vec<LiveBuild> {
     let mut builds: Vec<LiveBuild> = BuildCgroup::all(cgroot)
         .into_iter()
         .map(|(cg, supervisor)| {
-            let registered = fs::read(state_file(state_dir, cg.id()))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Registered>(&b).ok());
+            let registered = registered(state_dir, cg.id());
             let stats = stats(&Instance::of(bpffs, cgroot, &cg), cg.id());
             LiveBuild {
                 name: registered

@@ -104,11 +104,18 @@ impl Hardening {
     pub fn new(restore: &[Capability]) -> Result<Self, HardenError> {
         let keep = |c: &Capability| KEPT.contains(c) || restore.contains(c);
         let supported = caps::runtime::thread_all_supported();
-        let drop = supported
-            .iter()
-            .filter(|c| !keep(c))
-            .map(|c| u32::from(c.index()))
-            .collect();
+        // Without CAP_SETPCAP (a client of the daemon that is not root) the
+        // bounding set cannot be changed, and need not be: the seccomp
+        // filters set no_new_privs, so no exec can raise a capability.
+        let drop = if caps::has_cap(None, caps::CapSet::Effective, Capability::CAP_SETPCAP)? {
+            supported
+                .iter()
+                .filter(|c| !keep(c))
+                .map(|c| u32::from(c.index()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mask = supported
             .iter()
             .filter(|c| keep(c))

@@ -7,6 +7,7 @@
 //! [`doctor`], the [`policy`] language, and the live [`builds`] of the machine.
 
 pub mod builds;
+pub mod daemon;
 pub mod doctor;
 pub mod events;
 pub mod harden;

@@ -29,6 +29,10 @@ enum Command {
     Ps(cmd::ps::PsArgs),
     /// End a live build: kill what runs in it and clean up, as `run` does.
     Stop(cmd::stop::StopArgs),
+    /// Follow the events of live builds, through the daemon.
+    Tail(cmd::tail::TailArgs),
+    /// Serve builds to clients: hold the kernel instance, read every build's events.
+    Daemon(cmd::daemon::DaemonArgs),
 }
 
 /// Exit status when buildcage itself fails before or around the command.
@@ -50,6 +54,8 @@ fn main() -> ExitCode {
         Command::Policy(args) => cmd::policy::exec(args),
         Command::Ps(args) => cmd::ps::exec(&args),
         Command::Stop(args) => cmd::stop::exec(&args),
+        Command::Tail(args) => cmd::tail::exec(args),
+        Command::Daemon(args) => cmd::daemon::exec(args),
     };
     match result {
         Ok(code) => code,

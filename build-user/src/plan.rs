@@ -53,8 +53,10 @@ pub struct AbsentRoot {
     pub origin: Option<String>,
 }
 
-/// What the command line asks for.
-#[derive(Debug, Clone, Default)]
+/// What the command line asks for. [`Request::here`] completes it with what
+/// only the asker knows, so that the daemon resolves it exactly as the asker
+/// would.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Request {
     /// `--tree`; the current directory when absent.
     pub tree: Option<PathBuf>,
@@ -66,6 +68,30 @@ pub struct Request {
     pub allow_write: Vec<PathBuf>,
     /// `--name`; the tree's directory name when absent.
     pub name: Option<String>,
+    /// The asker's `$HOME` and `$TMPDIR`, for the policy's variables.
+    pub home: Option<String>,
+    pub tmpdir: Option<String>,
+    /// The terminals the asker runs on (its stdin, stdout, stderr): the build
+    /// may open them by name.
+    pub terminals: Vec<PathBuf>,
+}
+
+impl Request {
+    /// Makes every path absolute from the current directory (the tree, a
+    /// policy given as a file, `--allow-write`), and records the
+    /// environment's `$HOME` and `$TMPDIR` and this process's terminals.
+    pub fn here(mut self) -> Result<Self, PlanError> {
+        let cwd = std::env::current_dir().map_err(PlanError::CurrentDir)?;
+        self.tree = Some(cwd.join(self.tree.take().unwrap_or_default()));
+        if policy::is_path_spec(&self.policy) {
+            self.policy = cwd.join(&self.policy).display().to_string();
+        }
+        self.allow_write = self.allow_write.iter().map(|d| cwd.join(d)).collect();
+        self.home = std::env::var("HOME").ok();
+        self.tmpdir = std::env::var("TMPDIR").ok();
+        self.terminals = own_terminals();
+        Ok(self)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +147,20 @@ impl ConfinementPlan {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut vars = Vars::from_set_args(&request.set)?;
-        if vars.get("TREE").is_none() {
-            vars.set("TREE", tree.display().to_string());
+        let asker = [
+            ("TREE", Some(tree.display().to_string())),
+            ("HOME", request.home.clone()),
+            (
+                "TMPDIR",
+                request.tmpdir.clone().filter(|t| t.starts_with('/')),
+            ),
+        ];
+        for (name, value) in asker {
+            if let Some(value) = value
+                && vars.get(name).is_none()
+            {
+                vars.set(name, value);
+            }
         }
         vars.fill_defaults()?;
         let policy = policy::load(&request.policy, &vars)?;
@@ -131,9 +169,17 @@ impl ConfinementPlan {
         roots.extend(allow_write.into_iter().map(|path| Root {
             path,
             kind: TAG_TREE,
+            fixed: false,
         }));
-        let terminal = own_terminal(&roots);
-        roots.extend(terminal);
+        for path in &request.terminals {
+            if is_device(path) && !roots.iter().any(|r| &r.path == path) {
+                roots.push(Root {
+                    path: path.clone(),
+                    kind: TAG_DEVICE,
+                    fixed: false,
+                });
+            }
+        }
         Ok(Self {
             name: request
                 .name
@@ -163,10 +209,10 @@ impl ConfinementPlan {
     }
 }
 
-/// The terminal buildcage runs on, as a `device` root: the build may open it by
-/// name (`tty`, then open), as it may through /dev/tty.
-fn own_terminal(roots: &[Root]) -> Vec<Root> {
-    let mut out: Vec<Root> = Vec::new();
+/// The terminals this process runs on: the build may open them by name
+/// (`tty`, then open), as it may through /dev/tty.
+fn own_terminals() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
     let fds: [&dyn io::IsTerminal; 3] = [&io::stdin(), &io::stdout(), &io::stderr()];
     for (fd, stream) in fds.iter().enumerate() {
         if !stream.is_terminal() {
@@ -177,13 +223,9 @@ fn own_terminal(roots: &[Root]) -> Vec<Root> {
         };
         // A terminal whose node is gone (`/dev/console (deleted)` after a
         // switch_root) or is not a device node gives nothing to name.
-        if !is_device(&path) || roots.iter().chain(&out).any(|r| r.path == path) {
-            continue;
+        if is_device(&path) && !out.contains(&path) {
+            out.push(path);
         }
-        out.push(Root {
-            path,
-            kind: TAG_DEVICE,
-        });
     }
     out
 }
@@ -220,6 +262,7 @@ fn kernel_roots(policy: &Policy, absent: &[&WriteRoot]) -> Vec<Root> {
             Some(Root {
                 path: w.path.clone(),
                 kind,
+                fixed: !w.origin.contains("${"),
             })
         })
         .collect()

@@ -1,7 +1,9 @@
 //! One module per subcommand.
 
+pub(crate) mod daemon;
 pub(crate) mod doctor;
 pub(crate) mod policy;
 pub(crate) mod ps;
 pub(crate) mod run;
 pub(crate) mod stop;
+pub(crate) mod tail;

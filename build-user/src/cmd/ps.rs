@@ -4,6 +4,7 @@ use std::{io::Write as _, path::Path, process::ExitCode};
 
 use buildcage::{
     builds::{self, LiveBuild},
+    daemon::{client::Client, protocol},
     kernel::{cgroup, sysfs},
 };
 
@@ -15,11 +16,25 @@ pub(crate) struct PsArgs {
 }
 
 pub(crate) fn exec(args: &PsArgs) -> anyhow::Result<ExitCode> {
-    let live = builds::list(
-        &cgroup::mount_point()?,
-        &sysfs::bpffs()?,
-        Path::new(builds::STATE_DIR),
-    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // The daemon answers for anyone, showing what each may see; without
+    // it, the kernel's state is read here, which takes root.
+    let from_daemon = runtime.block_on(async {
+        match Client::connect(&protocol::socket_path()).await? {
+            Some(mut client) => anyhow::Ok(Some(client.list().await?)),
+            None => Ok(None),
+        }
+    })?;
+    let live = match from_daemon {
+        Some(live) => live,
+        None => builds::list(
+            &cgroup::mount_point()?,
+            &sysfs::bpffs()?,
+            Path::new(builds::STATE_DIR),
+        ),
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &live)?;

@@ -4,6 +4,7 @@
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use buildcage::{
+    daemon::{client::Client, protocol},
     events::{
         sink::{Human, JsonLines, Sink},
         summary::SummarySink,
@@ -11,7 +12,7 @@ use buildcage::{
     hint::Hinted,
     kernel::Host,
     plan::{ConfinementPlan, Request},
-    session::{self, Control},
+    session::{self, Control, cage::Local},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -44,26 +45,15 @@ pub(crate) struct RunArgs {
 }
 
 pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let plan = ConfinementPlan::resolve(&Request {
+    let request = Request {
         tree: args.tree,
         policy: args.policy,
         set: args.set,
         allow_write: args.allow_write,
         name: args.name,
-    })?;
-    for root in &plan.absent {
-        let from = root
-            .origin
-            .as_ref()
-            .map(|o| format!(", from `{o}`"))
-            .unwrap_or_default();
-        eprintln!(
-            "buildcage: write root {} ({}{from}) does not exist here: nothing to write there, going on without it",
-            root.path.display(),
-            root.mode
-        );
+        ..Request::default()
     }
-    let host = Host::discover()?;
+    .here()?;
     let mut json = args
         .events
         .as_ref()
@@ -90,11 +80,38 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
             sinks.push(json);
         }
         sinks.push(&mut summary);
-        anyhow::Ok(session::run(&plan, &args.command, &host, &mut sinks, control).await?)
+        // The daemon holds the build when it answers; else this process does.
+        if let Some(client) = Client::connect(&protocol::socket_path()).await? {
+            let (plan, cage) = client.create(request).await?;
+            say_absent(&plan);
+            anyhow::Ok(session::run(&plan, &args.command, cage, &mut sinks, control).await?)
+        } else {
+            let plan = ConfinementPlan::resolve(&request)?;
+            say_absent(&plan);
+            let host = Host::discover()?;
+            let cage = Local::open(&host, &plan).await?;
+            anyhow::Ok(session::run(&plan, &args.command, cage, &mut sinks, control).await?)
+        }
     })?;
     Ok(ExitCode::from(
         u8::try_from(outcome.code & 0xff).unwrap_or(1),
     ))
+}
+
+/// The policy's roots that do not exist here, which the build goes without.
+fn say_absent(plan: &ConfinementPlan) {
+    for root in &plan.absent {
+        let from = root
+            .origin
+            .as_ref()
+            .map(|o| format!(", from `{o}`"))
+            .unwrap_or_default();
+        eprintln!(
+            "buildcage: write root {} ({}{from}) does not exist here: nothing to write there, going on without it",
+            root.path.display(),
+            root.mode
+        );
+    }
 }
 
 /// SIGINT and SIGTERM as the session's controls: the first is passed on to

@@ -1,26 +1,23 @@
-//! A reader of a build's ring buffer (each build has its own, in the
-//! instance's `RINGS`), fanning records out to the build's subscribers
-//! through `tokio::sync::broadcast`, as mini-redis's pub/sub does.
+//! The readers of the builds' ring buffers (each build has its own, in the
+//! instance's `RINGS`), fanning records out through `tokio::sync::broadcast`,
+//! as mini-redis's pub/sub does: to each build's own subscribers (its
+//! session) and to everyone who follows every build (the daemon's tails).
 //!
-//! The reader never waits for a subscriber: a receiver that falls more than
+//! A reader never waits for a subscriber: a receiver that falls more than
 //! [`CAPACITY`] records behind gets `Lagged(n)`, and those n records are that
 //! subscriber's loss, counted by it, while the builds and every other
-//! subscriber go on. Records of a build nobody registered are dropped (and
-//! said at debug level): the kernel's own counters still have them.
+//! subscriber go on. The bus also keeps the last [`HISTORY`] records of each
+//! build, so that a tail that comes late can ask for a build's events since
+//! its start.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use aya::maps::{MapData, RingBuf};
-use buildcage_common::Event;
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{broadcast, mpsc, oneshot},
-    task::JoinHandle,
-};
+use tokio::{io::unix::AsyncFd, sync::broadcast, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -31,80 +28,199 @@ use super::{
 /// Records a subscriber may fall behind by before it starts to lose them.
 pub const CAPACITY: usize = 4096;
 
-/// A build's channel: its name, for the records, and its sender.
-#[derive(Debug)]
-struct Route {
-    name: String,
-    tx: broadcast::Sender<Arc<Record>>,
+/// Records the bus keeps of each build for late followers.
+pub const HISTORY: usize = 16384;
+
+/// Who a build is, as its records and its followers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub name: String,
+    /// The policy, as asked for.
+    pub policy: String,
+    /// Who asked for the build.
+    pub uid: u32,
 }
 
-type Routes = Arc<Mutex<HashMap<u64, Route>>>;
+/// One record, with the build it came from: what followers of every build get.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// The build's cgroup id.
+    pub build: u64,
+    pub uid: u32,
+    pub record: Arc<Record>,
+}
 
-/// The handle to the reader: register builds, subscribe to them, flush.
+/// A build's records so far, then the subscription to those that come.
+pub type Subscription = (Vec<Arc<Record>>, broadcast::Receiver<Arc<Record>>);
+
+/// A build's channel, its recent records and its reader.
+#[derive(Debug)]
+struct Route {
+    origin: Origin,
+    tx: broadcast::Sender<Arc<Record>>,
+    history: VecDeque<Arc<Record>>,
+    stop: CancellationToken,
+    reader: Option<JoinHandle<io::Result<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    routes: HashMap<u64, Route>,
+    all: broadcast::Sender<Routed>,
+}
+
+/// The handle to the readers: attach builds, subscribe to them, detach them.
 #[derive(Debug, Clone)]
 pub struct Bus {
-    routes: Routes,
-    flush: mpsc::Sender<oneshot::Sender<()>>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Bus {
-    /// Starts the reader on the current tokio runtime. It stops when
-    /// `shutdown` is cancelled, after handing out what the ring still holds.
-    pub fn spawn(
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::new(Mutex::new(Shared {
+                routes: HashMap::new(),
+                all: broadcast::channel(CAPACITY).0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts reading `build`'s ring on the current tokio runtime, and
+    /// returns the first subscription to its records. Attach before the build
+    /// runs, so that none is missed.
+    pub fn attach(
+        &self,
+        build: u64,
+        origin: Origin,
         ring: RingBuf<MapData>,
-        shutdown: CancellationToken,
-    ) -> io::Result<(Self, JoinHandle<io::Result<()>>)> {
+    ) -> io::Result<broadcast::Receiver<Arc<Record>>> {
         // SAFETY: RingBuf owns its map fd and its mmap for as long as it
         // lives, and always returns that same fd; the AsyncFd owns the RingBuf.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
-        let routes = Routes::default();
-        let (flush, requests) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let (tx, rx) = broadcast::channel(CAPACITY);
         let reader = Reader {
-            routes: Arc::clone(&routes),
+            bus: self.clone(),
+            build,
+            origin: origin.clone(),
             clock: Clock::now(),
             mounts: Mounts::read(),
         };
-        let task = tokio::spawn(reader.run(ring, requests, shutdown));
-        Ok((Self { routes, flush }, task))
+        let mut shared = self.lock();
+        let task = tokio::spawn(reader.run(ring, stop.clone()));
+        let old = shared.routes.insert(
+            build,
+            Route {
+                origin,
+                tx,
+                history: VecDeque::new(),
+                stop,
+                reader: Some(task),
+            },
+        );
+        if let Some(old) = old {
+            old.stop.cancel();
+        }
+        Ok(rx)
     }
 
-    /// Starts routing the records of `build` (a cgroup id) under `name`, and
-    /// subscribes to them. Subscribe before the build runs, so that none is
-    /// missed.
-    pub fn register(&self, build: u64, name: &str) -> broadcast::Receiver<Arc<Record>> {
-        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        let route = routes.entry(build).or_insert_with(|| Route {
-            name: name.to_owned(),
-            tx: broadcast::channel(CAPACITY).0,
-        });
-        route.tx.subscribe()
+    /// Another subscriber to an attached build's records: those kept so
+    /// far, then all that come, with no gap and no repeat between the two.
+    pub fn subscribe(&self, build: u64) -> Option<Subscription> {
+        let shared = self.lock();
+        let route = shared.routes.get(&build)?;
+        Some((
+            route.history.iter().cloned().collect(),
+            route.tx.subscribe(),
+        ))
     }
 
-    /// Another subscriber to a registered build's records (a `tail`).
-    pub fn subscribe(&self, build: u64) -> Option<broadcast::Receiver<Arc<Record>>> {
-        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        routes.get(&build).map(|r| r.tx.subscribe())
+    /// Follows every build: the records kept so far (when `since_start`),
+    /// then a subscription to all that come, with no gap and no repeat
+    /// between the two.
+    pub fn follow(&self, since_start: bool) -> (Vec<Routed>, broadcast::Receiver<Routed>) {
+        let shared = self.lock();
+        let past = if since_start {
+            shared
+                .routes
+                .iter()
+                .flat_map(|(&build, route)| {
+                    route.history.iter().map(move |record| Routed {
+                        build,
+                        uid: route.origin.uid,
+                        record: Arc::clone(record),
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (past, shared.all.subscribe())
     }
 
-    /// Stops routing `build`'s records; its subscribers see the channel close
-    /// once they have read what it holds.
-    pub fn unregister(&self, build: u64) {
-        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        routes.remove(&build);
+    /// The builds being read, and who they are.
+    pub fn builds(&self) -> Vec<(u64, Origin)> {
+        self.lock()
+            .routes
+            .iter()
+            .map(|(&id, r)| (id, r.origin.clone()))
+            .collect()
     }
 
-    /// Returns once every record that was in the ring when it was called has
-    /// been handed to the subscribers.
-    pub async fn flush(&self) -> io::Result<()> {
-        let (done, wait) = oneshot::channel();
-        let gone = || io::Error::other("the event reader has stopped");
-        self.flush.send(done).await.map_err(|_| gone())?;
-        wait.await.map_err(|_| gone())
+    /// Reads what `build`'s ring still holds, stops its reader, and forgets
+    /// the build. Its subscribers see the channel close once they have read
+    /// what it holds.
+    pub async fn detach(&self, build: u64) -> io::Result<()> {
+        let reader = {
+            let mut shared = self.lock();
+            let Some(route) = shared.routes.get_mut(&build) else {
+                return Ok(());
+            };
+            route.stop.cancel();
+            route.reader.take()
+        };
+        let result = match reader {
+            Some(task) => task.await.unwrap_or_else(|e| Err(io::Error::other(e))),
+            None => Ok(()),
+        };
+        self.lock().routes.remove(&build);
+        result
+    }
+
+    /// Hands a decoded record to the build's subscribers, to the followers of
+    /// every build, and to the build's history.
+    fn publish(&self, build: u64, record: Record) {
+        let record = Arc::new(record);
+        let mut shared = self.lock();
+        let Some(route) = shared.routes.get_mut(&build) else {
+            return;
+        };
+        // No receiver left is not an error: nobody follows right now.
+        drop(route.tx.send(Arc::clone(&record)));
+        if route.history.len() == HISTORY {
+            route.history.pop_front();
+        }
+        route.history.push_back(Arc::clone(&record));
+        let uid = route.origin.uid;
+        drop(shared.all.send(Routed { build, uid, record }));
     }
 }
 
+/// The reader of one build's ring.
 struct Reader {
-    routes: Routes,
+    bus: Bus,
+    build: u64,
+    origin: Origin,
     clock: Clock,
     mounts: Mounts,
 }
@@ -113,21 +229,22 @@ impl Reader {
     async fn run(
         self,
         mut ring: AsyncFd<RingBuf<MapData>>,
-        mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> io::Result<()> {
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {
+                    // Readiness is cleared before the ring is read, not after:
+                    // the kernel wakes a reader only for a record written when
+                    // the reader had caught up (BPF_RB_NO_WAKEUP's adaptive
+                    // default, kernel/bpf/ringbuf.c), so a wakeup cleared after
+                    // the last read would be lost, and with it every record
+                    // until the ring overflowed.
                     let mut guard = guard?;
-                    self.drain(guard.get_inner_mut());
                     guard.clear_ready();
+                    self.drain(guard.get_inner_mut());
                 }
-                Some(done) = flushes.recv() => {
-                    self.drain(ring.get_mut());
-                    let _ = done.send(());
-                }
-                () = shutdown.cancelled() => {
+                () = stop.cancelled() => {
                     self.drain(ring.get_mut());
                     return Ok(());
                 }
@@ -137,44 +254,13 @@ impl Reader {
 
     fn drain(&self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
-            self.route(&item);
+            match Record::decode(&item, &self.origin.name, &self.clock, &self.mounts) {
+                Ok(mut record) => {
+                    record.policy = Some(self.origin.policy.clone());
+                    self.bus.publish(self.build, record);
+                }
+                Err(e) => tracing::error!(build = self.build, "undecodable event: {e}"),
+            }
         }
-    }
-
-    fn route(&self, bytes: &[u8]) {
-        let Some(build) = build_of(bytes) else {
-            tracing::error!("an event of {} bytes is too short", bytes.len());
-            return;
-        };
-        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(route) = routes.get(&build) else {
-            tracing::debug!(build, "an event of a build nobody follows");
-            return;
-        };
-        match Record::decode(bytes, &route.name, &self.clock, &self.mounts) {
-            // No receiver left is not an error: the build's session is over.
-            Ok(record) => drop(route.tx.send(Arc::new(record))),
-            Err(e) => tracing::error!("undecodable event: {e}"),
-        }
-    }
-}
-
-/// The build (cgroup id) an event belongs to, read before it is decoded.
-fn build_of(bytes: &[u8]) -> Option<u64> {
-    const AT: usize = std::mem::offset_of!(Event, build);
-    let raw = bytes.get(AT..AT + 8)?;
-    Some(u64::from_ne_bytes(raw.try_into().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn build_is_read_from_its_offset() {
-        let mut bytes = vec![0u8; size_of::<Event>()];
-        bytes[8..16].copy_from_slice(&77u64.to_ne_bytes());
-        assert_eq!(build_of(&bytes), Some(77));
-        assert_eq!(build_of(&bytes[..10]), None);
     }
 }

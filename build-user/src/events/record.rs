@@ -6,7 +6,7 @@ use buildcage_common::{
     Action, Event, Op,
     event::{EVENT_FLAG_ERROR, EVENT_FLAG_NO_PPID, EVENT_FLAG_WALK_EXHAUSTED},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::paths::{EventPath, Mounts};
 
@@ -22,12 +22,15 @@ pub enum EventError {
 
 /// One decision, as printed and as written to `--events` (one JSON object a line).
 /// The field names are a stable interface: add fields, never rename them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Wall-clock time of the decision, RFC 3339 with nanoseconds, UTC.
     pub time: String,
     /// The build's name (`--name`).
     pub build: String,
+    /// The build's policy, as it was asked for (`default`, `./my.toml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// Process id (thread group id) of the offender.
     pub pid: u32,
     /// Thread id, when it differs from `pid`.
@@ -73,7 +76,7 @@ pub struct Record {
     /// `walk-exhausted` (the tree was deeper than the walk's budget) or
     /// `internal-error` (fail closed).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'static str>,
+    pub reason: Option<String>,
 }
 
 /// Turns the kernel's boot-time clock into wall-clock time.
@@ -168,15 +171,16 @@ impl Record {
             _ => (None, None),
         };
         let reason = if event.flags & EVENT_FLAG_ERROR != 0 {
-            Some("internal-error")
+            Some("internal-error".to_owned())
         } else if event.flags & EVENT_FLAG_WALK_EXHAUSTED != 0 {
-            Some("walk-exhausted")
+            Some("walk-exhausted".to_owned())
         } else {
             None
         };
         Ok(Self {
             time: humantime::format_rfc3339_nanos(clock.wall(event.time_ns)).to_string(),
             build: build.to_owned(),
+            policy: None,
             pid: event.tgid,
             tid: (event.pid != event.tgid).then_some(event.pid),
             ppid: (event.flags & EVENT_FLAG_NO_PPID == 0).then_some(event.ppid),
@@ -293,6 +297,7 @@ pub(crate) fn socket_denial(comm: &str, family: &str) -> Record {
     Record {
         time: String::new(),
         build: "b".to_owned(),
+        policy: None,
         pid: 1,
         tid: None,
         ppid: None,

@@ -16,7 +16,7 @@ use super::record::Record;
 use crate::kernel::cgroup::Survivor;
 
 /// Something a session did that the user should know.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Notice {
     /// SIGINT or SIGTERM reached buildcage and was passed on to the command.
     PassedOn { signal: String, pid: u32 },
@@ -30,6 +30,9 @@ pub enum Notice {
     /// A build that a dead buildcage left behind could not be ended; it stays
     /// confined.
     ReapFailed { cgroup: PathBuf, why: String },
+    /// The daemon that holds the build went away; the build stays confined,
+    /// and its events wait in the kernel for a daemon to come back.
+    DaemonGone,
 }
 
 impl fmt::Display for Notice {
@@ -52,6 +55,9 @@ impl fmt::Display for Notice {
                 f,
                 "cannot reap the orphaned build {}: {why}; it stays confined",
                 cgroup.display()
+            ),
+            Self::DaemonGone => f.write_str(
+                "the daemon went away: the build stays confined, and its events wait in the kernel until a daemon is back",
             ),
         }
     }
@@ -100,17 +106,30 @@ pub fn line(record: &Record) -> String {
 #[derive(Debug)]
 pub struct Human<W> {
     out: W,
+    /// Name the build on each line (`tail`, which follows many).
+    tagged: bool,
 }
 
 impl<W: Write> Human<W> {
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self { out, tagged: false }
+    }
+
+    /// Lines that name their build: `buildcage: hello-2.12: deny ...`.
+    pub fn tagged(out: W) -> Self {
+        Self { out, tagged: true }
     }
 }
 
 impl<W: Write> Sink for Human<W> {
     fn record(&mut self, record: &Record) -> io::Result<()> {
-        writeln!(self.out, "{}", line(record))
+        if self.tagged {
+            let line = line(record);
+            let rest = line.strip_prefix("buildcage: ").unwrap_or(&line);
+            writeln!(self.out, "buildcage: {}: {rest}", record.build)
+        } else {
+            writeln!(self.out, "{}", line(record))
+        }
     }
 
     fn notice(&mut self, notice: &Notice) -> io::Result<()> {
@@ -118,11 +137,11 @@ impl<W: Write> Sink for Human<W> {
     }
 }
 
-/// `--events FILE`: one JSON object per event, one per line, flushed as written
-/// so that `tail -f` shows each decision as it happens.
+/// `--events FILE`, `tail --json`: one JSON object per event, one per line,
+/// flushed as written so that a reader sees each decision as it happens.
 #[derive(Debug)]
-pub struct JsonLines {
-    out: BufWriter<File>,
+pub struct JsonLines<W: Write = BufWriter<File>> {
+    out: W,
 }
 
 impl JsonLines {
@@ -133,7 +152,13 @@ impl JsonLines {
     }
 }
 
-impl Sink for JsonLines {
+impl<W: Write> JsonLines<W> {
+    pub fn new(out: W) -> Self {
+        Self { out }
+    }
+}
+
+impl<W: Write> Sink for JsonLines<W> {
     fn record(&mut self, record: &Record) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, record)?;
         self.out.write_all(b"\n")?;

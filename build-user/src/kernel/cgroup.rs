@@ -154,7 +154,7 @@ pub fn name_from_dir(dir: &Path) -> String {
 }
 
 /// A process found in a build's cgroup when it ended.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Survivor {
     pub pid: u32,
     pub ppid: u32,

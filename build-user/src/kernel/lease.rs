@@ -28,6 +28,29 @@ use super::{
 pub struct Root {
     pub path: PathBuf,
     pub kind: u32,
+    /// Written in the policy as it is, with no variable and no flag in it: a
+    /// path the policy's author chose, not the one who asks for the build.
+    #[serde(default)]
+    pub fixed: bool,
+}
+
+/// A root opened for tagging: what is tagged, and checked, is this inode,
+/// whatever becomes of the path meanwhile.
+#[derive(Debug)]
+pub struct OpenRoot {
+    pub root: Root,
+    pub file: fs::File,
+}
+
+impl Root {
+    /// Opens the root, refusing what a build could have planted at its place;
+    /// see [`open_root`].
+    pub fn open(&self) -> Result<OpenRoot, KernelError> {
+        Ok(OpenRoot {
+            root: self.clone(),
+            file: open_root(self)?,
+        })
+    }
 }
 
 /// The instance's maps that hold per-build state, opened from their pins.
@@ -125,13 +148,13 @@ impl Maps {
     /// build's root, or an earlier build's), and records what it lets
     /// `build` do. The caller holds the instance lock, so no other start tags
     /// at the same time; the kernel only ever sets the `owner` half.
-    fn grant(&mut self, build: u64, root: &Root) -> Result<(), KernelError> {
-        let file = open_root(root)?;
+    fn grant(&mut self, build: u64, open: &OpenRoot) -> Result<(), KernelError> {
+        let (root, file) = (&open.root, &open.file);
         let root_err = |source| KernelError::Root {
             path: root.path.clone(),
             source,
         };
-        let id = match self.roots.get(&file, 0) {
+        let id = match self.roots.get(file, 0) {
             Ok(tag) if tag.root != 0 => tag.root,
             found => {
                 let owner = found.map(|t| t.owner).unwrap_or(0);
@@ -141,7 +164,7 @@ impl Maps {
                     source: std::io::Error::other(e),
                 })?;
                 self.roots
-                    .insert(&file, InodeTag { root: id, owner }, 0)
+                    .insert(file, InodeTag { root: id, owner }, 0)
                     .map_err(root_err)?;
                 id
             }
@@ -199,7 +222,7 @@ impl Lease {
         _lock: &InstanceLock,
         build: u64,
         policy: BuildPolicy,
-        roots: &[Root],
+        roots: &[OpenRoot],
     ) -> Result<Self, KernelError> {
         let mut lease = Self {
             build,
@@ -215,7 +238,7 @@ impl Lease {
         Ok(lease)
     }
 
-    fn install(&mut self, policy: BuildPolicy, roots: &[Root]) -> Result<(), KernelError> {
+    fn install(&mut self, policy: BuildPolicy, roots: &[OpenRoot]) -> Result<(), KernelError> {
         let build = self.build;
         let map_err = |source| KernelError::Map { build, source };
         let cpus = nr_cpus().map_err(|(_, source)| KernelError::Io {
@@ -243,6 +266,18 @@ impl Lease {
             self.maps.grant(build, root)?;
         }
         self.maps.builds.insert(build, policy, 0).map_err(map_err)
+    }
+
+    /// The lease of a build that another buildcage started, found in the
+    /// instance's maps (a restarted daemon resumes its builds so).
+    pub fn adopt(instance: &Instance, build: u64) -> Result<Self, KernelError> {
+        let maps = Maps::open(instance)?;
+        let ring = maps.ring(build)?;
+        Ok(Self {
+            build,
+            maps,
+            ring: Some(ring),
+        })
     }
 
     /// Takes the build's ring buffer out, for the event bus.

@@ -1,0 +1,293 @@
+//! The client's side of the control socket: `run`, `ps`, `stop` and `tail`
+//! talk to the daemon through a [`Client`], and a build the daemon holds for
+//! `run` is a [`Remote`] cage.
+
+use std::{
+    collections::VecDeque,
+    io,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tokio::net::UnixStream;
+
+use super::protocol::{Filter, Reply, Request, VERSION, Wire};
+use crate::{
+    builds::LiveBuild,
+    events::sink::Notice,
+    hint::Hinted,
+    plan::{self, ConfinementPlan},
+    session::{Cage, Delivery, Ended, Failure, SessionError},
+};
+
+/// How long a `run` whose daemon went away waits for one to come back, once
+/// its command has ended, before it leaves the build to be reaped.
+const COME_BACK: Duration = Duration::from_secs(30);
+
+/// A connection to the daemon.
+#[derive(Debug)]
+pub struct Client {
+    wire: Wire,
+    socket: PathBuf,
+}
+
+fn lost(socket: &Path, e: &io::Error) -> Hinted {
+    Hinted::new(
+        format!("the daemon at {} went away", socket.display()),
+        "see the daemon's log (journalctl -u buildcage); builds it held stay confined until one is back",
+    )
+    .because(io::Error::new(e.kind(), e.to_string()))
+}
+
+/// A reply's error as the client reports it: each cause once, then its hint.
+fn refused(causes: &[String], hint: Option<String>) -> Hinted {
+    Hinted::new(
+        causes.join(": "),
+        hint.unwrap_or_else(|| "see the daemon's log".to_owned()),
+    )
+}
+
+impl Client {
+    /// Connects to the daemon at `socket`; `None` when no daemon answers
+    /// there (so `run` goes on standalone).
+    pub async fn connect(socket: &Path) -> Result<Option<Self>, Hinted> {
+        let stream = match UnixStream::connect(socket).await {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(Hinted::new(
+                    format!("cannot reach the daemon at {}", socket.display()),
+                    "check the socket's permissions, or unset BUILDCAGE_SOCKET",
+                )
+                .because(e));
+            }
+        };
+        let mut client = Self {
+            wire: Wire::new(stream),
+            socket: socket.to_owned(),
+        };
+        match client.ask(&Request::Hello { version: VERSION }).await? {
+            Reply::Hello { .. } => Ok(Some(client)),
+            other => Err(client.unexpected(&other)),
+        }
+    }
+
+    /// Sends `request` and returns the first reply.
+    async fn ask(&mut self, request: &Request) -> Result<Reply, Hinted> {
+        self.wire
+            .send(request, None)
+            .await
+            .map_err(|e| lost(&self.socket, &e))?;
+        self.next().await
+    }
+
+    /// The next reply; the daemon's errors become the client's.
+    pub async fn next(&mut self) -> Result<Reply, Hinted> {
+        match self.wire.recv::<Reply>().await {
+            Ok(Some(Reply::Error { causes, hint })) => Err(refused(&causes, hint)),
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err(lost(
+                &self.socket,
+                &io::Error::from(io::ErrorKind::UnexpectedEof),
+            )),
+            Err(e) => Err(lost(&self.socket, &e)),
+        }
+    }
+
+    fn unexpected(&self, reply: &Reply) -> Hinted {
+        Hinted::new(
+            format!(
+                "the daemon at {} answered out of turn: {reply:?}",
+                self.socket.display()
+            ),
+            "use the same buildcage for the daemon and its clients",
+        )
+    }
+
+    /// Asks for a build; returns its plan as the daemon resolved it, and the
+    /// build, its policy in force.
+    pub async fn create(
+        mut self,
+        request: plan::Request,
+    ) -> Result<(ConfinementPlan, Remote), Hinted> {
+        match self.ask(&Request::Create { request }).await? {
+            Reply::Created {
+                build,
+                plan,
+                notices,
+            } => {
+                let procs = self.wire.take_fd().ok_or_else(|| {
+                    Hinted::new(
+                        "the daemon sent no cgroup.procs with the build",
+                        "please report this",
+                    )
+                })?;
+                let pending = notices.into_iter().map(Delivery::Notice).collect();
+                let remote = Remote {
+                    socket: self.socket.clone(),
+                    client: Some(self),
+                    build,
+                    procs,
+                    pending,
+                };
+                Ok((*plan, remote))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    pub async fn list(&mut self) -> Result<Vec<LiveBuild>, Hinted> {
+        match self.ask(&Request::List).await? {
+            Reply::Builds { builds } => Ok(builds),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Kills the builds named `name`; returns their names and how many
+    /// processes they had.
+    pub async fn stop(&mut self, name: &str) -> Result<(Vec<String>, usize), Hinted> {
+        match self
+            .ask(&Request::Stop {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            Reply::Stopped { names, killed } => Ok((names, killed)),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Follows events; read them with [`Client::next`].
+    pub async fn subscribe(&mut self, filter: Filter) -> Result<(), Hinted> {
+        self.wire
+            .send(&Request::Subscribe { filter }, None)
+            .await
+            .map_err(|e| lost(&self.socket, &e))
+    }
+}
+
+/// A build the daemon holds for this process, which runs its command.
+#[derive(Debug)]
+pub struct Remote {
+    socket: PathBuf,
+    /// `None` once the daemon went away.
+    client: Option<Client>,
+    build: u64,
+    procs: OwnedFd,
+    pending: VecDeque<Delivery>,
+}
+
+impl Remote {
+    /// The daemon again, holding this build: the one that went away, back,
+    /// or another that found the build.
+    async fn reconnect(&mut self) -> Result<&mut Client, SessionError> {
+        if self.client.is_none() {
+            let until = tokio::time::Instant::now() + COME_BACK;
+            loop {
+                if let Ok(Some(mut client)) = Client::connect(&self.socket).await {
+                    match client.ask(&Request::Resume { build: self.build }).await {
+                        Ok(Reply::Resumed { .. }) => {
+                            self.client = Some(client);
+                            break;
+                        }
+                        Ok(other) => return Err(client.unexpected(&other).into()),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                if tokio::time::Instant::now() > until {
+                    return Err(Hinted::new(
+                        format!(
+                            "no daemon came back on {} within {}s",
+                            self.socket.display(),
+                            COME_BACK.as_secs()
+                        ),
+                        "the build stays confined; the next `buildcage run` or daemon reaps it",
+                    )
+                    .into());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| Hinted::new("no daemon", "please report this").into())
+    }
+}
+
+impl Cage for Remote {
+    fn procs(&self) -> BorrowedFd<'_> {
+        self.procs.as_fd()
+    }
+
+    async fn next(&mut self) -> Delivery {
+        if let Some(pending) = self.pending.pop_front() {
+            return pending;
+        }
+        let Some(client) = self.client.as_mut() else {
+            return std::future::pending().await;
+        };
+        match client.next().await {
+            Ok(Reply::Record { record }) => Delivery::Record((*record).into()),
+            Ok(Reply::Lost { count }) => Delivery::Lost(count),
+            Ok(Reply::Notice { notice }) => Delivery::Notice(notice),
+            Ok(other) => {
+                tracing::warn!("the daemon sent {other:?} during the build");
+                std::future::pending().await
+            }
+            Err(e) => {
+                tracing::debug!("{e}");
+                self.client = None;
+                Delivery::Notice(Notice::DaemonGone)
+            }
+        }
+    }
+
+    async fn kill(&mut self) {
+        if let Some(client) = self.client.as_mut() {
+            let _ = client.wire.send(&Request::Kill, None).await;
+        }
+    }
+
+    async fn end(mut self) -> Result<Ended, Failure> {
+        let mut rest: Vec<Delivery> = self.pending.drain(..).collect();
+        let client = self.reconnect().await.map_err(Failure::Uncontained)?;
+        if let Err(e) = client.wire.send(&Request::Finish, None).await {
+            return Err(Failure::Uncontained(lost(&client.socket, &e).into()));
+        }
+        loop {
+            match client
+                .next()
+                .await
+                .map_err(|e| Failure::Uncontained(e.into()))?
+            {
+                Reply::Record { record } => rest.push(Delivery::Record((*record).into())),
+                Reply::Lost { count } => rest.push(Delivery::Lost(count)),
+                Reply::Notice { notice } => rest.push(Delivery::Notice(notice)),
+                Reply::Ended { survivors, stats } => {
+                    return Ok(Ended {
+                        rest,
+                        survivors,
+                        stats,
+                    });
+                }
+                other => {
+                    return Err(Failure::Uncontained(client.unexpected(&other).into()));
+                }
+            }
+        }
+    }
+
+    async fn discard(self) {
+        if let Err(e) = self.end().await {
+            tracing::error!("{}", e.into_error());
+        }
+    }
+}

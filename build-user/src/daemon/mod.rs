@@ -1,0 +1,199 @@
+//! `buildcage daemon`: one process that owns the shared instance, makes the
+//! builds its clients ask for, reads every build's events, and lets anyone
+//! with the right to watch follow them.
+//!
+//! The daemon never runs a command: the client does, in the build the daemon
+//! made for it (see [`protocol`]). Its state outlives it: the policies are
+//! in pinned maps, the builds are cgroups, and each build's plan is in
+//! `/run/buildcage/builds/`. So a daemon that dies, or is stopped with
+//! SIGTERM, leaves every build confined, and the next one finds them again
+//! ([`Daemon::resume`]): it reads their rings from where they stopped, and
+//! waits for their clients to come back.
+
+pub mod access;
+pub mod client;
+mod conn;
+pub mod protocol;
+
+use std::{
+    collections::HashMap,
+    io,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use tokio::{
+    net::{UnixListener, UnixStream},
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    builds::{self, STATE_DIR, Supervisor},
+    events::bus::{Bus, Origin},
+    hint::Hinted,
+    kernel::{
+        Host,
+        cgroup::{self, BuildCgroup},
+        instance::{self, Instance},
+    },
+    session::cage::{Confined, reap_orphans},
+};
+
+/// A build the daemon holds.
+#[derive(Debug)]
+struct Slot {
+    /// The client that runs its command.
+    pid: u32,
+    /// The build, while no connection holds it (a resumed build whose
+    /// client has not come back yet).
+    confined: Option<Confined>,
+    /// The connection that holds it, to be told to kill it.
+    kill: Option<mpsc::Sender<String>>,
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Daemon {
+    host: Host,
+    config: PathBuf,
+    bus: Bus,
+    slots: Mutex<HashMap<u64, Slot>>,
+}
+
+impl Daemon {
+    fn slots(&self) -> MutexGuard<'_, HashMap<u64, Slot>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Finds the builds a daemon before this one held whose clients still
+    /// run, and reads their events again from where they stopped. Builds
+    /// whose client is gone are reaped first.
+    async fn resume(&self) -> Result<(), Hinted> {
+        let lock = tokio::task::spawn_blocking(instance::lock)
+            .await
+            .map_err(|e| Hinted::new("the instance lock", "please report this").because(e))?
+            .map_err(|e| {
+                Hinted::new(
+                    "cannot take the instance lock",
+                    "check that /run is writable",
+                )
+                .because(e)
+            })?;
+        Instance::ensure(&self.host, &lock).map_err(|e| {
+            Hinted::new(
+                "cannot load the kernel programs",
+                "`buildcage doctor` says what this machine lacks",
+            )
+            .because(e)
+        })?;
+        for notice in reap_orphans(&self.host, &lock).await {
+            tracing::warn!("{notice}");
+        }
+        drop(lock);
+        let state = Path::new(STATE_DIR);
+        for (cg, pid) in BuildCgroup::all(&self.host.cgroot) {
+            let Some(registered) = builds::registered(state, cg.id()) else {
+                continue;
+            };
+            if registered.supervisor != Supervisor::Daemon || !cgroup::supervised(pid) {
+                continue;
+            }
+            let origin = Origin {
+                name: registered.plan.name.clone(),
+                policy: registered.plan.policy_name.clone(),
+                uid: registered.uid,
+            };
+            let id = cg.id();
+            let mut confined =
+                match Confined::adopt(&self.host.bpffs, &self.host.cgroot, cg, origin.clone()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!("cannot resume build {id}: {e}; it stays confined");
+                        continue;
+                    }
+                };
+            if let Err(e) = confined.attach(&self.bus) {
+                tracing::error!("cannot read the events of build {id}: {e}; it stays confined");
+                continue;
+            }
+            tracing::info!(build = id, name = %origin.name, pid, "resumed");
+            self.slots().insert(
+                id,
+                Slot {
+                    pid,
+                    confined: Some(confined),
+                    kill: None,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Serves `socket` until `shutdown`. Builds outlive the daemon, confined.
+pub async fn serve(
+    host: Host,
+    socket: &Path,
+    config: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<(), Hinted> {
+    let daemon = Arc::new(Daemon {
+        host,
+        config,
+        bus: Bus::new(),
+        slots: Mutex::new(HashMap::new()),
+    });
+    daemon.resume().await?;
+    let listener = listen(socket).await?;
+    tracing::info!("listening on {}", socket.display());
+    eprintln!("buildcage: daemon listening on {}", socket.display());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let daemon = Arc::clone(&daemon);
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move { conn::serve(daemon, stream, shutdown).await });
+                }
+                Err(e) => tracing::warn!("accept: {e}"),
+            },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+    eprintln!("buildcage: daemon stopped; its builds stay confined");
+    Ok(())
+}
+
+/// Binds the control socket, which anyone may connect to (what each peer may
+/// do is decided per request). A socket file that nothing answers on is a
+/// dead daemon's, and is replaced; one that answers is another daemon's.
+async fn listen(socket: &Path) -> Result<UnixListener, Hinted> {
+    let io = |what: &str, e: io::Error| {
+        Hinted::new(
+            format!("cannot {what} {}", socket.display()),
+            "check that its directory is writable, or pass --socket",
+        )
+        .because(e)
+    };
+    if UnixStream::connect(socket).await.is_ok() {
+        return Err(Hinted::new(
+            format!("another daemon already listens on {}", socket.display()),
+            "stop it first (systemctl stop buildcage), or pass another --socket",
+        ));
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", e))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove the stale", e)),
+    }
+    let listener = UnixListener::bind(socket).map_err(|e| io("listen on", e))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| io("open up", e))?;
+    Ok(listener)
+}

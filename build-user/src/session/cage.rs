@@ -1,0 +1,327 @@
+//! A build's cage: its cgroup beneath the shared instance and its lease on
+//! the instance's maps. Standalone `run` holds one through [`Local`]; the
+//! daemon holds one per build it serves. Either way it is opened, ended and
+//! reaped here, the same way.
+
+use std::{collections::VecDeque, fs::File, os::fd::AsFd as _, path::Path, sync::Arc};
+
+use buildcage_common::BuildStats;
+use tokio::sync::broadcast;
+
+use super::{Cage, Delivery, Ended, Failure, KILL_TIMEOUT, SessionError};
+use crate::{
+    builds::{Registration, STATE_DIR, Supervisor},
+    events::{
+        bus::{Bus, Origin},
+        record::Record,
+        sink::Notice,
+    },
+    kernel::{
+        Host,
+        cgroup::BuildCgroup,
+        instance::{self, Instance, InstanceLock},
+        lease::{Lease, Maps, OpenRoot},
+    },
+    plan::ConfinementPlan,
+};
+
+/// Who asked for a build, and who supervises it.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker {
+    /// The uid the build's records and rows show.
+    pub uid: u32,
+    /// The buildcage process that runs the command: the cgroup is named after
+    /// it, and the build is an orphan once it is gone.
+    pub pid: u32,
+    pub supervisor: Supervisor,
+}
+
+/// A confined build's cgroup and lease.
+#[derive(Debug)]
+pub struct Confined {
+    cg: BuildCgroup,
+    lease: Lease,
+    origin: Origin,
+    registration: Option<Registration>,
+}
+
+impl Confined {
+    /// Finds or loads the instance, ends what dead buildcages left behind,
+    /// then makes the build's cgroup and installs its lease, in that order:
+    /// nothing can run in the cgroup before the policy is in force. `check`
+    /// sees every root, opened, before anything is installed. Returns what
+    /// reaping did, for the user.
+    pub async fn open(
+        host: &Host,
+        plan: &ConfinementPlan,
+        asker: Asker,
+        check: impl Fn(&OpenRoot) -> Result<(), SessionError>,
+    ) -> Result<(Self, Vec<Notice>), SessionError> {
+        let lock = tokio::task::spawn_blocking(instance::lock)
+            .await
+            .map_err(|e| SessionError::Runtime(std::io::Error::other(e)))??;
+        let instance = Instance::ensure(host, &lock)?;
+        let notices = reap_orphans(host, &lock).await;
+        let roots = plan
+            .roots
+            .iter()
+            .map(|r| r.open())
+            .collect::<Result<Vec<_>, _>>()?;
+        roots.iter().try_for_each(&check)?;
+        let cg = BuildCgroup::create(instance.cgroup(), &format!("{}.{}", plan.name, asker.pid))?;
+        let lease = match Lease::take(&instance, &lock, cg.id(), plan.policy, &roots) {
+            Ok(lease) => lease,
+            Err(e) => {
+                remove_cgroup(cg);
+                return Err(e.into());
+            }
+        };
+        drop(lock);
+        tracing::debug!(cgroup = %cg.path().display(), id = cg.id(), "build confined");
+        // For `ps` and a restarted daemon; a build runs without it.
+        let registration = Registration::write(
+            Path::new(STATE_DIR),
+            cg.id(),
+            plan,
+            asker.uid,
+            asker.supervisor,
+        )
+        .inspect_err(|e| tracing::warn!("cannot record the build in {STATE_DIR}: {e}"))
+        .ok();
+        let origin = Origin {
+            name: plan.name.clone(),
+            policy: plan.policy_name.clone(),
+            uid: asker.uid,
+        };
+        Ok((
+            Self {
+                cg,
+                lease,
+                origin,
+                registration,
+            },
+            notices,
+        ))
+    }
+
+    /// A live build that another buildcage started (a daemon before this
+    /// one), found again in the instance's maps.
+    pub fn adopt(
+        bpffs: &Path,
+        cgroot: &Path,
+        cg: BuildCgroup,
+        origin: Origin,
+    ) -> Result<Self, SessionError> {
+        let lease = Lease::adopt(&Instance::of(bpffs, cgroot, &cg), cg.id())?;
+        let registration = Registration::adopt(Path::new(STATE_DIR), cg.id());
+        Ok(Self {
+            cg,
+            lease,
+            origin,
+            registration: Some(registration),
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.cg.id()
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    pub fn cgroup(&self) -> &BuildCgroup {
+        &self.cg
+    }
+
+    /// `cgroup.procs`, open for writing: the command's process writes itself in.
+    pub fn procs(&self) -> Result<File, SessionError> {
+        Ok(self.cg.procs_for_writing()?)
+    }
+
+    /// Starts reading the build's events on `bus`.
+    pub fn attach(&mut self, bus: &Bus) -> Result<broadcast::Receiver<Arc<Record>>, SessionError> {
+        let ring = self.lease.take_ring()?;
+        bus.attach(self.cg.id(), self.origin.clone(), ring)
+            .map_err(SessionError::Runtime)
+    }
+
+    /// The command has ended: kills what it left behind, reads the build's
+    /// last events into its subscribers, then removes its entries and its
+    /// cgroup. Until the cgroup is known empty, a failure leaves everything
+    /// in place, and the build confined.
+    pub async fn end(
+        self,
+        bus: &Bus,
+    ) -> Result<(Vec<crate::kernel::cgroup::Survivor>, BuildStats), Failure> {
+        use Failure::{Contained, Uncontained};
+        let survivors = self
+            .cg
+            .kill_all(KILL_TIMEOUT)
+            .await
+            .map_err(|e| Uncontained(e.into()))?;
+        bus.detach(self.cg.id())
+            .await
+            .map_err(|e| Contained(SessionError::Runtime(e)))?;
+        let stats = self.lease.stats().map_err(|e| Contained(e.into()))?;
+        // Only now, with the cgroup empty, may the build's entries go.
+        self.lease.release().map_err(|e| Contained(e.into()))?;
+        self.cg.remove().map_err(|e| Contained(e.into()))?;
+        if let Some(registration) = self.registration {
+            registration.remove();
+        }
+        Ok((survivors, stats))
+    }
+
+    /// The command never started, so the cgroup is empty: undo everything.
+    pub fn discard(self) {
+        if let Err(e) = self.lease.release() {
+            tracing::error!("{e}");
+        }
+        remove_cgroup(self.cg);
+        if let Some(registration) = self.registration {
+            registration.remove();
+        }
+    }
+}
+
+/// A build of this process's own: standalone `run`.
+#[derive(Debug)]
+pub struct Local {
+    confined: Confined,
+    bus: Bus,
+    procs: File,
+    records: broadcast::Receiver<Arc<Record>>,
+    pending: VecDeque<Delivery>,
+}
+
+impl Local {
+    pub async fn open(host: &Host, plan: &ConfinementPlan) -> Result<Self, SessionError> {
+        let asker = Asker {
+            uid: nix::unistd::getuid().as_raw(),
+            pid: std::process::id(),
+            supervisor: Supervisor::Standalone,
+        };
+        let (mut confined, notices) = Confined::open(host, plan, asker, |_| Ok(())).await?;
+        let bus = Bus::new();
+        let opened = confined
+            .procs()
+            .and_then(|procs| Ok((procs, confined.attach(&bus)?)));
+        match opened {
+            Ok((procs, records)) => Ok(Self {
+                confined,
+                bus,
+                procs,
+                records,
+                pending: notices.into_iter().map(Delivery::Notice).collect(),
+            }),
+            Err(e) => {
+                confined.discard();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Cage for Local {
+    fn procs(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.procs.as_fd()
+    }
+
+    async fn next(&mut self) -> Delivery {
+        if let Some(pending) = self.pending.pop_front() {
+            return pending;
+        }
+        match self.records.recv().await {
+            Ok(record) => Delivery::Record(record),
+            Err(broadcast::error::RecvError::Lagged(n)) => Delivery::Lost(n),
+            // Not before the build is detached, in `end`.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+
+    async fn kill(&mut self) {
+        let _ = self
+            .confined
+            .cgroup()
+            .kill_all(std::time::Duration::ZERO)
+            .await;
+    }
+
+    async fn end(mut self) -> Result<Ended, Failure> {
+        let (survivors, stats) = self.confined.end(&self.bus).await?;
+        let mut rest: Vec<Delivery> = self.pending.drain(..).collect();
+        loop {
+            match self.records.try_recv() {
+                Ok(record) => rest.push(Delivery::Record(record)),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => rest.push(Delivery::Lost(n)),
+                Err(_) => break,
+            }
+        }
+        Ok(Ended {
+            rest,
+            survivors,
+            stats,
+        })
+    }
+
+    async fn discard(self) {
+        let _ = self.bus.detach(self.confined.id()).await;
+        self.confined.discard();
+    }
+}
+
+fn remove_cgroup(cg: BuildCgroup) {
+    let path = cg.path().to_owned();
+    if let Err(e) = cg.remove() {
+        tracing::error!("cannot remove {}: {e}", path.display());
+    }
+}
+
+/// Ends the builds that a dead buildcage left behind: kills what still runs
+/// in them, then removes their entries and cgroups. Until now they stayed
+/// confined. A failure leaves that build confined, and is said. Then retires
+/// the older instances that serve no build any more.
+pub async fn reap_orphans(host: &Host, lock: &InstanceLock) -> Vec<Notice> {
+    let mut notices = Vec::new();
+    for orphan in BuildCgroup::orphans(&host.cgroot) {
+        notices.push(reap(&host.bpffs, &host.cgroot, orphan).await);
+    }
+    let own = Instance::own_tag();
+    for old in Instance::all(&host.bpffs, &host.cgroot) {
+        if old.tag() != own && !old.serves_builds() {
+            match old.retire(lock) {
+                Ok(()) => tracing::info!("retired the unused instance {}", old.tag()),
+                Err(e) => tracing::warn!("cannot retire the instance {}: {e}", old.tag()),
+            }
+        }
+    }
+    notices
+}
+
+/// Ends a build nobody supervises: kills what runs in it, then removes its
+/// entries from its instance's maps, forgets its plan and removes its
+/// cgroup. A failure leaves it confined, and says why.
+pub async fn reap(bpffs: &Path, cgroot: &Path, orphan: BuildCgroup) -> Notice {
+    let cgroup = orphan.path().to_owned();
+    let failed = |why: String| Notice::ReapFailed {
+        cgroup: cgroup.clone(),
+        why,
+    };
+    let killed = match orphan.kill_all(KILL_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => return failed(e.to_string()),
+    };
+    let instance = Instance::of(bpffs, cgroot, &orphan);
+    if let Err(e) = Maps::open(&instance).and_then(|mut maps| maps.forget(orphan.id())) {
+        return failed(e.to_string());
+    }
+    let _ = std::fs::remove_file(crate::builds::state_file(Path::new(STATE_DIR), orphan.id()));
+    match orphan.remove() {
+        Ok(()) => Notice::Reaped {
+            cgroup: cgroup.clone(),
+            killed,
+        },
+        Err(e) => failed(e.to_string()),
+    }
+}

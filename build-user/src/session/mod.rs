@@ -1,0 +1,292 @@
+//! The life of one confined build, as the process that runs its command sees
+//! it: the command started inside the build's [`Cage`], its events, and the
+//! end of the build. The cage is this process's own ([`cage::Local`]) or one
+//! that the daemon holds for it; the session runs the same either way, so
+//! that `run` behaves, prints and exits the same with or without the daemon.
+//!
+//! A session prints nothing. Records, notices and the end of the build go to
+//! the [`Sink`]s it is given; what to do while the command runs (pass a signal
+//! on, stop the build) comes in through its [`Control`] channel.
+
+pub mod cage;
+
+use std::{
+    ffi::OsString,
+    io,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd},
+        unix::process::ExitStatusExt as _,
+    },
+    sync::Arc,
+    time::Duration,
+};
+
+use buildcage_common::BuildStats;
+use tokio::sync::mpsc;
+
+use crate::{
+    events::{
+        record::Record,
+        sink::{End, Notice, Sink},
+    },
+    kernel::{
+        KernelError,
+        cgroup::{CgroupError, Survivor},
+    },
+    plan::ConfinementPlan,
+};
+
+/// How long teardown waits for killed processes to go.
+pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exit status when the command could not be started (as `env` and shells use).
+pub const EXIT_NOT_STARTED: i32 = 127;
+
+/// What a session's owner may ask of it while the command runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Pass this signal on to the command.
+    Signal(nix::sys::signal::Signal),
+    /// End the build now: kill every process in it. `why` is said first
+    /// ("SIGINT again").
+    Stop { why: String },
+}
+
+/// How a confined build ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The command's exit status, or 128 + signal.
+    pub code: i32,
+    pub survivors: Vec<Survivor>,
+    pub stats: BuildStats,
+    /// Events this session missed because it fell behind the bus.
+    pub lagged: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Harden(#[from] crate::harden::HardenError),
+    #[error("cannot start {cmd}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no command given")]
+    NoCommand,
+    #[error("a sink failed")]
+    Sink(#[source] io::Error),
+    #[error("the async runtime failed")]
+    Runtime(#[source] io::Error),
+    /// The daemon, or its admin's rules, said no; or the daemon went away.
+    #[error(transparent)]
+    Daemon(#[from] crate::hint::Hinted),
+}
+
+impl crate::hint::Hint for SessionError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::Kernel(e) => e.hint(),
+            Self::Cgroup(e) => e.hint(),
+            Self::Harden(e) => e.hint(),
+            Self::Spawn { .. } => Some("check the command's name and PATH".to_owned()),
+            Self::NoCommand => Some("buildcage run [OPTIONS] -- CMD [ARGS...]".to_owned()),
+            Self::Sink(_) => Some("check that the events file's disk is not full".to_owned()),
+            Self::Runtime(_) => Some("please report this".to_owned()),
+            Self::Daemon(e) => e.hint(),
+        }
+    }
+}
+
+/// What a session learns about its build as it runs.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// A decision of the kernel's.
+    Record(Arc<Record>),
+    /// Records this session missed because it fell behind.
+    Lost(u64),
+    /// Something done about the build that the user should know.
+    Notice(Notice),
+}
+
+/// How a cage ended, once its command had.
+#[derive(Debug)]
+pub struct Ended {
+    /// What was still to be delivered.
+    pub rest: Vec<Delivery>,
+    pub survivors: Vec<Survivor>,
+    pub stats: BuildStats,
+}
+
+/// A confined build, as the session that runs its command sees it: its own
+/// ([`cage::Local`]) or one that the daemon holds for it.
+pub trait Cage {
+    /// `cgroup.procs` of the build, open for writing: the command's process
+    /// writes itself in before it executes anything.
+    fn procs(&self) -> BorrowedFd<'_>;
+    /// What comes next about the build. Never returns once nothing more can
+    /// come before [`Cage::end`].
+    fn next(&mut self) -> impl Future<Output = Delivery>;
+    /// Kills every process of the build, now.
+    fn kill(&mut self) -> impl Future<Output = ()>;
+    /// After the command ended: kills what it left, and removes the build.
+    fn end(self) -> impl Future<Output = Result<Ended, Failure>>;
+    /// The command never started, so the build is empty: undo everything.
+    fn discard(self) -> impl Future<Output = ()>;
+}
+
+/// Runs `argv` in `cage`, confined as `plan` says, and returns how it ended.
+/// The cage holds the policy in force before the command is started (fail
+/// closed). Whatever goes wrong after that, the cage is cleaned up, except
+/// when a process may still be in it: then it stays, and the build
+/// confined, for the next start to reap.
+pub async fn run(
+    plan: &ConfinementPlan,
+    argv: &[OsString],
+    mut cage: impl Cage,
+    sinks: &mut [&mut dyn Sink],
+    mut control: mpsc::Receiver<Control>,
+) -> Result<Outcome, SessionError> {
+    let mut child = match spawn(plan, argv, cage.procs()) {
+        Ok(child) => child,
+        Err(e) => {
+            cage.discard().await;
+            return Err(e);
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    let mut lagged = 0;
+    let mut stopping = false;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            delivery = cage.next() => deliver(sinks, delivery, &mut lagged)?,
+            Some(request) = control.recv(), if !stopping => match request {
+                Control::Signal(sig) => {
+                    notify(sinks, &Notice::PassedOn { signal: sig.to_string(), pid })?;
+                    if let Ok(pid) = i32::try_from(pid) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                    }
+                }
+                Control::Stop { why } => {
+                    stopping = true;
+                    notify(sinks, &Notice::Killing { why })?;
+                    cage.kill().await;
+                }
+            },
+        }
+    };
+    let code = status
+        .map(|s| {
+            s.code()
+                .or_else(|| s.signal().map(|s| 128 + s))
+                .unwrap_or(EXIT_NOT_STARTED)
+        })
+        .map_err(SessionError::Runtime)?;
+    let ended = cage.end().await.map_err(Failure::into_error)?;
+    for delivery in ended.rest {
+        deliver(sinks, delivery, &mut lagged)?;
+    }
+    let end = End {
+        build: plan.name.clone(),
+        stats: ended.stats,
+        survivors: ended.survivors.clone(),
+        lagged,
+    };
+    for sink in sinks.iter_mut() {
+        sink.end(&end).map_err(SessionError::Sink)?;
+    }
+    Ok(Outcome {
+        code,
+        survivors: ended.survivors,
+        stats: ended.stats,
+        lagged,
+    })
+}
+
+/// A failure, and whether the build is known to be empty (and was cleaned
+/// up) or may still hold processes (and stays confined).
+#[derive(Debug)]
+pub enum Failure {
+    Contained(SessionError),
+    Uncontained(SessionError),
+}
+
+impl Failure {
+    pub fn into_error(self) -> SessionError {
+        match self {
+            Self::Contained(e) | Self::Uncontained(e) => e,
+        }
+    }
+}
+
+/// Hands a delivery to every sink; a loss is counted.
+fn deliver(
+    sinks: &mut [&mut dyn Sink],
+    delivery: Delivery,
+    lagged: &mut u64,
+) -> Result<(), SessionError> {
+    match delivery {
+        Delivery::Record(record) => {
+            for sink in sinks.iter_mut() {
+                sink.record(&record).map_err(SessionError::Sink)?;
+            }
+        }
+        Delivery::Lost(n) => *lagged += n,
+        Delivery::Notice(notice) => notify(sinks, &notice)?,
+    }
+    Ok(())
+}
+
+fn notify(sinks: &mut [&mut dyn Sink], notice: &Notice) -> Result<(), SessionError> {
+    for sink in sinks.iter_mut() {
+        sink.notice(notice).map_err(SessionError::Sink)?;
+    }
+    Ok(())
+}
+
+/// Starts the command already inside the build's cgroup: the child moves itself
+/// there between fork and exec, so it never runs an instruction unconfined.
+fn spawn(
+    plan: &ConfinementPlan,
+    argv: &[OsString],
+    procs: BorrowedFd<'_>,
+) -> Result<tokio::process::Child, SessionError> {
+    let procs_fd = procs.as_raw_fd();
+    let capabilities = plan
+        .capabilities
+        .iter()
+        .map(|c| c.parse::<caps::Capability>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SessionError::Harden(crate::harden::HardenError::from(e)))?;
+    let hardening = crate::harden::Hardening::new(&capabilities)?;
+    let (program, args) = argv.split_first().ok_or(SessionError::NoCommand)?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).current_dir(&plan.tree).kill_on_drop(false);
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            // Every inherited descriptor but 0, 1 and 2 closes at exec. CLOEXEC
+            // rather than close, so that std's exec-error pipe still works.
+            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Last, as it drops the capabilities the steps above needed.
+            hardening.apply()
+        });
+    }
+    let child = cmd.spawn().map_err(|source| SessionError::Spawn {
+        cmd: program.to_string_lossy().into_owned(),
+        source,
+    })?;
+    Ok(child)
+}
