@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use buildcage_common::{
-    BuildPolicy, BuildStats, Counter, Event, InodeTag, PortKey, RootKey, event::RING_BYTES,
+    BuildPolicy, BuildStats, Counter, Event, InodeTag, Op, PortKey, RootKey, event::RING_BYTES,
     policy::COUNTERS_LEN,
 };
 
@@ -48,7 +48,8 @@ pub(crate) fn policy(build: u64) -> Option<BuildPolicy> {
 
 #[derive(Clone, Copy)]
 pub(crate) enum Stat {
-    Denials,
+    /// A decision that was not allow, of this operation.
+    Denial(Op),
     Lost,
     Errors,
 }
@@ -62,7 +63,13 @@ pub(crate) fn count(build: u64, stat: Stat) {
         // this CPU writes while we run (programs are not preempted on their CPU).
         unsafe {
             match stat {
-                Stat::Denials => (*stats).denials += 1,
+                Stat::Denial(op) => {
+                    (*stats).denials += 1;
+                    // The bound is checked here, where the verifier sees it.
+                    if let Some(slot) = (*stats).by_op.get_mut(op as usize) {
+                        *slot += 1;
+                    }
+                }
                 Stat::Lost => (*stats).lost += 1,
                 Stat::Errors => (*stats).errors += 1,
             }
@@ -71,7 +78,7 @@ pub(crate) fn count(build: u64, stat: Stat) {
     }
     let slot = match stat {
         Stat::Lost => Counter::Lost,
-        Stat::Errors | Stat::Denials => Counter::Errors,
+        Stat::Errors | Stat::Denial(_) => Counter::Errors,
     };
     if let Some(counter) = COUNTERS.get_ptr_mut(slot as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.

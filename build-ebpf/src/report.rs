@@ -39,7 +39,7 @@ pub(crate) fn decision(
     dentry: Option<Dentry>,
     flags: u32,
 ) {
-    maps::count(build, Stat::Denials);
+    maps::count(build, Stat::Denial(op));
     // SAFETY: the inner map is only reserved from here. Its entry goes only
     // once the build's cgroup is empty, and the kernel keeps the map alive
     // while this program holds the pointer (RCU).

@@ -11,10 +11,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use buildcage_common::BuildStats;
+use buildcage_common::Op;
 
 use crate::{
-    kernel::{cgroup::BuildCgroup, instance::Instance, lease::Maps},
+    kernel::{
+        cgroup::BuildCgroup,
+        instance::Instance,
+        lease::{Maps, Tally},
+    },
     plan::ConfinementPlan,
 };
 
@@ -127,6 +131,9 @@ pub struct LiveBuild {
     pub age_secs: Option<u64>,
     /// The kernel's own counters; absent when they can't be read.
     pub denials: Option<u64>,
+    /// The denials by operation.
+    #[serde(default)]
+    pub denied_by_op: std::collections::BTreeMap<Op, u64>,
     pub lost: Option<u64>,
 }
 
@@ -158,8 +165,9 @@ pub fn list(cgroot: &Path, bpffs: &Path, state_dir: &Path) -> Vec<LiveBuild> {
                 policy: registered.as_ref().map(|r| r.plan.policy_name.clone()),
                 processes: cg.pids().map_or(0, |p| p.len()),
                 age_secs: registered.map(|r| now.saturating_sub(r.started)),
-                denials: stats.map(|s| s.denials),
-                lost: stats.map(|s| s.lost),
+                denials: stats.as_ref().map(|s| s.denials),
+                lost: stats.as_ref().map(|s| s.lost),
+                denied_by_op: stats.map(|s| s.by_op).unwrap_or_default(),
             }
         })
         .collect();
@@ -168,6 +176,6 @@ pub fn list(cgroot: &Path, bpffs: &Path, state_dir: &Path) -> Vec<LiveBuild> {
 }
 
 /// A build's counters, from the maps its instance pinned, added up over CPUs.
-fn stats(instance: &Instance, build: u64) -> Option<BuildStats> {
+fn stats(instance: &Instance, build: u64) -> Option<Tally> {
     Maps::open(instance).ok()?.stats(build).ok()
 }

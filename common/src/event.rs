@@ -4,7 +4,7 @@ use crate::COMM_LEN;
 
 /// What a confined process tried to do.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "user", serde(rename_all = "snake_case"))]
 pub enum Op {

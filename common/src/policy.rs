@@ -30,10 +30,12 @@ pub struct BuildPolicy {
 
 const _: () = assert!(size_of::<BuildPolicy>() == 16);
 
+/// Slots of [`BuildStats::by_op`]: one per `Op` discriminant, with room to grow.
+pub const OPS_LEN: usize = 40;
+
 /// Per-build counters, one copy per CPU; user space adds the copies up.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BuildStats {
     /// Decisions that were not allow (deny, audit or kill).
     pub denials: u64,
@@ -41,9 +43,22 @@ pub struct BuildStats {
     pub lost: u64,
     /// Internal errors (a failed kernel read): each one denied, fail closed.
     pub errors: u64,
+    /// `denials` by operation, indexed by the `Op` discriminant.
+    pub by_op: [u64; OPS_LEN],
 }
 
-const _: () = assert!(size_of::<BuildStats>() == 24);
+impl Default for BuildStats {
+    fn default() -> Self {
+        Self {
+            denials: 0,
+            lost: 0,
+            errors: 0,
+            by_op: [0; OPS_LEN],
+        }
+    }
+}
+
+const _: () = assert!(size_of::<BuildStats>() == 24 + 8 * OPS_LEN);
 
 /// Slots of the global per-CPU `COUNTERS` array, for what happens outside any build.
 #[repr(u32)]

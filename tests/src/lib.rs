@@ -5,7 +5,9 @@
 //! `cargo xtask vm-test`; on a kernel that cannot confine they fail, loudly, by
 //! design: a test that cannot reach BPF LSM must never pass by skipping.
 
+pub mod daemon;
 pub mod kernel;
+pub mod watch;
 use std::{
     path::PathBuf,
     process::{Command, Output},

@@ -57,6 +57,7 @@ fn table(live: &[LiveBuild]) -> String {
         "DENIED".to_owned(),
         "LOST".to_owned(),
         "SUPERVISOR".to_owned(),
+        "DENIED BY OP".to_owned(),
     ]];
     rows.extend(live.iter().map(|b| {
         [
@@ -73,9 +74,10 @@ fn table(live: &[LiveBuild]) -> String {
             } else {
                 format!("{} (gone: confined until reaped)", b.supervisor)
             },
+            by_op(b),
         ]
     }));
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..9)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     rows.iter()
@@ -90,8 +92,25 @@ fn table(live: &[LiveBuild]) -> String {
         .collect()
 }
 
+/// `create=2 socket=1`, or `-` when the build was refused nothing.
+fn by_op(build: &LiveBuild) -> String {
+    if build.denied_by_op.is_empty() {
+        return "-".to_owned();
+    }
+    build
+        .denied_by_op
+        .iter()
+        .map(|(op, n)| format!("{}={n}", op.name()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use buildcage_common::Op;
+
     use super::*;
 
     #[test]
@@ -107,12 +126,21 @@ mod tests {
             processes: 3,
             age_secs: Some(12),
             denials: Some(2),
+            denied_by_op: [(Op::Create, 1), (Op::Socket, 1)].into(),
             lost: None,
         };
+        let quiet = LiveBuild {
+            name: "quiet".to_owned(),
+            supervised: true,
+            denials: Some(0),
+            denied_by_op: BTreeMap::new(),
+            ..build.clone()
+        };
         assert_eq!(
-            table(&[build]),
-            "NAME        UID  POLICY   PROCS  AGE  DENIED  LOST  SUPERVISOR\n\
-             hello-2.10  0    default  3      12s  2       -     42 (gone: confined until reaped)\n"
+            table(&[build, quiet]),
+            "NAME        UID  POLICY   PROCS  AGE  DENIED  LOST  SUPERVISOR                        DENIED BY OP\n\
+             hello-2.10  0    default  3      12s  2       -     42 (gone: confined until reaped)  socket=1 create=1\n\
+             quiet       0    default  3      12s  0       -     42                                -\n"
         );
     }
 }

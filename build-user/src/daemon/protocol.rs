@@ -18,7 +18,7 @@ use std::{
     path::PathBuf,
 };
 
-use buildcage_common::{Action, BuildStats, Op};
+use buildcage_common::{Action, Op};
 use bytes::{Bytes, BytesMut};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use tokio::{io::Interest, net::UnixStream};
@@ -27,7 +27,7 @@ use tokio_util::codec::{Decoder as _, Encoder as _, LengthDelimitedCodec};
 use crate::{
     builds::LiveBuild,
     events::{record::Record, sink::Notice},
-    kernel::cgroup::Survivor,
+    kernel::{cgroup::Survivor, lease::Tally},
     plan::{self, ConfinementPlan},
 };
 
@@ -125,7 +125,7 @@ pub enum Reply {
     },
     Ended {
         survivors: Vec<Survivor>,
-        stats: BuildStats,
+        stats: Tally,
     },
     Builds {
         builds: Vec<LiveBuild>,

@@ -10,10 +10,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use buildcage_common::BuildStats;
-
 use super::record::Record;
 use crate::kernel::cgroup::Survivor;
+use crate::kernel::lease::Tally;
 
 /// Something a session did that the user should know.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -68,7 +67,7 @@ impl fmt::Display for Notice {
 pub struct End {
     pub build: String,
     /// The kernel's own counters.
-    pub stats: BuildStats,
+    pub stats: Tally,
     /// Processes still running when the command ended, killed since.
     pub survivors: Vec<Survivor>,
     /// Events this session's subscription missed because it fell behind.

@@ -4,13 +4,12 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use buildcage_common::BuildStats;
-
 use super::{
     record::Record,
     sink::{End, Sink},
 };
 use crate::kernel::cgroup::Survivor;
+use crate::kernel::lease::Tally;
 
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -44,7 +43,7 @@ impl Summary {
 
     /// The summary as lines for stderr. `stats` are the kernel's own counters, so
     /// that events lost on the way are reported, never hidden.
-    pub fn render(&self, build: &str, stats: &BuildStats, survivors: &[Survivor]) -> String {
+    pub fn render(&self, build: &str, stats: &Tally, survivors: &[Survivor]) -> String {
         let mut out = String::new();
         if !self.groups.is_empty() {
             let _ = writeln!(out, "buildcage: ACCESS VIOLATION SUMMARY for build {build}");
@@ -126,7 +125,7 @@ impl<W: std::io::Write> Sink for SummarySink<W> {
     }
 
     fn end(&mut self, end: &End) -> std::io::Result<()> {
-        let mut stats = end.stats;
+        let mut stats = end.stats.clone();
         // What this session's subscription missed is lost to its reader too.
         stats.lost += end.lagged;
         self.out.write_all(
@@ -149,10 +148,10 @@ mod tests {
         s.add(&socket_denial("curl", "inet6"));
         s.add(&socket_denial("curl", "inet"));
         s.add(&socket_denial("wget", "inet"));
-        let stats = BuildStats {
+        let stats = Tally {
             denials: 5,
             lost: 1,
-            errors: 0,
+            ..Tally::default()
         };
         let survivors = [Survivor {
             pid: 77,

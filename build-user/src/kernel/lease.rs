@@ -7,7 +7,7 @@
 //! its entry in `BUILDS` is what makes the programs judge its tasks. The next
 //! start reaps it with [`Maps::forget`].
 
-use std::{fs, os::unix::fs::OpenOptionsExt as _, path::PathBuf};
+use std::{collections::BTreeMap, fs, os::unix::fs::OpenOptionsExt as _, path::PathBuf};
 
 use aya::{
     maps::{
@@ -16,7 +16,9 @@ use aya::{
     },
     util::nr_cpus,
 };
-use buildcage_common::{BuildPolicy, BuildStats, InodeTag, PortKey, RootKey, event::RING_BYTES};
+use buildcage_common::{
+    BuildPolicy, BuildStats, InodeTag, Op, PortKey, RootKey, event::RING_BYTES,
+};
 
 use super::{
     KernelError,
@@ -82,7 +84,7 @@ impl Maps {
     }
 
     /// A build's counters, added up over CPUs.
-    pub fn stats(&self, build: u64) -> Result<BuildStats, KernelError> {
+    pub fn stats(&self, build: u64) -> Result<Tally, KernelError> {
         let per_cpu = self
             .stats
             .get(&build, 0)
@@ -288,7 +290,7 @@ impl Lease {
     }
 
     /// The build's counters, added up over CPUs.
-    pub fn stats(&self) -> Result<BuildStats, KernelError> {
+    pub fn stats(&self) -> Result<Tally, KernelError> {
         self.maps.stats(self.build)
     }
 
@@ -298,12 +300,34 @@ impl Lease {
     }
 }
 
+/// A build's counters as the kernel kept them, added up over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    /// Decisions that were not allow (deny, audit or kill).
+    pub denials: u64,
+    /// Events that did not fit in the ring buffer.
+    pub lost: u64,
+    /// Internal errors, each one denied (fail closed).
+    pub errors: u64,
+    /// `denials` by operation; operations with none are left out.
+    #[serde(default)]
+    pub by_op: BTreeMap<Op, u64>,
+}
+
 /// Per-CPU counters added up.
-pub(crate) fn sum<'a>(per_cpu: impl Iterator<Item = &'a BuildStats>) -> BuildStats {
-    per_cpu.fold(BuildStats::default(), |acc, s| BuildStats {
-        denials: acc.denials + s.denials,
-        lost: acc.lost + s.lost,
-        errors: acc.errors + s.errors,
+pub(crate) fn sum<'a>(per_cpu: impl Iterator<Item = &'a BuildStats>) -> Tally {
+    per_cpu.fold(Tally::default(), |mut acc, s| {
+        acc.denials += s.denials;
+        acc.lost += s.lost;
+        acc.errors += s.errors;
+        for (i, &n) in s.by_op.iter().enumerate() {
+            if n > 0
+                && let Some(op) = u32::try_from(i).ok().and_then(|i| Op::try_from(i).ok())
+            {
+                *acc.by_op.entry(op).or_default() += n;
+            }
+        }
+        acc
     })
 }
 

@@ -5,10 +5,10 @@
 
 use std::{collections::VecDeque, fs::File, os::fd::AsFd as _, path::Path, sync::Arc};
 
-use buildcage_common::BuildStats;
 use tokio::sync::broadcast;
 
 use super::{Cage, Delivery, Ended, Failure, KILL_TIMEOUT, SessionError};
+use crate::kernel::lease::Tally;
 use crate::{
     builds::{Registration, STATE_DIR, Supervisor},
     events::{
@@ -153,7 +153,7 @@ impl Confined {
     pub async fn end(
         self,
         bus: &Bus,
-    ) -> Result<(Vec<crate::kernel::cgroup::Survivor>, BuildStats), Failure> {
+    ) -> Result<(Vec<crate::kernel::cgroup::Survivor>, Tally), Failure> {
         use Failure::{Contained, Uncontained};
         let survivors = self
             .cg

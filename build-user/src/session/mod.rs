@@ -21,9 +21,9 @@ use std::{
     time::Duration,
 };
 
-use buildcage_common::BuildStats;
 use tokio::sync::mpsc;
 
+use crate::kernel::lease::Tally;
 use crate::{
     events::{
         record::Record,
@@ -58,7 +58,7 @@ pub struct Outcome {
     /// The command's exit status, or 128 + signal.
     pub code: i32,
     pub survivors: Vec<Survivor>,
-    pub stats: BuildStats,
+    pub stats: Tally,
     /// Events this session missed because it fell behind the bus.
     pub lagged: u64,
 }
@@ -120,7 +120,7 @@ pub struct Ended {
     /// What was still to be delivered.
     pub rest: Vec<Delivery>,
     pub survivors: Vec<Survivor>,
-    pub stats: BuildStats,
+    pub stats: Tally,
 }
 
 /// A confined build, as the session that runs its command sees it: its own
@@ -194,7 +194,7 @@ pub async fn run(
     }
     let end = End {
         build: plan.name.clone(),
-        stats: ended.stats,
+        stats: ended.stats.clone(),
         survivors: ended.survivors.clone(),
         lagged,
     };

@@ -1,0 +1,294 @@
+//! The root daemon (run in the VM) and its unprivileged clients: they get only
+//! what the admin grants in the daemon's config.
+//!
+//! - `unprivileged_clients_get_only_what_the_admin_grants`: a client running
+//!   as nobody is refused (125, naming the rule of the daemon's config) a
+//!   policy that is not listed, a policy with `network = "allow"`, and a write
+//!   root it does not own, and then no build cgroup is made (inotify on the
+//!   instance's cgroup) and the command does not run; a listed policy on its
+//!   own tree runs, as uid 65534, confined. Its `ps` does not show a root
+//!   build that root's `ps` shows. Once the config grants it `network` and a
+//!   `write` directory, the same requests run, and their socket and their
+//!   write really succeed.
+//!
+//! The test starts its own daemon, on a socket in its scratch directory, and
+//! passes `BUILDCAGE_SOCKET` to every client it runs, so no other test is
+//! affected.
+
+use std::{os::unix::fs::MetadataExt as _, path::Path, process::Stdio};
+
+use buildcage_tests::{
+    Snapshot, buildcage_bin,
+    daemon::{
+        Daemon, Ended, Run, mkdir, nobody_client, one_row, output, path_str, ps, rows_named,
+        scratch, set_mode,
+    },
+    events, kernel, snapshot,
+    watch::{DirWatch, Gate, the_cgroup, wait_gone},
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+
+/// The unprivileged user of the guest (Debian's `nobody`).
+const NOBODY: u32 = 65534;
+
+/// Whether a refusal's stderr names `rule` of the daemon's `config`.
+fn names_rule(stderr: &str, rule: &str, config: &Path) -> bool {
+    [
+        format!("\"{rule}\""),
+        format!("`{rule}`"),
+        format!("rule {rule}"),
+    ]
+    .iter()
+    .any(|r| stderr.contains(r.as_str()))
+        && stderr.contains(path_str(config))
+}
+
+#[test]
+fn unprivileged_clients_get_only_what_the_admin_grants() {
+    let base = scratch("daemon-unpriv");
+    set_mode(&base, 0o755);
+    // The binaries, where nobody can read them, under their own names.
+    let bin = mkdir(&base.join("bin"));
+    set_mode(&bin, 0o755);
+    let buildcage = bin.join("buildcage");
+    let probe = bin.join("probe");
+    std::fs::copy(buildcage_bin(), &buildcage).unwrap();
+    std::fs::copy(PROBE, &probe).unwrap();
+    set_mode(&buildcage, 0o755);
+    set_mode(&probe, 0o755);
+    // Policies the daemon finds by name.
+    let pol = mkdir(&base.join("pol"));
+    std::fs::write(
+        pol.join("dmopen.toml"),
+        "network = \"allow\"\nwrite = [{ path = \"${TREE}\", mode = \"tree\" }]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        pol.join("dmsecret.toml"),
+        "network = \"none\"\nwrite = [{ path = \"${TREE}\", mode = \"tree\" }]\n",
+    )
+    .unwrap();
+    // Root's, but anyone may write there as far as permissions go: only
+    // buildcage stands in the way.
+    let rootowned = mkdir(&base.join("rootowned"));
+    set_mode(&rootowned, 0o777);
+    let tree = mkdir(&base.join("tree-nobody"));
+    std::os::unix::fs::chown(&tree, Some(NOBODY), Some(NOBODY)).unwrap();
+    set_mode(&tree, 0o755);
+
+    let listed = "policies = [\"default\", \"dmopen\"]\n";
+    let daemon = Daemon::start(&base, listed, Some(&pol));
+
+    // A root build, live while nobody's requests are judged.
+    let root_tree = mkdir(&base.join("tree-root"));
+    let mut root_gate = Gate::new(&root_tree.join("gate"));
+    let root_run = Run::spawn(
+        daemon.run(&[
+            "--tree",
+            path_str(&root_tree),
+            "--name",
+            "np-root",
+            "--",
+            "sh",
+            "-c",
+            &root_gate.script(),
+        ]),
+        &base,
+        "np-root",
+    );
+    root_gate.reached("the root build's start");
+    the_cgroup("np-root", root_run.pid());
+    let (tag, _) = kernel::instance();
+    let watch = DirWatch::new(&Path::new(kernel::CGROUP_ROOT).join(&tag));
+
+    let nobody = |args: &[&str], what: &str| -> Ended {
+        let mut cmd = nobody_client(&buildcage, &daemon.socket, &tree);
+        cmd.args(args);
+        output(cmd, what)
+    };
+    let refused = |case: &str, rule: &str, extra: &[&str]| {
+        let marker = tree.join(format!("marker-{case}"));
+        let name = format!("np-{case}");
+        let script = format!("echo ran > {}", marker.display());
+        let mut args = vec!["run", "--tree", path_str(&tree), "--name", &name];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", &script]);
+        let out = nobody(&args, &name);
+        assert_eq!(out.code, Some(125), "{name}: refused: {}", out.stderr);
+        assert!(
+            names_rule(&out.stderr, rule, &daemon.config),
+            "{name}: the refusal names rule {rule} of {}: {}",
+            daemon.config.display(),
+            out.stderr
+        );
+        assert_eq!(snapshot(&marker), Snapshot::Absent, "{name}: did not run");
+        assert_eq!(
+            watch.created(),
+            Vec::<String>::new(),
+            "{name}: no build cgroup was made"
+        );
+        assert!(kernel::build_cgroups_named(&name).is_empty());
+    };
+
+    // (a) a policy nobody may ask for; (b) one with network = "allow";
+    // (c) a write root nobody does not own.
+    refused("a", "policies", &["--policy", "dmsecret"]);
+    refused("b", "network", &["--policy", "dmopen"]);
+    refused(
+        "c",
+        "write",
+        &["--policy", "default", "--allow-write", path_str(&rootowned)],
+    );
+
+    // (d) a listed policy on nobody's own tree: it runs, as nobody, confined.
+    let marker_d = tree.join("marker-d");
+    let from_d = rootowned.join("from-d");
+    let events_d = tree.join("d.events.jsonl");
+    let out = nobody(
+        &[
+            "run",
+            "--tree",
+            path_str(&tree),
+            "--policy",
+            "default",
+            "--name",
+            "np-d",
+            "--events",
+            path_str(&events_d),
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "echo ran > {marker}; {probe} socket inet stream; {probe} fs create {from_d}",
+                marker = marker_d.display(),
+                probe = probe.display(),
+                from_d = from_d.display()
+            ),
+        ],
+        "np-d",
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        format!(
+            "socket inet stream EPERM\ncreate {} EPERM\n",
+            from_d.display()
+        )
+    );
+    assert_eq!(std::fs::read_to_string(&marker_d).unwrap(), "ran\n");
+    assert_eq!(
+        std::fs::metadata(&marker_d).unwrap().uid(),
+        NOBODY,
+        "it ran as nobody"
+    );
+    assert_eq!(snapshot(&from_d), Snapshot::Absent);
+    let created = watch.created();
+    assert!(
+        created.len() == 1 && created[0].starts_with("np-d."),
+        "its build cgroup, and no other: {created:?}"
+    );
+    let ev = events(&events_d);
+    assert!(
+        ev.iter().any(|e| e["op"] == "socket"
+            && e["family"] == "inet"
+            && e["action"] == "deny"
+            && e["uid"] == NOBODY),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| e["op"] == "create"
+            && e["path"] == path_str(&from_d)
+            && e["action"] == "deny"
+            && e["uid"] == NOBODY),
+        "{ev:?}"
+    );
+
+    // nobody's ps does not show root's build; root's does.
+    let mut cmd = nobody_client(&buildcage, &daemon.socket, &tree);
+    cmd.stdin(Stdio::null());
+    let theirs = ps(cmd);
+    assert!(
+        rows_named(&theirs, "np-root").is_empty(),
+        "nobody sees no root build: {theirs:?}"
+    );
+    one_row(&ps(daemon.client()), "np-root");
+    root_gate.release("the root build");
+    let root_end = root_run.wait();
+    assert_eq!(root_end.code, Some(0), "{}", root_end.stderr);
+    let _ = watch.created();
+
+    // The admin grants nobody the network and the directory.
+    daemon.set_config(&format!(
+        "{listed}\n\
+         [[grant]]\n\
+         users = [\"nobody\"]\n\
+         groups = []\n\
+         policies = []\n\
+         network = true\n\
+         write = [\"{}\"]\n\
+         watch = false\n",
+        rootowned.display()
+    ));
+
+    // (b) again: it runs, and its inet socket is allowed.
+    let marker_b = tree.join("marker-b2");
+    let out = nobody(
+        &[
+            "run",
+            "--tree",
+            path_str(&tree),
+            "--policy",
+            "dmopen",
+            "--name",
+            "np-b2",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "echo ran > {}; {} socket inet stream",
+                marker_b.display(),
+                probe.display()
+            ),
+        ],
+        "np-b2",
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, "socket inet stream OK\n");
+    assert_eq!(std::fs::read_to_string(&marker_b).unwrap(), "ran\n");
+
+    // (c) again: it runs, and its write lands.
+    let from_c = rootowned.join("from-c");
+    let out = nobody(
+        &[
+            "run",
+            "--tree",
+            path_str(&tree),
+            "--policy",
+            "default",
+            "--allow-write",
+            path_str(&rootowned),
+            "--name",
+            "np-c2",
+            "--",
+            "sh",
+            "-c",
+            &format!("{} fs create {}", probe.display(), from_c.display()),
+        ],
+        "np-c2",
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, format!("create {} OK\n", from_c.display()));
+    assert_eq!(std::fs::read_to_string(&from_c).unwrap(), "new\n");
+    assert_eq!(std::fs::metadata(&from_c).unwrap().uid(), NOBODY);
+    let created = watch.created();
+    assert!(
+        created.iter().any(|n| n.starts_with("np-b2."))
+            && created.iter().any(|n| n.starts_with("np-c2.")),
+        "{created:?}"
+    );
+
+    // The grant did not open the policy list.
+    refused("a2", "policies", &["--policy", "dmsecret"]);
+    wait_gone(&daemon, &["np-root", "np-d", "np-b2", "np-c2"]);
+}
