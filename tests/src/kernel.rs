@@ -140,6 +140,17 @@ pub fn instance() -> (String, PathBuf) {
     (tag, Path::new(PIN_ROOT).join(dir))
 }
 
+/// The tags of this cgroup tree's pinned instances, sorted.
+pub fn instance_tags() -> Vec<String> {
+    let mut tags: Vec<String> = instance_dirs()
+        .unwrap_or_else(|e| panic!("{PIN_ROOT}: {e}"))
+        .iter()
+        .map(|d| tag_of(d).to_owned())
+        .collect();
+    tags.sort();
+    tags
+}
+
 /// The pin directories of this cgroup tree's instances, by name: the
 /// directories in [`PIN_ROOT`] named `<tag>-<view>`, where a tag is `v` and
 /// hex digits and the view is the id of the cgroup2 root the instance serves

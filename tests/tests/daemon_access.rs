@@ -292,3 +292,49 @@ fn unprivileged_clients_get_only_what_the_admin_grants() {
     refused("a2", "policies", &["--policy", "dmsecret"]);
     wait_gone(&daemon, &["np-root", "np-d", "np-b2", "np-c2"]);
 }
+
+/// A client gets no handle on the build's cgroup: its command's process
+/// enters only by asking the daemon, which moves in only the client's own
+/// child, as the kernel names the sender. A hand-made client running as
+/// nobody asks from itself and from a grandchild (refused, and neither ends
+/// up in the build), then from its child (moved in). Were it handed an open
+/// `cgroup.procs`, root's open-time credentials would let it move any
+/// process on the machine into its build, to be killed when the build ends.
+#[test]
+fn a_client_can_move_only_its_own_child_into_its_build() {
+    let base = scratch("daemon-enter");
+    set_mode(&base, 0o755);
+    let bin = mkdir(&base.join("bin"));
+    set_mode(&bin, 0o755);
+    let probe = bin.join("probe");
+    std::fs::copy(PROBE, &probe).unwrap();
+    set_mode(&probe, 0o755);
+    let tree = mkdir(&base.join("tree"));
+    std::os::unix::fs::chown(&tree, Some(NOBODY), Some(NOBODY)).unwrap();
+    let daemon = Daemon::start(&base, "policies = [\"default\"]\n", None);
+    let (tag, _) = kernel::instance();
+    let watch = DirWatch::new(&Path::new(kernel::CGROUP_ROOT).join(&tag));
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&probe)
+        .args(["daemon-enter", path_str(&daemon.socket), path_str(&tree)])
+        .stdin(Stdio::null());
+    let out = output(cmd, "hand-made client");
+    assert_eq!(
+        out.stdout, "self refused\ngrandchild refused\nchild entered\nended\n",
+        "{}",
+        out.stderr
+    );
+    let made: Vec<String> = watch
+        .created()
+        .into_iter()
+        .filter(|name| name.starts_with("enter-attack."))
+        .collect();
+    assert_eq!(made.len(), 1, "one build was made: {made:?}");
+    assert!(
+        kernel::build_cgroups_named("enter-attack").is_empty(),
+        "and it is gone once the client finished"
+    );
+    let log = std::fs::read_to_string(base.join("daemon.log")).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -5,20 +5,20 @@
 use std::{
     collections::VecDeque,
     io,
-    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use tokio::net::UnixStream;
 
-use super::protocol::{Filter, Reply, Request, VERSION, Wire};
+use super::protocol::{self, Filter, Reply, Request, VERSION, Wire};
 use crate::{
     builds::LiveBuild,
     events::sink::Notice,
     hint::Hinted,
     plan::{self, ConfinementPlan},
-    session::{Cage, Delivery, Ended, Failure, SessionError},
+    session::{Cage, Delivery, Ended, Entry, Failure, SessionError},
 };
 
 /// How long a `run` whose daemon went away waits for one to come back, once
@@ -83,7 +83,7 @@ impl Client {
     /// Sends `request` and returns the first reply.
     async fn ask(&mut self, request: &Request) -> Result<Reply, Hinted> {
         self.wire
-            .send(request, None)
+            .send(request)
             .await
             .map_err(|e| lost(&self.socket, &e))?;
         self.next().await
@@ -124,18 +124,31 @@ impl Client {
                 plan,
                 notices,
             } => {
-                let procs = self.wire.take_fd().ok_or_else(|| {
-                    Hinted::new(
-                        "the daemon sent no cgroup.procs with the build",
-                        "please report this",
-                    )
-                })?;
+                let frames = |e: io::Error| {
+                    Hinted::new("cannot encode a request", "please report this").because(e)
+                };
+                let ask = protocol::frame(&Request::Enter).map_err(frames)?;
+                let entered = protocol::frame(&Reply::Entered).map_err(frames)?;
+                let conn = self
+                    .wire
+                    .stream()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| {
+                        Hinted::new(
+                            "cannot duplicate the daemon's connection",
+                            "please report this",
+                        )
+                        .because(e)
+                    })?;
                 let pending = notices.into_iter().map(Delivery::Notice).collect();
                 let remote = Remote {
                     socket: self.socket.clone(),
                     client: Some(self),
                     build,
-                    procs,
+                    conn,
+                    ask,
+                    entered,
                     pending,
                 };
                 Ok((*plan, remote))
@@ -168,7 +181,7 @@ impl Client {
     /// Follows events; read them with [`Client::next`].
     pub async fn subscribe(&mut self, filter: Filter) -> Result<(), Hinted> {
         self.wire
-            .send(&Request::Subscribe { filter }, None)
+            .send(&Request::Subscribe { filter })
             .await
             .map_err(|e| lost(&self.socket, &e))
     }
@@ -181,7 +194,11 @@ pub struct Remote {
     /// `None` once the daemon went away.
     client: Option<Client>,
     build: u64,
-    procs: OwnedFd,
+    /// The connection the build was created on, which the command's process
+    /// inherits to ask to enter, and what it sends and must read back.
+    conn: OwnedFd,
+    ask: Vec<u8>,
+    entered: Vec<u8>,
     pending: VecDeque<Delivery>,
 }
 
@@ -223,8 +240,12 @@ impl Remote {
 }
 
 impl Cage for Remote {
-    fn procs(&self) -> BorrowedFd<'_> {
-        self.procs.as_fd()
+    fn entry(&self) -> Entry<'_> {
+        Entry::Daemon {
+            conn: self.conn.as_fd(),
+            ask: &self.ask,
+            entered: &self.entered,
+        }
     }
 
     async fn next(&mut self) -> Delivery {
@@ -252,14 +273,14 @@ impl Cage for Remote {
 
     async fn kill(&mut self) {
         if let Some(client) = self.client.as_mut() {
-            let _ = client.wire.send(&Request::Kill, None).await;
+            let _ = client.wire.send(&Request::Kill).await;
         }
     }
 
     async fn end(mut self) -> Result<Ended, Failure> {
         let mut rest: Vec<Delivery> = self.pending.drain(..).collect();
         let client = self.reconnect().await.map_err(Failure::Uncontained)?;
-        if let Err(e) = client.wire.send(&Request::Finish, None).await {
+        if let Err(e) = client.wire.send(&Request::Finish).await {
             return Err(Failure::Uncontained(lost(&client.socket, &e).into()));
         }
         loop {

@@ -2,7 +2,7 @@
 //! requests. A connection that asked for a build is that build's supervisor:
 //! when it closes before its command ended, the build is reaped.
 
-use std::{error::Error, os::fd::AsRawFd as _, sync::Arc, time::Duration};
+use std::{error::Error, sync::Arc, time::Duration};
 
 use tokio::{
     net::UnixStream,
@@ -19,7 +19,7 @@ use crate::{
     builds::{self, STATE_DIR, Supervisor},
     events::{bus::Routed, record::Record, sink::Notice},
     hint::{Hint as _, Hinted},
-    kernel::cgroup::BuildCgroup,
+    kernel::cgroup::{self, BuildCgroup},
     plan::{self, ConfinementPlan},
     session::{
         SessionError,
@@ -45,13 +45,17 @@ pub(super) async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Can
         }
     };
     let mut wire = Wire::new(stream);
+    if let Err(e) = wire.pass_credentials() {
+        tracing::warn!("cannot ask for the senders' credentials: {e}");
+        return;
+    }
     match wire.recv::<Request>().await {
         Ok(Some(Request::Hello { version })) if version == VERSION => {
             let hello = Reply::Hello {
                 version: VERSION,
                 pid: std::process::id(),
             };
-            if wire.send(&hello, None).await.is_err() {
+            if wire.send(&hello).await.is_err() {
                 return;
             }
         }
@@ -62,7 +66,7 @@ pub(super) async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Can
                 ),
                 "use the same buildcage for the daemon and its clients (restart the daemon after an upgrade)",
             );
-            let _ = wire.send(&failed(&err, err.hint()), None).await;
+            let _ = wire.send(&failed(&err, err.hint())).await;
             return;
         }
         _ => return,
@@ -113,12 +117,12 @@ impl Conn<'_> {
             Request::List => self.list(),
             Request::Stop { name } => self.stop(&name).await,
             Request::Subscribe { filter } => return self.follow(&filter).await,
-            Request::Hello { .. } | Request::Finish | Request::Kill => {
+            Request::Hello { .. } | Request::Finish | Request::Kill | Request::Enter => {
                 let err = Hinted::new("a request out of turn", "please report this");
                 failed(&err, err.hint())
             }
         };
-        self.wire.send(&reply, None).await.is_err()
+        self.wire.send(&reply).await.is_err()
     }
 
     async fn create(&mut self, request: plan::Request) -> bool {
@@ -134,29 +138,18 @@ impl Conn<'_> {
                         kill: Some(kill),
                     },
                 );
-                let procs = match confined.procs() {
-                    Ok(p) => p,
-                    Err(e) => {
-                        self.daemon.slots().remove(&id);
-                        confined.discard();
-                        let _ = self.wire.send(&failed(&e, e.hint()), None).await;
-                        return true;
-                    }
-                };
                 let created = Reply::Created {
                     build: id,
                     plan: Box::new(plan),
                     notices,
                 };
-                let sent = self.wire.send(&created, Some(procs.as_raw_fd())).await;
-                drop(procs);
-                if sent.is_err() {
+                if self.wire.send(&created).await.is_err() {
                     tracing::warn!(build = id, "the client went away before its build started");
                 }
                 self.supervise(confined, records, kills).await;
             }
             Err(reply) => {
-                let _ = self.wire.send(&reply, None).await;
+                let _ = self.wire.send(&reply).await;
             }
         }
         true
@@ -221,23 +214,18 @@ impl Conn<'_> {
                 format!("this daemon holds no build {build} of this client's"),
                 "the build was reaped; it ended when its daemon could not find it",
             );
-            let _ = self.wire.send(&failed(&err, err.hint()), None).await;
+            let _ = self.wire.send(&failed(&err, err.hint())).await;
             return true;
         };
         let Some((past, records)) = self.daemon.bus.subscribe(build) else {
             return true;
         };
-        if self
-            .wire
-            .send(&Reply::Resumed { build }, None)
-            .await
-            .is_ok()
-        {
+        if self.wire.send(&Reply::Resumed { build }).await.is_ok() {
             for record in past {
                 let reply = Reply::Record {
                     record: Box::new((*record).clone()),
                 };
-                if self.wire.send(&reply, None).await.is_err() {
+                if self.wire.send(&reply).await.is_err() {
                     break;
                 }
             }
@@ -286,6 +274,10 @@ impl Conn<'_> {
                         notice: Notice::Killing { why },
                     }
                 }
+                Event::Client(Some(Request::Enter)) => match self.admit(&confined) {
+                    Ok(()) => Reply::Entered,
+                    Err(err) => failed(&err, err.hint()),
+                },
                 Event::Client(Some(Request::Kill)) => {
                     let _ = confined.cgroup().kill_all(Duration::ZERO).await;
                     continue;
@@ -305,10 +297,37 @@ impl Conn<'_> {
                 // The build stays confined, and its state stays for the next daemon.
                 Event::Shutdown => return,
             };
-            if self.wire.send(&reply, None).await.is_err() {
+            if self.wire.send(&reply).await.is_err() {
                 tracing::debug!(build = id, lost, "the client stopped reading");
             }
         }
+    }
+
+    /// Moves the process that sent `Enter` into the build: only the
+    /// client's own child, as the kernel names the sender, and of the
+    /// client's uid. Nothing a client sends can move another process.
+    fn admit(&self, confined: &Confined) -> Result<(), Hinted> {
+        let refuse = |why: String| {
+            Hinted::new(
+                format!("the daemon did not move the command into its build: {why}"),
+                "only the process that `buildcage run` forks for the command may enter its build",
+            )
+        };
+        let sender = self
+            .wire
+            .sender()
+            .ok_or_else(|| refuse("the kernel did not say who asked".to_owned()))?;
+        let parent = cgroup::proc_comm_ppid(sender.pid).map(|(_, ppid)| ppid);
+        if parent != Some(self.peer.pid) || sender.uid != self.peer.uid {
+            return Err(refuse(format!(
+                "pid {} (uid {}) is not a child of the client, pid {} (uid {})",
+                sender.pid, sender.uid, self.peer.pid, self.peer.uid
+            )));
+        }
+        confined
+            .cgroup()
+            .admit(sender.pid)
+            .map_err(|e| refuse(e.to_string()))
     }
 
     async fn finish(&mut self, confined: Confined, mut records: broadcast::Receiver<Arc<Record>>) {
@@ -323,7 +342,7 @@ impl Conn<'_> {
                 Err(broadcast::error::TryRecvError::Lagged(n)) => Reply::Lost { count: n },
                 Err(_) => break,
             };
-            if self.wire.send(&reply, None).await.is_err() {
+            if self.wire.send(&reply).await.is_err() {
                 return;
             }
         }
@@ -334,7 +353,7 @@ impl Conn<'_> {
                 failed(&e, e.hint())
             }
         };
-        let _ = self.wire.send(&reply, None).await;
+        let _ = self.wire.send(&reply).await;
     }
 
     fn list(&self) -> Reply {
@@ -402,7 +421,7 @@ impl Conn<'_> {
         let rights = match self.rights() {
             Ok(r) => r,
             Err(reply) => {
-                let _ = self.wire.send(&reply, None).await;
+                let _ = self.wire.send(&reply).await;
                 return true;
             }
         };
@@ -412,7 +431,7 @@ impl Conn<'_> {
             let reply = Reply::Record {
                 record: Box::new((*routed.record).clone()),
             };
-            if self.wire.send(&reply, None).await.is_err() {
+            if self.wire.send(&reply).await.is_err() {
                 return true;
             }
         }
@@ -430,7 +449,7 @@ impl Conn<'_> {
                 },
                 () = self.shutdown.cancelled() => return true,
             };
-            if self.wire.send(&reply, None).await.is_err() {
+            if self.wire.send(&reply).await.is_err() {
                 return true;
             }
         }

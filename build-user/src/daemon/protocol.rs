@@ -3,25 +3,28 @@
 //! message, starting with a [`Request::Hello`] that names the protocol's
 //! [`VERSION`] on both sides.
 //!
-//! One frame may carry a file descriptor as `SCM_RIGHTS`: the build's
-//! `cgroup.procs`, opened by the daemon and handed to the client, whose
-//! command's process writes itself in with the daemon's open-time
-//! credentials (cgroup v2 checks those, since Linux 5.16:
-//! <https://github.com/torvalds/linux/blob/v6.12/kernel/cgroup/cgroup.c#L5226>).
-//! So the daemon never runs a command a client chose, and the client needs
-//! no right on the cgroup tree of its own.
+//! The daemon reads with `SO_PASSCRED`, so the kernel tells it which process
+//! sent each message. That is how a client's command gets into its build:
+//! the command's process, between fork and exec, sends [`Request::Enter`]
+//! on the connection it inherited, and the daemon moves that process in
+//! only if the kernel says it is the client's own child. So the daemon
+//! never runs a command a client chose, and a client gets no handle that
+//! could move any other process into a build (a `cgroup.procs` opened by
+//! root would move any process at all).
 
 use std::{
-    collections::VecDeque,
-    io::{self, IoSlice, IoSliceMut},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    io::{self, IoSliceMut},
+    os::fd::AsRawFd as _,
     path::PathBuf,
 };
 
 use buildcage_common::{Action, Op};
 use bytes::{Bytes, BytesMut};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
-use tokio::{io::Interest, net::UnixStream};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixCredentials, recvmsg};
+use tokio::{
+    io::{AsyncWriteExt as _, Interest},
+    net::UnixStream,
+};
 use tokio_util::codec::{Decoder as _, Encoder as _, LengthDelimitedCodec};
 
 use crate::{
@@ -57,9 +60,12 @@ pub enum Request {
     /// The first message of every connection.
     Hello { version: u32 },
     /// A build for the asker to run its command in: the reply is
-    /// [`Reply::Created`] with the build's `cgroup.procs`, then the build's
-    /// events, until the asker sends [`Request::Finish`].
+    /// [`Reply::Created`], then the build's events, until the asker sends
+    /// [`Request::Finish`].
     Create { request: plan::Request },
+    /// Sent by the asker's child, between fork and exec: move me into the
+    /// build. The reply is [`Reply::Entered`], read by that child.
+    Enter,
     /// The asker's build, again, after the daemon came back: its events
     /// follow, as after `Create`.
     Resume { build: u64 },
@@ -103,8 +109,7 @@ pub enum Reply {
         version: u32,
         pid: u32,
     },
-    /// The build exists, and its policy is in force. The frame carries its
-    /// `cgroup.procs`.
+    /// The build exists, and its policy is in force.
     Created {
         build: u64,
         plan: Box<ConfinementPlan>,
@@ -113,6 +118,8 @@ pub enum Reply {
     Resumed {
         build: u64,
     },
+    /// The process that sent [`Request::Enter`] is in the build.
+    Entered,
     Record {
         record: Box<Record>,
     },
@@ -154,14 +161,32 @@ impl Reply {
     }
 }
 
-/// One side of a connection: frames in and out, and the descriptors that
-/// came with them.
+/// A message as one whole frame, length first: what a forked child sends
+/// and expects byte for byte, since it can neither allocate nor parse.
+pub fn frame<T: serde::Serialize>(msg: &T) -> io::Result<Vec<u8>> {
+    let json = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    let mut frame = BytesMut::new();
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+        .encode(Bytes::from(json), &mut frame)?;
+    Ok(frame.to_vec())
+}
+
+/// Who sent what was read last, as the kernel says (`SO_PASSCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sender {
+    pub pid: u32,
+    pub uid: u32,
+}
+
+/// One side of a connection: frames in and out.
 #[derive(Debug)]
 pub struct Wire {
     stream: UnixStream,
     codec: LengthDelimitedCodec,
     buf: BytesMut,
-    fds: VecDeque<OwnedFd>,
+    sender: Option<Sender>,
 }
 
 impl Wire {
@@ -172,55 +197,29 @@ impl Wire {
                 .max_frame_length(MAX_FRAME)
                 .new_codec(),
             buf: BytesMut::new(),
-            fds: VecDeque::new(),
+            sender: None,
         }
+    }
+
+    /// Asks the kernel to say who sends each message (the daemon's side).
+    pub fn pass_credentials(&self) -> io::Result<()> {
+        nix::sys::socket::setsockopt(&self.stream, nix::sys::socket::sockopt::PassCred, &true)
+            .map_err(io::Error::from)
+    }
+
+    /// Who sent the bytes read last, when the kernel said.
+    pub fn sender(&self) -> Option<Sender> {
+        self.sender
     }
 
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
 
-    /// Sends one message, with `fd` when given.
-    pub async fn send<T: serde::Serialize>(
-        &mut self,
-        msg: &T,
-        fd: Option<RawFd>,
-    ) -> io::Result<()> {
-        let json = serde_json::to_vec(msg).map_err(io::Error::other)?;
-        let mut frame = BytesMut::new();
-        self.codec.encode(Bytes::from(json), &mut frame)?;
-        let mut sent = 0;
-        while sent < frame.len() {
-            self.stream.writable().await?;
-            // The descriptor goes with the frame's first bytes only.
-            let fds: Vec<RawFd> = if sent == 0 {
-                fd.into_iter().collect()
-            } else {
-                Vec::new()
-            };
-            let rest = frame.get(sent..).unwrap_or_default();
-            let result = self.stream.try_io(Interest::WRITABLE, || {
-                let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![ControlMessage::ScmRights(&fds)]
-                };
-                sendmsg::<()>(
-                    self.stream.as_raw_fd(),
-                    &[IoSlice::new(rest)],
-                    &cmsgs,
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(io::Error::from)
-            });
-            match result {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    /// Sends one message. Not cancel safe: a frame is written whole.
+    pub async fn send<T: serde::Serialize>(&mut self, msg: &T) -> io::Result<()> {
+        let frame = frame(msg)?;
+        self.stream.write_all(&frame).await
     }
 
     /// The next message, or `None` when the other side has closed. Cancel
@@ -238,17 +237,15 @@ impl Wire {
         }
     }
 
-    /// The oldest descriptor received and not yet taken.
-    pub fn take_fd(&mut self) -> Option<OwnedFd> {
-        self.fds.pop_front()
-    }
-
     async fn read_more(&mut self) -> io::Result<usize> {
         let mut chunk = [0u8; 16384];
         loop {
             self.stream.readable().await?;
+            // A stream socket never glues together bytes of two senders
+            // (net/unix/af_unix.c, unix_stream_read_generic), so one read
+            // has one sender.
             let result = self.stream.try_io(Interest::READABLE, || {
-                let mut space = nix::cmsg_space!([RawFd; 4]);
+                let mut space = nix::cmsg_space!(UnixCredentials);
                 let mut iov = [IoSliceMut::new(&mut chunk)];
                 let msg = recvmsg::<()>(
                     self.stream.as_raw_fd(),
@@ -257,20 +254,20 @@ impl Wire {
                     MsgFlags::MSG_CMSG_CLOEXEC,
                 )
                 .map_err(io::Error::from)?;
-                let mut fds = Vec::new();
+                let mut sender = None;
                 for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-                    if let ControlMessageOwned::ScmRights(received) = cmsg {
-                        fds.extend(received);
+                    if let ControlMessageOwned::ScmCredentials(c) = cmsg {
+                        sender = u32::try_from(c.pid())
+                            .ok()
+                            .map(|pid| Sender { pid, uid: c.uid() });
                     }
                 }
-                Ok((msg.bytes, fds))
+                Ok((msg.bytes, sender))
             });
             match result {
-                Ok((n, fds)) => {
-                    for fd in fds {
-                        // SAFETY: the kernel just installed `fd` in this
-                        // process for this message; nothing else owns it.
-                        self.fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+                Ok((n, sender)) => {
+                    if n > 0 {
+                        self.sender = sender;
                     }
                     self.buf
                         .extend_from_slice(chunk.get(..n).unwrap_or_default());

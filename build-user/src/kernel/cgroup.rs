@@ -278,6 +278,15 @@ impl BuildCgroup {
             .map_err(io_err("cannot open", &p))
     }
 
+    /// Moves process `pid` into the cgroup (the daemon, for a client's child).
+    pub fn admit(&self, pid: u32) -> Result<(), CgroupError> {
+        use std::io::Write as _;
+        let p = self.path.join("cgroup.procs");
+        self.procs_for_writing()?
+            .write_all(pid.to_string().as_bytes())
+            .map_err(io_err("cannot write", &p))
+    }
+
     /// Pids in the cgroup and every cgroup below it.
     pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
         let mut pids = Vec::new();

@@ -47,7 +47,18 @@ use super::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/buildcage"));
 
 /// The object's digest: the instance's version.
-static DIGEST: LazyLock<[u8; 32]> = LazyLock::new(|| sha2::Sha256::digest(OBJECT).into());
+static DIGEST: LazyLock<[u8; 32]> = LazyLock::new(|| {
+    let mut digest = sha2::Sha256::new();
+    digest.update(OBJECT);
+    // Debug builds only: the tests stand for a buildcage with another object
+    // (an upgrade) by mixing a salt into the digest, so that an instance of
+    // another tag is loaded beside the first without building a second one.
+    #[cfg(debug_assertions)]
+    if let Some(salt) = std::env::var_os("BUILDCAGE_TEST_OBJECT_SALT") {
+        digest.update(salt.as_encoded_bytes());
+    }
+    digest.finalize().into()
+});
 
 /// Where buildcage pins its instances, below the bpffs mount.
 pub const PIN_DIR: &str = "buildcage";

@@ -7,7 +7,7 @@ use std::{collections::VecDeque, fs::File, os::fd::AsFd as _, path::Path, sync::
 
 use tokio::sync::broadcast;
 
-use super::{Cage, Delivery, Ended, Failure, KILL_TIMEOUT, SessionError};
+use super::{Cage, Delivery, Ended, Entry, Failure, KILL_TIMEOUT, SessionError};
 use crate::kernel::lease::Tally;
 use crate::{
     builds::{Registration, STATE_DIR, Supervisor},
@@ -224,8 +224,8 @@ impl Local {
 }
 
 impl Cage for Local {
-    fn procs(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.procs.as_fd()
+    fn entry(&self) -> Entry<'_> {
+        Entry::Procs(self.procs.as_fd())
     }
 
     async fn next(&mut self) -> Delivery {

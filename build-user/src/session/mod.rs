@@ -14,7 +14,7 @@ use std::{
     ffi::OsString,
     io,
     os::{
-        fd::{AsRawFd as _, BorrowedFd},
+        fd::{AsRawFd as _, BorrowedFd, RawFd},
         unix::process::ExitStatusExt as _,
     },
     sync::Arc,
@@ -123,12 +123,26 @@ pub struct Ended {
     pub stats: Tally,
 }
 
+/// How the command's process gets into its build, between fork and exec,
+/// before it runs a single instruction of the command.
+#[derive(Debug, Clone, Copy)]
+pub enum Entry<'a> {
+    /// It writes itself into this `cgroup.procs` (a build of this process's own).
+    Procs(BorrowedFd<'a>),
+    /// It sends `ask` to the daemon over this connection, and goes on only
+    /// once it has read back exactly `entered` (see `daemon::protocol`).
+    Daemon {
+        conn: BorrowedFd<'a>,
+        ask: &'a [u8],
+        entered: &'a [u8],
+    },
+}
+
 /// A confined build, as the session that runs its command sees it: its own
 /// ([`cage::Local`]) or one that the daemon holds for it.
 pub trait Cage {
-    /// `cgroup.procs` of the build, open for writing: the command's process
-    /// writes itself in before it executes anything.
-    fn procs(&self) -> BorrowedFd<'_>;
+    /// How the command's process gets in.
+    fn entry(&self) -> Entry<'_>;
     /// What comes next about the build. Never returns once nothing more can
     /// come before [`Cage::end`].
     fn next(&mut self) -> impl Future<Output = Delivery>;
@@ -152,7 +166,7 @@ pub async fn run(
     sinks: &mut [&mut dyn Sink],
     mut control: mpsc::Receiver<Control>,
 ) -> Result<Outcome, SessionError> {
-    let mut child = match spawn(plan, argv, cage.procs()) {
+    let mut child = match spawn(plan, argv, cage.entry()) {
         Ok(child) => child,
         Err(e) => {
             cage.discard().await;
@@ -255,9 +269,17 @@ fn notify(sinks: &mut [&mut dyn Sink], notice: &Notice) -> Result<(), SessionErr
 fn spawn(
     plan: &ConfinementPlan,
     argv: &[OsString],
-    procs: BorrowedFd<'_>,
+    entry: Entry<'_>,
 ) -> Result<tokio::process::Child, SessionError> {
-    let procs_fd = procs.as_raw_fd();
+    // Owned copies, made before the fork: the child may not allocate.
+    let entry = match entry {
+        Entry::Procs(fd) => Enter::Procs(fd.as_raw_fd()),
+        Entry::Daemon { conn, ask, entered } => Enter::Daemon {
+            conn: conn.as_raw_fd(),
+            ask: ask.to_vec(),
+            entered: entered.to_vec(),
+        },
+    };
     let capabilities = plan
         .capabilities
         .iter()
@@ -271,9 +293,7 @@ fn spawn(
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::last_os_error());
-            }
+            entry.enter()?;
             // Every inherited descriptor but 0, 1 and 2 closes at exec. CLOEXEC
             // rather than close, so that std's exec-error pipe still works.
             const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
@@ -289,4 +309,101 @@ fn spawn(
         source,
     })?;
     Ok(child)
+}
+
+/// [`Entry`], owned, for the child.
+enum Enter {
+    Procs(RawFd),
+    Daemon {
+        conn: RawFd,
+        ask: Vec<u8>,
+        entered: Vec<u8>,
+    },
+}
+
+impl Enter {
+    /// In the child, between fork and exec: async-signal-safe system calls
+    /// on memory allocated before the fork, and nothing else.
+    fn enter(&self) -> io::Result<()> {
+        match self {
+            Self::Procs(fd) => write_all(*fd, b"0"),
+            Self::Daemon { conn, ask, entered } => {
+                write_all(*conn, ask)?;
+                let mut reply = [0u8; 256];
+                let mut len = [0u8; 4];
+                read_exact(*conn, &mut len)?;
+                let n = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
+                let refused = || io::Error::from_raw_os_error(libc::EPERM);
+                let body = reply.get_mut(..n).ok_or_else(refused)?;
+                read_exact(*conn, body)?;
+                // Anything but `entered` (the daemon's refusal) leaves the
+                // child outside the build: it must not run the command.
+                if entered.get(4..) == Some(&*body) {
+                    Ok(())
+                } else {
+                    Err(refused())
+                }
+            }
+        }
+    }
+}
+
+/// Waits until `fd` is ready for `events`. The daemon's connection is
+/// non-blocking (tokio made it so, and the child shares the parent's open
+/// file), so the child waits with poll(2) rather than in read or write.
+fn wait(fd: RawFd, events: libc::c_short) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd we own.
+    if unsafe { libc::poll(&raw mut pfd, 1, -1) } < 0
+        && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the last call failed for a reason to wait out or to retry.
+fn again() -> Option<libc::c_short> {
+    match io::Error::last_os_error().kind() {
+        io::ErrorKind::Interrupted => Some(0),
+        io::ErrorKind::WouldBlock => Some(1),
+        _ => None,
+    }
+}
+
+fn write_all(fd: RawFd, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        // SAFETY: write(2) reads `bytes.len()` bytes of a live slice.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        match usize::try_from(n) {
+            Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
+            Err(_) => match again() {
+                Some(0) => {}
+                Some(_) => wait(fd, libc::POLLOUT)?,
+                None => return Err(io::Error::last_os_error()),
+            },
+        }
+    }
+    Ok(())
+}
+
+fn read_exact(fd: RawFd, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: read(2) writes at most `buf.len()` bytes into a live slice.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match usize::try_from(n) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => buf = &mut buf[n..],
+            Err(_) => match again() {
+                Some(0) => {}
+                Some(_) => wait(fd, libc::POLLIN)?,
+                None => return Err(io::Error::last_os_error()),
+            },
+        }
+    }
+    Ok(())
 }

@@ -14,10 +14,14 @@
 //!                                             personality (registered credentials)
 //! probe pty                                   a pseudo-terminal of its own, written
 //! probe route KIND [ADDR:PORT]                IP options, routing headers; see route.rs
+//! probe daemon-enter SOCKET TREE              a hand-made client of the daemon that
+//!                                             asks to move processes other than its
+//!                                             own child into its build; see enter.rs
 //! probe pty-hold                              makes a pty, prints its slave's
 //!                                             path, and holds it until stdin closes
 #![expect(clippy::print_stdout, reason = "the probe's results are its stdout")]
 
+mod enter;
 mod route;
 
 use std::{io::Write as _, process::ExitCode};
@@ -113,6 +117,15 @@ fn main() -> ExitCode {
             );
         }
         Some("pid") => println!("{}", std::process::id()),
+        Some("daemon-enter") => {
+            let (Some(socket), Some(tree)) = (args.get(1), args.get(2)) else {
+                eprintln!("probe: daemon-enter SOCKET TREE");
+                return ExitCode::from(2);
+            };
+            if enter::run(socket, tree).is_none() {
+                println!("protocol-error");
+            }
+        }
         Some("uring") => {
             let (Some(how), Some(path)) = (args.get(1), args.get(2)) else {
                 eprintln!("probe: uring HOW PATH");
