@@ -72,8 +72,20 @@ fn executables(
 
 /// `cargo build -p <package> --bin <bin>`; the binary's absolute path.
 pub(crate) fn build_bin(package: &str, bin: &str) -> Result<PathBuf> {
+    build_bin_as(package, bin, false)
+}
+
+/// [`build_bin`], optimized: what benchmarks measure.
+pub(crate) fn build_release_bin(package: &str, bin: &str) -> Result<PathBuf> {
+    build_bin_as(package, bin, true)
+}
+
+fn build_bin_as(package: &str, bin: &str, release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args(["build", "-p", package, "--bin", bin]);
+    if release {
+        cmd.arg("--release");
+    }
     let bins = executables(cmd, |msg| {
         msg["target"]["kind"]
             .as_array()

@@ -8,6 +8,7 @@
 )]
 
 mod apt;
+mod bench;
 mod cargo;
 mod demo;
 mod kernels;
@@ -62,6 +63,8 @@ enum Cmd {
     Demo,
     /// The whole suite: setup, host tests, then VM tests on 6.12 and 6.1.
     Test,
+    /// What confinement costs, as ratios measured side by side in the VM.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -106,5 +109,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::VmCheck => vm_check::run(),
         Cmd::Test => test::run(),
+        Cmd::Bench(args) => bench::run(&args),
     }
 }

@@ -1,0 +1,233 @@
+//! `cargo xtask bench [--quick]`: what confinement costs, as ratios measured
+//! side by side in one VM run (the LSM cannot load on hosts like these, so
+//! absolute times are emulated; the ratios are what counts).
+//!
+//! Today one workload: the cost of a build, from asking for it to its
+//! teardown, against a plain fork+exec of the same command, interleaved round
+//! by round (`tests/src/bin/bench`). Writes `docs/benchmarks.md` and
+//! `docs/benchmarks.json`; `--quick` only checks that the bench runs, asserts
+//! no figure and writes nothing.
+
+use std::{path::Path, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    cargo::build_release_bin,
+    kernels::KernelSel,
+    util::{shell_quote_path, workspace_root},
+};
+
+/// What the guest prints before the bench's JSON.
+const MARKER: &str = "BENCH-JSON: ";
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// A few rounds, to check that the bench works; no figure is kept
+    #[arg(long)]
+    quick: bool,
+}
+
+pub(crate) fn run(args: &Args) -> Result<ExitCode> {
+    let setup = crate::setup::run()?;
+    if setup != ExitCode::SUCCESS {
+        return Ok(setup);
+    }
+    let buildcage = build_release_bin("buildcage", "buildcage")?;
+    let bench = build_release_bin("buildcage-tests", "bench")?;
+    let rounds = if args.quick { 3 } else { 40 };
+    let script = format!(
+        r#"set -e
+tree=$(mktemp -d /var/tmp/bench.XXXXXX)
+export BUILDCAGE_SOCKET="$tree/control.sock" BUILDCAGE_BIN={buildcage}
+{buildcage} daemon 2> "$tree/daemon.log" &
+daemon=$!
+i=0
+until grep -q listening "$tree/daemon.log"; do
+  i=$((i+1)); [ $i -lt 600 ] || {{ cat "$tree/daemon.log"; exit 1; }}; sleep 0.1
+done
+{bench} create {rounds} "$tree" > "$tree/out.json"
+echo "{MARKER}$(cat "$tree/out.json")"
+kill $daemon; wait $daemon
+"#,
+        buildcage = shell_quote_path(&buildcage)?,
+        bench = shell_quote_path(&bench)?,
+    );
+    let mut json = None;
+    let status = crate::vm::run_in_vm_observed(
+        KernelSel::V6_12,
+        &workspace_root(),
+        &["sh".to_owned(), "-c".to_owned(), script],
+        &[],
+        Duration::from_secs(1800),
+        &mut |line| {
+            if let Some(rest) = line.trim_end().split_once(MARKER).map(|(_, j)| j) {
+                json = serde_json::from_str::<serde_json::Value>(rest).ok();
+            }
+        },
+    )?;
+    let Some(json) = json.filter(|_| status == 0) else {
+        bail!("the bench did not run to its end in the VM (exit status {status})");
+    };
+    let report = Report::from(&json)?;
+    let table = report.markdown();
+    println!("{table}");
+    if !args.quick {
+        let docs = workspace_root().join("docs");
+        write(&docs.join("benchmarks.md"), &report.page(&table))?;
+        write(
+            &docs.join("benchmarks.json"),
+            &format!("{}\n", serde_json::to_string_pretty(&report.json(&json))?),
+        )?;
+        println!("xtask: wrote docs/benchmarks.md and docs/benchmarks.json");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// One workload against the baseline.
+#[derive(Debug)]
+struct Row {
+    name: String,
+    median_us: u64,
+    /// The median, least and greatest of the per-round ratios to the baseline.
+    ratio: [f64; 3],
+}
+
+#[derive(Debug)]
+struct Report {
+    rounds: usize,
+    baseline: String,
+    baseline_us: u64,
+    rows: Vec<Row>,
+}
+
+fn median_u64(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn median_f64(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+impl Report {
+    fn from(json: &serde_json::Value) -> Result<Self> {
+        let workloads = json["workloads"]
+            .as_object()
+            .context("the bench's JSON has no workloads")?;
+        let times = |v: &serde_json::Value| -> Vec<u64> {
+            v.as_array()
+                .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+                .unwrap_or_default()
+        };
+        let (baseline, base) = workloads
+            .iter()
+            .find(|(name, _)| *name == "fork+exec")
+            .map(|(n, v)| (n.clone(), times(v)))
+            .context("no fork+exec baseline")?;
+        let rows = workloads
+            .iter()
+            .filter(|(name, _)| **name != baseline)
+            .map(|(name, v)| {
+                let t = times(v);
+                // Each round's ratio to the same round's baseline.
+                let mut ratios: Vec<f64> = t
+                    .iter()
+                    .zip(&base)
+                    .map(|(&w, &b)| as_f64(w) / as_f64(b.max(1)))
+                    .collect();
+                let least = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                let most = ratios.iter().copied().fold(0.0, f64::max);
+                Row {
+                    name: name.clone(),
+                    median_us: median_u64(&t),
+                    ratio: [median_f64(&mut ratios), least, most],
+                }
+            })
+            .collect();
+        Ok(Self {
+            rounds: base.len(),
+            baseline_us: median_u64(&base),
+            baseline,
+            rows,
+        })
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = format!(
+            "| workload | median | × {} (median of rounds) | range over rounds |\n|---|---|---|---|\n| {} | {:.1} ms | 1 | |\n",
+            self.baseline,
+            self.baseline,
+            ms(self.baseline_us)
+        );
+        for row in &self.rows {
+            out.push_str(&format!(
+                "| {} | {:.1} ms | {:.1} | {:.1}–{:.1} |\n",
+                row.name,
+                ms(row.median_us),
+                row.ratio[0],
+                row.ratio[1],
+                row.ratio[2]
+            ));
+        }
+        out
+    }
+
+    fn page(&self, table: &str) -> String {
+        format!(
+            "# Benchmarks\n\n\
+             Written by `cargo xtask bench` from one run in the 6.12 test VM (QEMU TCG: absolute \
+             times are emulated, a few times to tens of times slower than hardware; the ratios, \
+             measured side by side in the same rounds, are what counts). Release builds.\n\n\
+             ## The cost of a build\n\n\
+             {} interleaved rounds; each runs `true` unconfined (fork+exec), then in a build asked \
+             of the daemon through the library (`daemon build`: request, cgroup and lease, the \
+             command's entry, teardown), then through `buildcage run` with and without the daemon. \
+             Each ratio is taken within its round, against that round's fork+exec.\n\n{table}\n\
+             The target for `daemon build` is at most 2× a fork+exec.\n",
+            self.rounds
+        )
+    }
+
+    fn json(&self, raw: &serde_json::Value) -> serde_json::Value {
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "workload": r.name,
+                    "median_us": r.median_us,
+                    "ratio_median": r.ratio[0],
+                    "ratio_min": r.ratio[1],
+                    "ratio_max": r.ratio[2],
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "kernel": "6.12 (QEMU TCG)",
+            "rounds": self.rounds,
+            "baseline": { "workload": self.baseline, "median_us": self.baseline_us },
+            "rows": rows,
+            "raw": raw,
+        })
+    }
+}
+
+#[expect(
+    clippy::as_conversions,
+    clippy::cast_precision_loss,
+    reason = "microseconds, far below 2^52"
+)]
+fn as_f64(v: u64) -> f64 {
+    v as f64
+}
+
+fn ms(us: u64) -> f64 {
+    as_f64(us) / 1000.0
+}
