@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole suite, from a fresh machine. Setup, the host
 //! tests (unit tests, and the integration tests that need no BPF LSM), the VM
-//! harness's own check, then the VM tests on both kernels. Non-zero if anything fails.
+//! harness's own check, the VM tests on both kernels, then a quick run of the
+//! bench. Non-zero if anything fails.
 
 use std::process::{Command, ExitCode};
 
@@ -39,5 +40,10 @@ pub(crate) fn run() -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     println!("xtask: VM tests on 6.12 and 6.1");
-    crate::vm_test::run(&crate::vm_test::Args::all_kernels())
+    let tests = crate::vm_test::run(&crate::vm_test::Args::all_kernels())?;
+    if tests != ExitCode::SUCCESS {
+        return Ok(tests);
+    }
+    println!("xtask: the bench still runs (cargo xtask bench --quick; no figure asserted)");
+    crate::bench::run(&crate::bench::Args::quick())
 }
