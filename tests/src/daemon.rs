@@ -541,3 +541,39 @@ pub fn pid_of(record: &Value) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("a pid: {record}"))
 }
+
+/// A short build through `daemon`, named `name`, whose one refused write (to
+/// `target`) lets a tail show that it follows; returns how it ended, which
+/// must be 0.
+pub fn warm_up(daemon: &Daemon, tree: &Path, name: &str, target: &Path) -> Ended {
+    let warm = output(
+        daemon.run(&[
+            "--tree",
+            path_str(tree),
+            "--name",
+            name,
+            "--",
+            "sh",
+            "-c",
+            &format!("true > {}; exit 0", target.display()),
+        ]),
+        name,
+    );
+    assert_eq!(warm.code, Some(0), "{}", warm.stderr);
+    warm
+}
+
+/// Copies `files` (name, source) into a fresh `bin` below `base` that the
+/// unprivileged user can read and run, under their own names (a process's
+/// name must stay `buildcage`); returns the directory.
+pub fn bin_for_nobody(base: &Path, files: &[(&str, &Path)]) -> PathBuf {
+    set_mode(base, 0o755);
+    let bin = mkdir(&base.join("bin"));
+    set_mode(&bin, 0o755);
+    for (name, source) in files {
+        let to = bin.join(name);
+        std::fs::copy(source, &to).unwrap();
+        set_mode(&to, 0o755);
+    }
+    bin
+}

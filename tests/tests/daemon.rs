@@ -39,8 +39,8 @@ use std::{
 use buildcage_tests::{
     Snapshot, alive,
     daemon::{
-        Daemon, Ended, ROOT_ONLY, Run, Tail, client, mkdir, one_row, output, path_str, pid_of, ps,
-        scratch, summary,
+        Daemon, Ended, ROOT_ONLY, Run, Tail, client, mkdir, one_row, path_str, pid_of, ps, scratch,
+        summary, warm_up,
     },
     events, kernel, snapshot, tree_digest,
     watch::{Gate, cgroup_pids, daemon_connections, the_cgroup, wait_gone, wait_until},
@@ -371,20 +371,7 @@ fn daemon_killed_mid_build_keeps_it_confined_and_a_new_one_resumes_it() {
     // A build with one refusal: once the tail has it, it follows.
     let warm_tree = mkdir(&base.join("warm"));
     let warm_target = outside.join("warm");
-    let warm = output(
-        daemon.run(&[
-            "--tree",
-            path_str(&warm_tree),
-            "--name",
-            "dm-resume-warm",
-            "--",
-            "sh",
-            "-c",
-            &format!("true > {}; exit 0", warm_target.display()),
-        ]),
-        "dm-resume-warm",
-    );
-    assert_eq!(warm.code, Some(0), "{}", warm.stderr);
+    warm_up(&daemon, &warm_tree, "dm-resume-warm", &warm_target);
     wait_until("the tail shows dm-resume-warm's refusal", 60, || {
         tail.has(|e| e["build"] == "dm-resume-warm" && e["path"] == path_str(&warm_target))
     });

@@ -20,8 +20,8 @@ use std::{os::unix::fs::MetadataExt as _, path::Path, process::Stdio};
 use buildcage_tests::{
     Snapshot, buildcage_bin,
     daemon::{
-        Daemon, Ended, Run, mkdir, nobody_client, one_row, output, path_str, ps, rows_named,
-        scratch, set_mode,
+        Daemon, Ended, Run, bin_for_nobody, mkdir, nobody_client, one_row, output, path_str, ps,
+        rows_named, scratch, set_mode,
     },
     events, kernel, snapshot,
     watch::{DirWatch, Gate, the_cgroup, wait_gone},
@@ -47,16 +47,12 @@ fn names_rule(stderr: &str, rule: &str, config: &Path) -> bool {
 #[test]
 fn unprivileged_clients_get_only_what_the_admin_grants() {
     let base = scratch("daemon-unpriv");
-    set_mode(&base, 0o755);
-    // The binaries, where nobody can read them, under their own names.
-    let bin = mkdir(&base.join("bin"));
-    set_mode(&bin, 0o755);
+    let bin = bin_for_nobody(
+        &base,
+        &[("buildcage", &buildcage_bin()), ("probe", Path::new(PROBE))],
+    );
     let buildcage = bin.join("buildcage");
     let probe = bin.join("probe");
-    std::fs::copy(buildcage_bin(), &buildcage).unwrap();
-    std::fs::copy(PROBE, &probe).unwrap();
-    set_mode(&buildcage, 0o755);
-    set_mode(&probe, 0o755);
     // Policies the daemon finds by name.
     let pol = mkdir(&base.join("pol"));
     std::fs::write(
@@ -303,12 +299,7 @@ fn unprivileged_clients_get_only_what_the_admin_grants() {
 #[test]
 fn a_client_can_move_only_its_own_child_into_its_build() {
     let base = scratch("daemon-enter");
-    set_mode(&base, 0o755);
-    let bin = mkdir(&base.join("bin"));
-    set_mode(&bin, 0o755);
-    let probe = bin.join("probe");
-    std::fs::copy(PROBE, &probe).unwrap();
-    set_mode(&probe, 0o755);
+    let probe = bin_for_nobody(&base, &[("probe", Path::new(PROBE))]).join("probe");
     let tree = mkdir(&base.join("tree"));
     std::os::unix::fs::chown(&tree, Some(NOBODY), Some(NOBODY)).unwrap();
     let daemon = Daemon::start(&base, "policies = [\"default\"]\n", None);

@@ -31,8 +31,8 @@ use std::{
 use buildcage_tests::{
     Snapshot,
     daemon::{
-        Daemon, Ended, ROOT_ONLY, Run, Tail, TailOutput, mkdir, one_row, output, path_str, pid_of,
-        ps, scratch, summary,
+        Daemon, Ended, ROOT_ONLY, Run, Tail, TailOutput, mkdir, one_row, path_str, pid_of, ps,
+        scratch, summary, warm_up,
     },
     events, snapshot, tree_digest,
     watch::{Gate, daemon_connections, the_cgroup, wait_every, wait_gone, wait_until},
@@ -249,20 +249,7 @@ fn two_tails_see_the_same_events_and_a_stalled_one_only_loses_its_own() {
     // A build with one refusal: once each reading tail has it, they all follow.
     let warm_tree = mkdir(&base.join("warm"));
     let warm_target = outside.join("warm");
-    let warm = output(
-        daemon.run(&[
-            "--tree",
-            path_str(&warm_tree),
-            "--name",
-            "tail-warm",
-            "--",
-            "sh",
-            "-c",
-            &format!("true > {}; exit 0", warm_target.display()),
-        ]),
-        "tail-warm",
-    );
-    assert_eq!(warm.code, Some(0), "{}", warm.stderr);
+    warm_up(&daemon, &warm_tree, "tail-warm", &warm_target);
     let is_warm = |e: &Value| {
         e["build"] == "tail-warm" && e["op"] == "create" && e["path"] == path_str(&warm_target)
     };
