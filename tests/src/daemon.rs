@@ -359,23 +359,35 @@ pub struct Tail {
 
 impl Tail {
     pub fn spawn(socket: &Path, logs: &Path, what: &str, read_now: bool) -> Self {
-        let mut child = client(socket)
+        let mut tail = Self::of(client(socket), logs, what, &[]);
+        if read_now {
+            tail.read();
+        }
+        tail
+    }
+
+    /// `CLIENT tail --json ARGS...` (filters, build names), read at once.
+    pub fn filtered(client: Command, logs: &Path, what: &str, args: &[&str]) -> Self {
+        let mut tail = Self::of(client, logs, what, args);
+        tail.read();
+        tail
+    }
+
+    fn of(mut client: Command, logs: &Path, what: &str, args: &[&str]) -> Self {
+        let mut child = client
             .args(["tail", "--json"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(File::create(logs.join(format!("{what}.stderr"))).unwrap())
             .spawn()
             .unwrap();
-        let mut tail = Self {
+        Self {
             pipe: child.stdout.take(),
             child: Some(child),
             lines: Arc::default(),
             reader: None,
             what: what.to_owned(),
-        };
-        if read_now {
-            tail.read();
         }
-        tail
     }
 
     /// Bytes waiting, unread, in the pipe of a tail not read yet (FIONREAD).

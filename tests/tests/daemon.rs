@@ -18,6 +18,12 @@
 //!   process, the `run` client gets the build's exit status (3), and the build
 //!   leaves nothing behind.
 //!
+//! - `stop_and_filtered_tails_through_the_daemon`: `buildcage stop` through
+//!   the daemon kills a held build, whose `run` client reports the kill and
+//!   exits 137 and whose cgroup goes; a tail filtered by build and op gets
+//!   exactly that build's socket refusal, and one filtered by action every
+//!   refusal of both builds.
+//!
 //! The other tests of the daemon are in `daemon_scale.rs` (many builds, many
 //! tails) and `daemon_access.rs` (unprivileged clients).
 //!
@@ -410,4 +416,131 @@ fn daemon_killed_mid_build_keeps_it_confined_and_a_new_one_resumes_it() {
     assert_eq!(tree_digest(&outside, 2), outside_before, "nothing outside");
     wait_gone(&daemon, &["dm-resume", "dm-resume-warm"]);
     wait_until("the build's shell is gone", 20, || !alive(shell));
+}
+
+#[test]
+fn stop_and_filtered_tails_through_the_daemon() {
+    let _serial = serial();
+    let base = scratch("daemon-stop");
+    let daemon = Daemon::start(&base, ROOT_ONLY, None);
+    let outside = mkdir(&base.join("outside"));
+    let mut by_op = Tail::filtered(
+        daemon.client(),
+        &base,
+        "tail-socket-of-dm-stop",
+        &["--op", "socket", "dm-stop"],
+    );
+    let mut by_action = Tail::filtered(daemon.client(), &base, "tail-deny", &["--action", "deny"]);
+    // The tails follow once they show a warm-up build's refusal.
+    let warm_target = outside.join("warm");
+    warm_up(
+        &daemon,
+        &mkdir(&base.join("warm")),
+        "dm-stop-warm",
+        &warm_target,
+    );
+    wait_until("the tail filtered by action follows", 60, || {
+        by_action.has(|e| e["build"] == "dm-stop-warm")
+    });
+
+    let held_tree = mkdir(&base.join("held"));
+    let held_target = outside.join("held");
+    let mut gate = Gate::new(&held_tree.join("gate"));
+    let held = Run::spawn(
+        daemon.run(&[
+            "--tree",
+            path_str(&held_tree),
+            "--name",
+            "dm-stop",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "{PROBE} socket inet stream; true > {}; {}",
+                held_target.display(),
+                gate.script()
+            ),
+        ]),
+        &base,
+        "dm-stop",
+    );
+    gate.reached("dm-stop waits at its gate");
+    let cgroup = the_cgroup("dm-stop", held.pid());
+    let other_tree = mkdir(&base.join("other"));
+    let other = Run::spawn(
+        daemon.run(&[
+            "--tree",
+            path_str(&other_tree),
+            "--name",
+            "dm-stop-other",
+            "--",
+            PROBE,
+            "socket",
+            "inet",
+            "stream",
+        ]),
+        &base,
+        "dm-stop-other",
+    )
+    .wait();
+    assert_eq!(other.code, Some(0), "{}", other.stderr);
+
+    let stop = buildcage_tests::daemon::output(
+        {
+            let mut cmd = daemon.client();
+            cmd.args(["stop", "dm-stop"]);
+            cmd
+        },
+        "stop dm-stop",
+    );
+    assert_eq!(stop.code, Some(0), "{}", stop.stderr);
+    let held = held.wait();
+    assert_eq!(
+        held.code,
+        Some(137),
+        "killed: 128 + SIGKILL\n{}",
+        held.stderr
+    );
+    assert!(
+        held.stderr.contains("stopped by `buildcage stop`"),
+        "the client says why: {}",
+        held.stderr
+    );
+    assert!(
+        !Path::new(kernel::CGROUP_ROOT).join(&cgroup).exists(),
+        "{cgroup} is gone"
+    );
+    wait_gone(&daemon, &["dm-stop", "dm-stop-other"]);
+
+    let only_socket = by_op.stop();
+    let deny = by_action.stop();
+    let seen = |records: &[Value]| -> Vec<(String, String)> {
+        records
+            .iter()
+            .map(|e| {
+                (
+                    e["build"].as_str().unwrap().to_owned(),
+                    e["op"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        seen(&only_socket.records),
+        [("dm-stop".to_owned(), "socket".to_owned())],
+        "only dm-stop's socket refusal"
+    );
+    let mut all = seen(&deny.records);
+    all.sort();
+    assert_eq!(
+        all,
+        [
+            ("dm-stop".to_owned(), "create".to_owned()),
+            ("dm-stop".to_owned(), "socket".to_owned()),
+            ("dm-stop-other".to_owned(), "socket".to_owned()),
+            ("dm-stop-warm".to_owned(), "create".to_owned()),
+        ],
+        "every refusal, of every build"
+    );
+    assert_eq!(only_socket.lost + deny.lost, 0);
 }
