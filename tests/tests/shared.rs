@@ -13,7 +13,8 @@
 //! - A build leaves nothing behind: after 40 builds that each bound loopback
 //!   ports and wrote in their tree, the entries of the instance's maps, the
 //!   build cgroups beneath the instance's cgroup, and the kernel's programs,
-//!   maps and links are as many as before.
+//!   maps and links are as many as before. The same holds for 40 builds
+//!   through a daemon, and for 1,000 builds either way (the slow set).
 //!
 //! The kernel's state is read from the kernel with aya
 //! ([`buildcage_tests::kernel`]), not through buildcage, so a buildcage that
@@ -31,7 +32,8 @@ use std::{
 };
 
 use buildcage_tests::{
-    Snapshot, buildcage_bin, events, kernel, run_confined, scratch_in, snapshot, stderr, stdout,
+    Snapshot, buildcage_bin, daemon, events, kernel, run_confined, scratch_in, snapshot, stderr,
+    stdout,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
@@ -437,7 +439,7 @@ fn nothing_of_a_build_stays_in_the_kernel_after_it_ends() {
     );
     assert_eq!(during.cgroups, before.cgroups + 1, "{during:?}");
 
-    churn(&tag, &pins, &before, 40);
+    churn(&tag, &pins, &before, 40, None);
 }
 
 /// The figure: after 1,000 sequential builds every count is back to
@@ -449,12 +451,38 @@ fn real_a_thousand_builds_leave_nothing_in_the_kernel() {
     let (tag, pins) = ensure_instance("shared-warm-1000");
     let before = counts(&tag, &pins);
     eprintln!("before: {before:?}");
-    churn(&tag, &pins, &before, 1000);
+    churn(&tag, &pins, &before, 1000, None);
+}
+
+/// The same as [`nothing_of_a_build_stays_in_the_kernel_after_it_ends`], with
+/// every build through a daemon: it ends them with the same teardown.
+#[test]
+fn nothing_of_a_build_through_the_daemon_stays_in_the_kernel() {
+    let _serial = serial();
+    let (tag, pins) = ensure_instance("shared-warm-daemon");
+    let base = daemon::scratch("shared-daemon");
+    let daemon = daemon::Daemon::start(&base, daemon::ROOT_ONLY, None);
+    let before = counts(&tag, &pins);
+    eprintln!("before: {before:?}");
+    churn(&tag, &pins, &before, 40, Some(&daemon.socket));
+}
+
+/// The figure again, every build through a daemon (slow set too).
+#[test]
+fn real_a_thousand_builds_through_the_daemon_leave_nothing_in_the_kernel() {
+    let _serial = serial();
+    let (tag, pins) = ensure_instance("shared-warm-daemon-1000");
+    let base = daemon::scratch("shared-daemon-1000");
+    let daemon = daemon::Daemon::start(&base, daemon::ROOT_ONLY, None);
+    let before = counts(&tag, &pins);
+    eprintln!("before: {before:?}");
+    churn(&tag, &pins, &before, 1000, Some(&daemon.socket));
 }
 
 /// Runs `n` short loopback builds one after the other, each with a port, a UDP
 /// pair and a file in its tree, then requires every count to be `before`.
-fn churn(tag: &str, pins: &Path, before: &Counts, n: usize) {
+/// With `socket`, every build goes through the daemon there.
+fn churn(tag: &str, pins: &Path, before: &Counts, n: usize, socket: Option<&Path>) {
     // Many builds, one after the other, each with ports and files.
     let tree = scratch_in(Path::new("/var/tmp"), "shared-churn");
     for i in 0..n {
@@ -463,10 +491,22 @@ fn churn(tag: &str, pins: &Path, before: &Counts, n: usize) {
             "{PROBE} net listen 127.0.0.1:0 0; {PROBE} net udp-pair; {PROBE} fs create {}",
             file.display()
         );
-        let out = run_confined(
-            &["--tree", tree.to_str().unwrap(), "--policy", "loopback"],
-            &["sh", "-c", &script],
-        );
+        let mut cmd = Command::new(buildcage_bin());
+        // Without a daemon, at a path where none listens: standalone.
+        cmd.env(
+            "BUILDCAGE_SOCKET",
+            socket.unwrap_or(&tree.join("no-daemon")),
+        )
+        .args([
+            "run",
+            "--tree",
+            tree.to_str().unwrap(),
+            "--policy",
+            "loopback",
+        ])
+        .args(["--", "sh", "-c", &script])
+        .stdin(Stdio::null());
+        let out = cmd.output().unwrap();
         assert_eq!(out.status.code(), Some(0), "build {i}: {}", stderr(&out));
         let text = stdout(&out);
         let lines: Vec<&str> = text.lines().collect();
