@@ -329,3 +329,86 @@ fn a_client_can_move_only_its_own_child_into_its_build() {
     let log = std::fs::read_to_string(base.join("daemon.log")).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Each build holds kernel memory (its ring) and entries of maps every user
+/// shares, so a user other than root holds only `max_builds` at once: with
+/// a limit of 1, nobody's second build is refused (rule `max_builds`, no
+/// cgroup made, its command not run) while the first is live, root's is not,
+/// and once the first ended the next one runs.
+#[test]
+fn a_user_holds_only_as_many_builds_as_the_admin_allows() {
+    let base = scratch("daemon-max");
+    let buildcage = bin_for_nobody(&base, &[("buildcage", &buildcage_bin())]).join("buildcage");
+    let tree = mkdir(&base.join("tree"));
+    std::os::unix::fs::chown(&tree, Some(NOBODY), Some(NOBODY)).unwrap();
+    let daemon = Daemon::start(&base, "policies = [\"default\"]\nmax_builds = 1\n", None);
+    let run_as_nobody = |name: &str, script: &str| {
+        let mut cmd = nobody_client(&buildcage, &daemon.socket, &tree);
+        cmd.args([
+            "run",
+            "--tree",
+            path_str(&tree),
+            "--name",
+            name,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
+        cmd
+    };
+    let mut gate = Gate::new(&tree.join("gate"));
+    let first = Run::spawn(
+        run_as_nobody("max-first", &gate.script()),
+        &base,
+        "max-first",
+    );
+    gate.reached("nobody's first build");
+
+    let marker = tree.join("second-ran");
+    let second = output(
+        run_as_nobody("max-second", &format!("echo ran > {}", marker.display())),
+        "max-second",
+    );
+    assert_eq!(second.code, Some(125), "{}", second.stderr);
+    assert!(
+        names_rule(&second.stderr, "max_builds", &daemon.config),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(
+        snapshot(&marker),
+        Snapshot::Absent,
+        "the command did not run"
+    );
+    assert!(kernel::build_cgroups_named("max-second").is_empty());
+
+    let root_tree = mkdir(&base.join("root-tree"));
+    let root = output(
+        daemon.run(&[
+            "--tree",
+            path_str(&root_tree),
+            "--name",
+            "max-root",
+            "--",
+            "true",
+        ]),
+        "max-root",
+    );
+    assert_eq!(
+        root.code,
+        Some(0),
+        "root has no such limit: {}",
+        root.stderr
+    );
+
+    gate.release("nobody's first build");
+    let first = first.wait();
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    let again = output(
+        run_as_nobody("max-again", &format!("echo ran > {}", marker.display())),
+        "max-again",
+    );
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "ran\n");
+}

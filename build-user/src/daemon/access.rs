@@ -25,6 +25,11 @@ use crate::{hint::Hinted, kernel::lease::OpenRoot, policy};
 /// Where the admin's rules live.
 pub const CONFIG: &str = "/etc/buildcage/daemon.toml";
 
+/// Live builds a user other than root may hold at once, unless the rules
+/// say otherwise: each holds a ring buffer of kernel memory and an entry of
+/// the instance's maps, which are shared by every user.
+pub const MAX_BUILDS: usize = 4;
+
 /// The admin's rules.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +40,10 @@ pub struct Config {
     /// What some users or groups may do beyond that.
     #[serde(default, rename = "grant")]
     pub grants: Vec<Grant>,
+    /// Live builds each user other than root may hold at once
+    /// [default: `MAX_BUILDS`].
+    #[serde(default)]
+    pub max_builds: Option<usize>,
 }
 
 /// A grant to some users or groups.
@@ -59,6 +68,9 @@ pub struct Grant {
     /// May see every build in `ps` and `tail`, not only their own.
     #[serde(default)]
     pub watch: bool,
+    /// May hold this many live builds at once.
+    #[serde(default)]
+    pub max_builds: Option<usize>,
 }
 
 /// Who is on the other end of the socket, as the kernel says (SO_PEERCRED).
@@ -159,12 +171,16 @@ impl Config {
             network: root,
             write: Vec::new(),
             watch: root,
+            max_builds: (!root).then(|| self.max_builds.unwrap_or(MAX_BUILDS)),
         };
         for grant in self.grants.iter().filter(|g| g.covers(peer)) {
             rights.policies.extend(grant.policies.iter().cloned());
             rights.network |= grant.network;
             rights.write.extend(grant.write.iter().cloned());
             rights.watch |= grant.watch;
+            if let (Some(max), Some(granted)) = (rights.max_builds, grant.max_builds) {
+                rights.max_builds = Some(max.max(granted));
+            }
         }
         rights
     }
@@ -201,6 +217,8 @@ pub struct Rights {
     network: bool,
     write: Vec<PathBuf>,
     watch: bool,
+    /// `None`: no limit (root).
+    max_builds: Option<usize>,
 }
 
 impl Rights {
@@ -214,6 +232,7 @@ impl Rights {
             network: true,
             write: Vec::new(),
             watch: true,
+            max_builds: None,
         }
     }
 
@@ -304,6 +323,24 @@ impl Rights {
         ))
     }
 
+    /// One more live build is allowed to a peer that holds `live` already.
+    pub fn check_count(&self, live: usize) -> Result<(), Refusal> {
+        match self.max_builds {
+            Some(max) if live >= max => Err(self.refuse(
+                "max_builds",
+                format!(
+                    "uid {} holds {live} live build(s), the most it may hold at once",
+                    self.uid
+                ),
+                format!(
+                    "wait for one to end; or {}",
+                    self.grant_hint(&format!("max_builds = {}", live + 1))
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// This peer may see the builds of `uid` (in `ps` and `tail`).
     pub fn may_watch(&self, uid: u32) -> bool {
         self.root || self.watch || uid == self.uid
@@ -379,6 +416,21 @@ mod tests {
                 .check_network(buildcage_common::policy::NET_LOOPBACK)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_user_holds_at_most_max_builds() {
+        let plain = Config::default().rights(Path::new(CONFIG), &peer(1000));
+        assert!(plain.check_count(MAX_BUILDS - 1).is_ok());
+        let refusal = plain.check_count(MAX_BUILDS).expect_err("refused");
+        assert_eq!(refusal.rule, "max_builds");
+        let text = "max_builds = 1\n[[grant]]\nusers = [\"1000\"]\nmax_builds = 16";
+        let granted = config(text).rights(Path::new(CONFIG), &peer(1000));
+        assert!(granted.check_count(15).is_ok());
+        assert!(granted.check_count(16).is_err());
+        let other = config(text).rights(Path::new(CONFIG), &peer(1001));
+        assert!(other.check_count(1).is_err());
+        assert!(Rights::root().check_count(100_000).is_ok());
     }
 
     #[test]

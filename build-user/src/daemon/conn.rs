@@ -126,18 +126,32 @@ impl Conn<'_> {
     }
 
     async fn create(&mut self, request: plan::Request) -> bool {
-        match self.open(request).await {
-            Ok((confined, plan, notices, records)) => {
+        let daemon = self.daemon;
+        let reserved = match self.rights() {
+            Ok(rights) => daemon.reserve(self.peer.uid, &rights).map_err(|r| {
+                let err = Hinted::from(r);
+                failed(&err, err.hint())
+            }),
+            Err(reply) => Err(reply),
+        };
+        let opened = match reserved {
+            Ok(reservation) => self.open(request).await.map(|o| (o, reservation)),
+            Err(reply) => Err(reply),
+        };
+        match opened {
+            Ok(((confined, plan, notices, records), reservation)) => {
                 let id = confined.id();
                 let (kill, kills) = mpsc::channel(4);
-                self.daemon.slots().insert(
+                daemon.slots().insert(
                     id,
                     Slot {
                         pid: self.peer.pid,
+                        uid: self.peer.uid,
                         confined: None,
                         kill: Some(kill),
                     },
                 );
+                drop(reservation);
                 let created = Reply::Created {
                     build: id,
                     plan: Box::new(plan),

@@ -41,11 +41,14 @@ use crate::{
     session::cage::{Confined, reap_orphans},
 };
 
+use self::access::{Refusal, Rights};
+
 /// A build the daemon holds.
 #[derive(Debug)]
 struct Slot {
-    /// The client that runs its command.
+    /// The client that runs its command, and its uid.
     pid: u32,
+    uid: u32,
     /// The build, while no connection holds it (a resumed build whose
     /// client has not come back yet).
     confined: Option<Confined>,
@@ -60,11 +63,46 @@ struct Daemon {
     config: PathBuf,
     bus: Bus,
     slots: Mutex<HashMap<u64, Slot>>,
+    /// Builds being made, by uid: counted with the live ones against a
+    /// user's `max_builds`. Locked after `slots`.
+    starting: Mutex<HashMap<u32, usize>>,
+}
+
+/// A build being made for `uid`, counted until it is live or has failed.
+#[derive(Debug)]
+struct Reservation<'a> {
+    daemon: &'a Daemon,
+    uid: u32,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut starting = self
+            .daemon
+            .starting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = starting.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 impl Daemon {
     fn slots(&self) -> MutexGuard<'_, HashMap<u64, Slot>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts one more build for `uid`, if its rights allow one more.
+    fn reserve(&self, uid: u32, rights: &Rights) -> Result<Reservation<'_>, Refusal> {
+        let slots = self.slots();
+        let mut starting = self.starting.lock().unwrap_or_else(PoisonError::into_inner);
+        let live = slots.values().filter(|s| s.uid == uid).count()
+            + starting.get(&uid).copied().unwrap_or(0);
+        rights.check_count(live)?;
+        *starting.entry(uid).or_default() += 1;
+        drop(slots);
+        Ok(Reservation { daemon: self, uid })
     }
 
     /// Finds the builds a daemon before this one held whose clients still
@@ -123,6 +161,7 @@ impl Daemon {
                 id,
                 Slot {
                     pid,
+                    uid: origin.uid,
                     confined: Some(confined),
                     kill: None,
                 },
@@ -144,6 +183,7 @@ pub async fn serve(
         config,
         bus: Bus::new(),
         slots: Mutex::new(HashMap::new()),
+        starting: Mutex::new(HashMap::new()),
     });
     daemon.resume().await?;
     let listener = listen(socket).await?;
