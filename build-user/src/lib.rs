@@ -1,9 +1,9 @@
 //! buildcage: kernel-enforced confinement for package builds.
 //!
-//! The library holds everything the `buildcage` binary (and, later, its daemon)
-//! shares: the [`plan`] of a build, the [`kernel`] side (BTF, cgroups, the
-//! instance of the programs and each build's lease on it), the [`session`]
-//! that runs one build, its [`events`] and their sinks, the checks of
+//! The library holds everything the `buildcage` CLI and its [`daemon`] share:
+//! the [`plan`] of a build, the [`kernel`] side (BTF, cgroups, the instance of
+//! the programs and each build's lease on it), the [`session`] that runs one
+//! build's command in its cage, its [`events`] and their sinks, the checks of
 //! [`doctor`], the [`policy`] language, and the live [`builds`] of the machine.
 
 pub mod builds;
