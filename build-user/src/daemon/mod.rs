@@ -7,7 +7,7 @@
 //! in pinned maps, the builds are cgroups, and each build's plan is in
 //! `/run/buildcage/builds/`. So a daemon that dies, or is stopped with
 //! SIGTERM, leaves every build confined, and the next one finds them again
-//! ([`Daemon::resume`]): it reads their rings from where they stopped, and
+//! (`Daemon::resume`): it reads their rings from where they stopped, and
 //! waits for their clients to come back.
 
 pub mod access;

@@ -46,7 +46,7 @@ pub struct OpenRoot {
 
 impl Root {
     /// Opens the root, refusing what a build could have planted at its place;
-    /// see [`open_root`].
+    /// see `open_root`.
     pub fn open(&self) -> Result<OpenRoot, KernelError> {
         Ok(OpenRoot {
             root: self.clone(),
