@@ -125,7 +125,7 @@ pub enum HostError {
 impl crate::hint::Hint for HostError {
     fn hint(&self) -> Option<String> {
         match self {
-            Self::NotRoot => Some("run it with sudo".to_owned()),
+            Self::NotRoot => Some("run it with sudo; or, where `buildcage daemon` runs (`systemctl start buildcage`), as yourself, with a policy that /etc/buildcage/daemon.toml lets you use".to_owned()),
             Self::Sysfs(e) => e.hint(),
             Self::Btf(e) => e.hint(),
             Self::Cgroup(e) => e.hint(),
