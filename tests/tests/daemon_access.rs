@@ -7,7 +7,8 @@
 //!   root it does not own, and then no build cgroup is made (inotify on the
 //!   instance's cgroup) and the command does not run; a listed policy on its
 //!   own tree runs, as uid 65534, confined. Its `ps` does not show a root
-//!   build that root's `ps` shows. Once the config grants it `network` and a
+//!   build that root's `ps` shows, and its `tail` gets its own builds'
+//!   refusals and none of root's, which root's `tail` gets. Once the config grants it `network` and a
 //!   `write` directory, the same requests run, and their socket and their
 //!   write really succeed.
 //!
@@ -20,11 +21,11 @@ use std::{os::unix::fs::MetadataExt as _, path::Path, process::Stdio};
 use buildcage_tests::{
     Snapshot, buildcage_bin,
     daemon::{
-        Daemon, Ended, Run, bin_for_nobody, mkdir, nobody_client, one_row, output, path_str, ps,
-        rows_named, scratch, set_mode,
+        Daemon, Ended, Run, Tail, TailOutput, bin_for_nobody, mkdir, nobody_client, one_row,
+        output, path_str, ps, rows_named, scratch, set_mode, warm_up,
     },
     events, kernel, snapshot,
-    watch::{DirWatch, Gate, the_cgroup, wait_gone},
+    watch::{DirWatch, Gate, the_cgroup, wait_gone, wait_until},
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
@@ -137,6 +138,47 @@ fn unprivileged_clients_get_only_what_the_admin_grants() {
         &["--policy", "default", "--allow-write", path_str(&rootowned)],
     );
 
+    // Tails, as nobody and as root, from before (d) on.
+    let mut nobody_tail = Tail::filtered(
+        nobody_client(&buildcage, &daemon.socket, &tree),
+        &base,
+        "nobody-tail",
+        &[],
+    );
+    let mut root_tail = Tail::filtered(daemon.client(), &base, "root-tail", &[]);
+    // A tail follows once it shows a build of its user's with a refusal;
+    // nobody's own, again until its tail shows one.
+    let warm_target = rootowned.join("warm");
+    let mut warmed = false;
+    for i in 0..20 {
+        let name = format!("np-warm-{i}");
+        let script = format!("true > {}; exit 0", warm_target.display());
+        let out = nobody(
+            &[
+                "run",
+                "--tree",
+                path_str(&tree),
+                "--name",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+            &name,
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        if nobody_tail.has(|e| e["build"] == name.as_str())
+            && root_tail.has(|e| e["build"] == name.as_str())
+        {
+            warmed = true;
+            break;
+        }
+    }
+    assert!(warmed, "both tails follow");
+    let _ = watch.created();
+
     // (d) a listed policy on nobody's own tree: it runs, as nobody, confined.
     let marker_d = tree.join("marker-d");
     let from_d = rootowned.join("from-d");
@@ -198,6 +240,58 @@ fn unprivileged_clients_get_only_what_the_admin_grants() {
             && e["action"] == "deny"
             && e["uid"] == NOBODY),
         "{ev:?}"
+    );
+
+    // nobody's tail shows nobody's refusals and no root build's; root's
+    // tail shows both.
+    let root_refusal = rootowned.join("from-root");
+    warm_up(
+        &daemon,
+        &mkdir(&base.join("tree-root-2")),
+        "np-root-2",
+        &root_refusal,
+    );
+    wait_until("root's tail has both builds' refusals", 60, || {
+        root_tail.has(|e| e["build"] == "np-root-2") && root_tail.has(|e| e["build"] == "np-d")
+    });
+    wait_until("nobody's tail has its own refusals", 60, || {
+        nobody_tail.has(|e| e["build"] == "np-d" && e["op"] == "create")
+    });
+    let theirs = nobody_tail.stop();
+    let all = root_tail.stop();
+    let builds = |out: &TailOutput| -> Vec<String> {
+        let mut b: Vec<String> = out
+            .records
+            .iter()
+            .map(|e| e["build"].as_str().unwrap().to_owned())
+            .collect();
+        b.dedup();
+        b
+    };
+    assert!(
+        builds(&theirs)
+            .iter()
+            .all(|b| b.starts_with("np-warm-") || b == "np-d"),
+        "nobody sees only its own builds: {:?}",
+        theirs.records
+    );
+    assert!(theirs.records.iter().all(|e| e["uid"] == NOBODY));
+    let d_ops: Vec<&str> = theirs
+        .records
+        .iter()
+        .filter(|e| e["build"] == "np-d")
+        .map(|e| e["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(d_ops, ["socket", "create"], "{:?}", theirs.records);
+    assert!(
+        builds(&all).contains(&"np-root-2".to_owned()),
+        "{:?}",
+        all.records
+    );
+    assert!(
+        builds(&all).contains(&"np-d".to_owned()),
+        "{:?}",
+        all.records
     );
 
     // nobody's ps does not show root's build; root's does.
