@@ -11,7 +11,11 @@
 //!
 //! Prints one JSON object: the times of every round, in microseconds.
 //! `$BUILDCAGE_BIN` is the buildcage to run; `$BUILDCAGE_SOCKET` the daemon.
+//!
+//! `bench syscalls ITERS DIR`: see `syscalls.rs`.
 #![expect(clippy::print_stdout, reason = "the figures are its stdout")]
+
+mod syscalls;
 
 use std::{
     ffi::OsString,
@@ -85,6 +89,25 @@ async fn daemon_build(socket: &Path, tree: &Path) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("syscalls") {
+        let (Some(iters), Some(dir)) = (
+            args.get(1).and_then(|r| r.parse::<u32>().ok()),
+            args.get(2).map(PathBuf::from),
+        ) else {
+            eprintln!("bench syscalls ITERS DIR");
+            return ExitCode::from(2);
+        };
+        return match syscalls::run(iters, &dir) {
+            Some(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("bench: cannot set up {}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (Some("create"), Some(rounds), Some(tree)) = (
         args.first().map(String::as_str),
         args.get(1).and_then(|r| r.parse::<usize>().ok()),
