@@ -458,25 +458,24 @@ fn real_a_thousand_builds_leave_nothing_in_the_kernel() {
 /// every build through a daemon: it ends them with the same teardown.
 #[test]
 fn nothing_of_a_build_through_the_daemon_stays_in_the_kernel() {
+    churn_through_a_daemon("shared-daemon", 40);
+}
+
+/// [`churn`] of `n` builds through a daemon of its own.
+fn churn_through_a_daemon(name: &str, n: usize) {
     let _serial = serial();
-    let (tag, pins) = ensure_instance("shared-warm-daemon");
-    let base = daemon::scratch("shared-daemon");
+    let (tag, pins) = ensure_instance(&format!("{name}-warm"));
+    let base = daemon::scratch(name);
     let daemon = daemon::Daemon::start(&base, daemon::ROOT_ONLY, None);
     let before = counts(&tag, &pins);
     eprintln!("before: {before:?}");
-    churn(&tag, &pins, &before, 40, Some(&daemon.socket));
+    churn(&tag, &pins, &before, n, Some(&daemon.socket));
 }
 
 /// The figure again, every build through a daemon (slow set too).
 #[test]
 fn real_a_thousand_builds_through_the_daemon_leave_nothing_in_the_kernel() {
-    let _serial = serial();
-    let (tag, pins) = ensure_instance("shared-warm-daemon-1000");
-    let base = daemon::scratch("shared-daemon-1000");
-    let daemon = daemon::Daemon::start(&base, daemon::ROOT_ONLY, None);
-    let before = counts(&tag, &pins);
-    eprintln!("before: {before:?}");
-    churn(&tag, &pins, &before, 1000, Some(&daemon.socket));
+    churn_through_a_daemon("shared-daemon-1000", 1000);
 }
 
 /// Runs `n` short loopback builds one after the other, each with a port, a UDP

@@ -152,6 +152,19 @@ fn median_u64(v: &[u64]) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
+/// Each round's ratio of `times` to the same round's `base`: their median,
+/// least and greatest.
+fn ratios(times: &[u64], base: &[u64]) -> [f64; 3] {
+    let mut r: Vec<f64> = times
+        .iter()
+        .zip(base)
+        .map(|(&t, &b)| as_f64(t) / as_f64(b.max(1)))
+        .collect();
+    let least = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let most = r.iter().copied().fold(0.0, f64::max);
+    [median_f64(&mut r), least, most]
+}
+
 fn median_f64(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -177,18 +190,10 @@ impl Report {
             .filter(|(name, _)| **name != baseline)
             .map(|(name, v)| {
                 let t = times(v);
-                // Each round's ratio to the same round's baseline.
-                let mut ratios: Vec<f64> = t
-                    .iter()
-                    .zip(&base)
-                    .map(|(&w, &b)| as_f64(w) / as_f64(b.max(1)))
-                    .collect();
-                let least = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-                let most = ratios.iter().copied().fold(0.0, f64::max);
                 Row {
                     name: name.clone(),
                     median_us: median_u64(&t),
-                    ratio: [median_f64(&mut ratios), least, most],
+                    ratio: ratios(&t, &base),
                 }
             })
             .collect();
@@ -310,20 +315,8 @@ impl Calls {
                     runs.iter().filter_map(|r| r[&op].as_u64()).collect()
                 };
                 let (outside, inside) = (ns(free), ns(confined));
-                let mut ratios: Vec<f64> = inside
-                    .iter()
-                    .zip(&outside)
-                    .map(|(&i, &o)| as_f64(i) / as_f64(o.max(1)))
-                    .collect();
-                let least = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-                let most = ratios.iter().copied().fold(0.0, f64::max);
-                let median = median_f64(&mut ratios);
-                (
-                    op,
-                    median_u64(&outside),
-                    median_u64(&inside),
-                    [median, least, most],
-                )
+                let ratio = ratios(&inside, &outside);
+                (op, median_u64(&outside), median_u64(&inside), ratio)
             })
             .collect();
         Self { rows }
@@ -358,5 +351,35 @@ impl Calls {
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_taken_round_by_round() {
+        // Rounds 2/1, 4/2, 9/3: the median is 2, the range 2 to 3.
+        assert_eq!(ratios(&[2, 4, 9], &[1, 2, 3]), [2.0, 2.0, 3.0]);
+        assert_eq!(median_u64(&[5, 1, 3]), 3);
+    }
+
+    #[test]
+    fn the_report_says_whether_the_target_is_met() {
+        let json = serde_json::json!({"workloads": {
+            "fork+exec": [10, 10, 10],
+            "daemon build": [15, 30, 18],
+        }});
+        let report = Report::from(&json).expect("a report");
+        assert_eq!(report.target(), "met in this run (1.8×)");
+        let slow = serde_json::json!({"workloads": {
+            "fork+exec": [10], "daemon build": [60],
+        }});
+        assert_eq!(
+            Report::from(&slow).expect("a report").target(),
+            "not met in this run (6.0×)"
+        );
+        assert!(Report::from(&serde_json::json!({"workloads": {}})).is_err());
     }
 }
