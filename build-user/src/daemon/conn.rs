@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Daemon, Slot,
-    access::{Config, Peer, Rights},
+    access::{Config, Peer, Refusal, Rights},
     protocol::{Filter, Reply, Request, VERSION, Wire},
 };
 use crate::{
@@ -30,6 +30,12 @@ use crate::{
 /// A reply that says what went wrong, each cause once, and what to do.
 fn failed(err: &(dyn Error + 'static), hint: Option<String>) -> Reply {
     Reply::error(err, hint)
+}
+
+/// A reply that says which of the admin's rules refused the request.
+fn refused(refusal: Refusal) -> Reply {
+    let err = Hinted::from(refusal);
+    failed(&err, err.hint())
 }
 
 pub(super) async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: CancellationToken) {
@@ -127,15 +133,12 @@ impl Conn<'_> {
 
     async fn create(&mut self, request: plan::Request) -> bool {
         let daemon = self.daemon;
-        let reserved = match self.rights() {
-            Ok(rights) => daemon.reserve(self.peer.uid, &rights).map_err(|r| {
-                let err = Hinted::from(r);
-                failed(&err, err.hint())
-            }),
-            Err(reply) => Err(reply),
-        };
-        let opened = match reserved {
-            Ok(reservation) => self.open(request).await.map(|o| (o, reservation)),
+        // The rules are read once per request, for every check it needs.
+        let opened = match self.rights() {
+            Ok(rights) => match daemon.reserve(self.peer.uid, &rights) {
+                Ok(reservation) => self.open(request, &rights).await.map(|o| (o, reservation)),
+                Err(r) => Err(refused(r)),
+            },
             Err(reply) => Err(reply),
         };
         match opened {
@@ -172,6 +175,7 @@ impl Conn<'_> {
     async fn open(
         &mut self,
         request: plan::Request,
+        rights: &Rights,
     ) -> Result<
         (
             Confined,
@@ -181,11 +185,6 @@ impl Conn<'_> {
         ),
         Reply,
     > {
-        let rights = self.rights()?;
-        let refused = |r: super::access::Refusal| {
-            let err = Hinted::from(r);
-            failed(&err, err.hint())
-        };
         rights.check_policy(&request.policy).map_err(refused)?;
         let plan = ConfinementPlan::resolve(&request).map_err(|e| failed(&e, e.hint()))?;
         rights.check_network(plan.policy.net).map_err(refused)?;

@@ -168,15 +168,6 @@ impl Bus {
         (past, shared.all.subscribe())
     }
 
-    /// The builds being read, and who they are.
-    pub fn builds(&self) -> Vec<(u64, Origin)> {
-        self.lock()
-            .routes
-            .iter()
-            .map(|(&id, r)| (id, r.origin.clone()))
-            .collect()
-    }
-
     /// Reads what `build`'s ring still holds, stops its reader, and forgets
     /// the build. Its subscribers see the channel close once they have read
     /// what it holds.

@@ -126,10 +126,6 @@ impl Confined {
         self.cg.id()
     }
 
-    pub fn origin(&self) -> &Origin {
-        &self.origin
-    }
-
     pub fn cgroup(&self) -> &BuildCgroup {
         &self.cg
     }
