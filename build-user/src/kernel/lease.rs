@@ -130,7 +130,7 @@ impl Maps {
         .collect::<Vec<_>>();
         results
             .into_iter()
-            .filter(|r| !matches!(r, Err(MapError::KeyNotFound)))
+            .filter(|r| !r.as_ref().is_err_and(already_gone))
             .collect::<Result<(), _>>()
             .map_err(|source| KernelError::Map { build, source })
     }
@@ -300,6 +300,19 @@ impl Lease {
     }
 }
 
+/// Whether a removal failed only because the entry is not there, which is
+/// what [`Maps::forget`] wants: a release that failed half-way left some, a
+/// reap removes the rest; and a walk of a map while other builds remove
+/// their entries may name a key twice. aya reports a delete's ENOENT as a
+/// failed system call, not as `KeyNotFound`.
+fn already_gone(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// A build's counters as the kernel kept them, added up over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tally {
@@ -372,4 +385,22 @@ fn open_root(root: &Root) -> Result<fs::File, KernelError> {
         )));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delete_of_an_absent_entry_is_no_failure_of_forget() {
+        let failed = |errno| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        assert!(already_gone(&failed(libc::ENOENT)));
+        assert!(already_gone(&MapError::KeyNotFound));
+        assert!(!already_gone(&failed(libc::EPERM)));
+    }
 }
