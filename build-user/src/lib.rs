@@ -4,7 +4,8 @@
 //! the [`plan`] of a build, the [`kernel`] side (BTF, cgroups, the instance of
 //! the programs and each build's lease on it), the [`session`] that runs one
 //! build's command in its cage, its [`events`] and their sinks, the checks of
-//! [`doctor`], the [`policy`] language, and the live [`builds`] of the machine.
+//! [`doctor`], the [`policy`] language, the live [`builds`] of the machine,
+//! and the [`pkgsrc`] shims that run a package's phases each in its own build.
 
 pub mod builds;
 pub mod daemon;
@@ -13,6 +14,7 @@ pub mod events;
 pub mod harden;
 pub mod hint;
 pub mod kernel;
+pub mod pkgsrc;
 pub mod plan;
 pub mod policy;
 pub mod session;

@@ -33,6 +33,8 @@ enum Command {
     Tail(cmd::tail::TailArgs),
     /// Serve builds to clients: hold the kernel instance, read every build's events.
     Daemon(cmd::daemon::DaemonArgs),
+    /// Build pkgsrc packages, each phase confined under its own policy.
+    Pkgsrc(cmd::pkgsrc::PkgsrcArgs),
 }
 
 /// Exit status when buildcage itself fails before or around the command.
@@ -47,15 +49,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(args) => cmd::run::exec(args),
-        Command::Doctor(args) => cmd::doctor::exec(&args),
-        Command::Policy(args) => cmd::policy::exec(args),
-        Command::Ps(args) => cmd::ps::exec(&args),
-        Command::Stop(args) => cmd::stop::exec(&args),
-        Command::Tail(args) => cmd::tail::exec(args),
-        Command::Daemon(args) => cmd::daemon::exec(args),
+    let mut argv = std::env::args_os();
+    // Under a name pbulk.conf gives it (`make=/usr/libexec/buildcage/make`),
+    // buildcage is that program's shim.
+    let shim = argv
+        .next()
+        .and_then(|argv0| buildcage::pkgsrc::make::shim_of(&argv0));
+    let result = if let Some(tool) = shim {
+        cmd::pkgsrc::shim(tool, &argv.collect::<Vec<_>>())
+    } else {
+        run(Cli::parse())
     };
     match result {
         Ok(code) => code,
@@ -63,5 +66,18 @@ fn main() -> ExitCode {
             report::report(&err);
             ExitCode::from(EXIT_BUILDCAGE_FAILED)
         }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => cmd::run::exec(args),
+        Command::Doctor(args) => cmd::doctor::exec(&args),
+        Command::Policy(args) => cmd::policy::exec(args),
+        Command::Ps(args) => cmd::ps::exec(&args),
+        Command::Stop(args) => cmd::stop::exec(&args),
+        Command::Tail(args) => cmd::tail::exec(args),
+        Command::Daemon(args) => cmd::daemon::exec(args),
+        Command::Pkgsrc(args) => cmd::pkgsrc::exec(args),
     }
 }

@@ -42,6 +42,10 @@ pub struct ConfinementPlan {
     /// Roots the policy names that don't exist here and may be absent: the
     /// build goes on without them, and the user is told.
     pub absent: Vec<AbsentRoot>,
+    /// The phase of a bigger build this build is (pkgsrc: `fetch`, `build`,
+    /// `install`), set by whoever runs it, from outside: events carry it.
+    #[serde(default)]
+    pub phase: Option<String>,
 }
 
 /// A root left out because it does not exist on this machine.
@@ -68,6 +72,9 @@ pub struct Request {
     pub allow_write: Vec<PathBuf>,
     /// `--name`; the tree's directory name when absent.
     pub name: Option<String>,
+    /// The phase, for events (see [`ConfinementPlan::phase`]).
+    #[serde(default)]
+    pub phase: Option<String>,
     /// The asker's `$HOME` and `$TMPDIR`, for the policy's variables.
     pub home: Option<String>,
     pub tmpdir: Option<String>,
@@ -205,6 +212,7 @@ impl ConfinementPlan {
                     }
                 })
                 .collect(),
+            phase: request.phase.clone(),
         })
     }
 }

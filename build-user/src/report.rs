@@ -57,6 +57,8 @@ fn one(e: &(dyn Error + 'static)) -> Option<String> {
         buildcage::kernel::sysfs::SysfsError,
         buildcage::plan::PlanError,
         buildcage::session::SessionError,
+        buildcage::pkgsrc::PkgsrcError,
+        buildcage::pkgsrc::make::NeedsRoot,
     );
     None
 }

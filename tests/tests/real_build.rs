@@ -128,6 +128,10 @@ fn real_hello_builds_and_installs_in_pkgsrc_phases_with_zero_denials() {
             tree.to_str().unwrap(),
             "--policy",
             "pkgsrc-install",
+            // `make install` in the source tree, which pkgsrc-install leaves
+            // read-only (as `buildcage pkgsrc make` adds WRKDIR).
+            "--allow-write",
+            tree.to_str().unwrap(),
             "--set",
             &set("PREFIX", prefix),
             "--set",

@@ -2,6 +2,7 @@
 
 pub(crate) mod daemon;
 pub(crate) mod doctor;
+pub(crate) mod pkgsrc;
 pub(crate) mod policy;
 pub(crate) mod ps;
 pub(crate) mod run;

@@ -80,22 +80,33 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
             sinks.push(json);
         }
         sinks.push(&mut summary);
-        // The daemon holds the build when it answers; else this process does.
-        if let Some(client) = Client::connect(&protocol::socket_path()).await? {
-            let (plan, cage) = client.create(request).await?;
-            say_absent(&plan);
-            anyhow::Ok(session::run(&plan, &args.command, cage, &mut sinks, control).await?)
-        } else {
-            let plan = ConfinementPlan::resolve(&request)?;
-            say_absent(&plan);
-            let host = Host::discover()?;
-            let cage = Local::open(&host, &plan).await?;
-            anyhow::Ok(session::run(&plan, &args.command, cage, &mut sinks, control).await?)
-        }
+        confined(request, &args.command, &mut sinks, control).await
     })?;
     Ok(ExitCode::from(
         u8::try_from(outcome.code & 0xff).unwrap_or(1),
     ))
+}
+
+/// Runs `argv` confined as `request` asks: in a build the daemon makes when
+/// its socket answers, else in one this process makes. Behaviour, output and
+/// exit codes are the same either way.
+pub(crate) async fn confined(
+    request: Request,
+    argv: &[OsString],
+    sinks: &mut [&mut dyn Sink],
+    control: mpsc::Receiver<Control>,
+) -> anyhow::Result<session::Outcome> {
+    if let Some(client) = Client::connect(&protocol::socket_path()).await? {
+        let (plan, cage) = client.create(request).await?;
+        say_absent(&plan);
+        Ok(session::run(&plan, argv, cage, sinks, control).await?)
+    } else {
+        let plan = ConfinementPlan::resolve(&request)?;
+        say_absent(&plan);
+        let host = Host::discover()?;
+        let cage = Local::open(&host, &plan).await?;
+        Ok(session::run(&plan, argv, cage, sinks, control).await?)
+    }
 }
 
 /// The policy's roots that do not exist here, which the build goes without.
@@ -116,7 +127,7 @@ fn say_absent(plan: &ConfinementPlan) {
 
 /// SIGINT and SIGTERM as the session's controls: the first is passed on to
 /// the command, a second one stops the whole build.
-fn forward_signals() -> std::io::Result<mpsc::Receiver<Control>> {
+pub(crate) fn forward_signals() -> std::io::Result<mpsc::Receiver<Control>> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let (tx, rx) = mpsc::channel(4);

@@ -133,6 +133,19 @@ impl Conn<'_> {
 
     async fn create(&mut self, request: plan::Request) -> bool {
         let daemon = self.daemon;
+        // A build never asks for another build, which its policy might make
+        // wider (a configure asking for the fetch phase's network).
+        if cgroup::in_a_build(self.peer.pid) != Some(false) {
+            let err = Hinted::new(
+                format!(
+                    "pid {} asks for a build from inside a build (or is gone)",
+                    self.peer.pid
+                ),
+                "a build cannot start builds: ask from outside it, as pbulk's pkg-build does",
+            );
+            let _ = self.wire.send(&failed(&err, err.hint())).await;
+            return true;
+        }
         // The rules are read once per request, for every check it needs.
         let opened = match self.rights() {
             Ok(rights) => match daemon.reserve(self.peer.uid, &rights) {

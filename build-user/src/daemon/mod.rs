@@ -138,11 +138,7 @@ impl Daemon {
             if registered.supervisor != Supervisor::Daemon || !cgroup::supervised(pid) {
                 continue;
             }
-            let origin = Origin {
-                name: registered.plan.name.clone(),
-                policy: registered.plan.policy_name.clone(),
-                uid: registered.uid,
-            };
+            let origin = Origin::of(&registered.plan, registered.uid);
             let id = cg.id();
             let mut confined =
                 match Confined::adopt(&self.host.bpffs, &self.host.cgroot, cg, origin.clone()) {

@@ -39,6 +39,20 @@ pub struct Origin {
     pub policy: String,
     /// Who asked for the build.
     pub uid: u32,
+    /// The phase of a bigger build, when one was set.
+    pub phase: Option<String>,
+}
+
+impl Origin {
+    /// The origin of a build made from `plan`, for `uid`.
+    pub fn of(plan: &crate::plan::ConfinementPlan, uid: u32) -> Self {
+        Self {
+            name: plan.name.clone(),
+            policy: plan.policy_name.clone(),
+            uid,
+            phase: plan.phase.clone(),
+        }
+    }
 }
 
 /// One record, with the build it came from: what followers of every build get.
@@ -248,6 +262,7 @@ impl Reader {
             match Record::decode(&item, &self.origin.name, &self.clock, &self.mounts) {
                 Ok(mut record) => {
                     record.policy = Some(self.origin.policy.clone());
+                    record.phase.clone_from(&self.origin.phase);
                     self.bus.publish(self.build, record);
                 }
                 Err(e) => tracing::error!(build = self.build, "undecodable event: {e}"),

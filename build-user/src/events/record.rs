@@ -31,6 +31,10 @@ pub struct Record {
     /// The build's policy, as it was asked for (`default`, `./my.toml`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The build's phase, when whoever ran it set one (pkgsrc: `fetch`,
+    /// `build`, `install`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
     /// Process id (thread group id) of the offender.
     pub pid: u32,
     /// Thread id, when it differs from `pid`.
@@ -181,6 +185,7 @@ impl Record {
             time: humantime::format_rfc3339_nanos(clock.wall(event.time_ns)).to_string(),
             build: build.to_owned(),
             policy: None,
+            phase: None,
             pid: event.tgid,
             tid: (event.pid != event.tgid).then_some(event.pid),
             ppid: (event.flags & EVENT_FLAG_NO_PPID == 0).then_some(event.ppid),
@@ -298,6 +303,7 @@ pub(crate) fn socket_denial(comm: &str, family: &str) -> Record {
         time: String::new(),
         build: "b".to_owned(),
         policy: None,
+        phase: None,
         pid: 1,
         tid: None,
         ppid: None,

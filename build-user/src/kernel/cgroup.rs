@@ -126,15 +126,21 @@ pub fn validate_name(name: &str) -> Result<(), CgroupError> {
     }
 }
 
-/// A build name made from a directory's name (`/w/hello-2.10` → `hello-2.10`):
-/// characters a name may not have become `_`, leading dots go, and it is cut to
-/// 64 bytes. `build` when nothing is left (the root directory).
+/// A build name made from a directory's name (`/w/hello-2.10` → `hello-2.10`),
+/// as [`clean_name`] makes it.
 pub fn name_from_dir(dir: &Path) -> String {
     let base = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let cleaned: String = base
+    clean_name(&base)
+}
+
+/// A build name made from any text (a directory's name, a package's
+/// `gtk+-2.24`): characters a name may not have become `_`, leading dots go,
+/// and it is cut to 64 bytes. `build` when nothing is left.
+pub fn clean_name(text: &str) -> String {
+    let cleaned: String = text
         .trim_start_matches('.')
         .chars()
         .map(|c| {
@@ -373,6 +379,21 @@ impl BuildCgroup {
 
 /// How often teardown looks at cgroup.events while it waits.
 const POLL: Duration = Duration::from_millis(5);
+
+/// Whether `pid` runs inside a build (its cgroup lies below [`PARENT`]), as
+/// `/proc/PID/cgroup` says; `None` when that cannot be read. The path there
+/// is relative to the reader's cgroup namespace, whose root the daemon's
+/// cgroup2 mount is.
+pub fn in_a_build(pid: u32) -> Option<bool> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(
+        Path::new(path)
+            .components()
+            .nth(1)
+            .is_some_and(|c| c.as_os_str() == PARENT),
+    )
+}
 
 /// Whether `pid` is a live buildcage, the supervisor of its build.
 pub fn supervised(pid: u32) -> bool {

@@ -88,11 +88,7 @@ impl Confined {
         )
         .inspect_err(|e| tracing::warn!("cannot record the build in {STATE_DIR}: {e}"))
         .ok();
-        let origin = Origin {
-            name: plan.name.clone(),
-            policy: plan.policy_name.clone(),
-            uid: asker.uid,
-        };
+        let origin = Origin::of(plan, asker.uid);
         Ok((
             Self {
                 cg,

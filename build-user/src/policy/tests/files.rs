@@ -303,6 +303,7 @@ fn every_shipped_policy_passes_check() {
             "default",
             "loopback",
             "pkgsrc-build",
+            "pkgsrc-build-network",
             "pkgsrc-fetch",
             "pkgsrc-install",
             "strict"
