@@ -56,6 +56,12 @@ fn main() -> ExitCode {
         .next()
         .and_then(|argv0| buildcage::pkgsrc::make::shim_of(&argv0));
     let result = if let Some(tool) = shim {
+        // A build's supervisor is known by its name (kernel::cgroup::
+        // supervised): under another name, a live build would be taken for
+        // one whose buildcage died, and reaped.
+        if let Err(e) = nix::sys::prctl::set_name(c"buildcage") {
+            tracing::warn!("cannot name this process buildcage: {e}");
+        }
         cmd::pkgsrc::shim(tool, &argv.collect::<Vec<_>>())
     } else {
         run(Cli::parse())

@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod kernel;
+pub mod pkgsrc;
 pub mod watch;
 use std::{
     path::PathBuf,

@@ -12,8 +12,16 @@ use crate::kernels::{self, KernelSel};
 use crate::util::{cache_dir, describe, home_dir, is_root, probe, run_quiet};
 
 /// Debian packages: QEMU (with the C virtiofsd), a static busybox for the initramfs, cpio to
-/// pack it, xz for the 6.12 kernel's compressed modules.
-const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "xz-utils"];
+/// pack it, xz for the 6.12 kernel's compressed modules; and for the pkgsrc fixture tests
+/// (the guest sees the host's /usr), NetBSD's make and curl, which its fetch phase uses.
+const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "bmake",
+    "curl",
+];
 
 /// The bpf-linker series aya 0.14 builds with.
 const BPF_LINKER_SERIES: &str = "0.13.";

@@ -33,19 +33,31 @@ enum ToolArgs {
     /// bmake in a package's directory: every phase its targets need, each under its own policy
     Make {
         /// Targets and VAR=VALUE assignments, as for bmake
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARG")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARG"
+        )]
         args: Vec<OsString>,
     },
     /// pkg_add, run under the install policy
     #[command(name = "pkg_add")]
     PkgAdd {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARG")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARG"
+        )]
         args: Vec<OsString>,
     },
     /// pkg_delete, run under the install policy
     #[command(name = "pkg_delete")]
     PkgDelete {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARG")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARG"
+        )]
         args: Vec<OsString>,
     },
 }
@@ -120,7 +132,7 @@ async fn phase(job: &Job) -> anyhow::Result<(PhaseEnd, Vec<buildcage::events::re
     job.prepare()?;
     let request = job.request.clone().here()?;
     let mut log = match &job.log_dir {
-        Some(dir) => Some(PackageLog::open(dir, &job.package, job.phase).map_err(|e| {
+        Some(dir) => Some(open_log(dir, job).map_err(|e| {
             buildcage::hint::Hinted::new(
                 format!("cannot open the package's log in {}", dir.display()),
                 "the directory must exist and be writable by the user the phase runs as",
@@ -160,6 +172,13 @@ async fn phase(job: &Job) -> anyhow::Result<(PhaseEnd, Vec<buildcage::events::re
         log.finish(&end)?;
     }
     Ok((end, kept.0))
+}
+
+/// The package's log in `dir`, made if missing (by hand, below pkgsrc.toml's
+/// `bulklog`; pbulk makes its own).
+fn open_log(dir: &std::path::Path, job: &Job) -> std::io::Result<PackageLog> {
+    std::fs::create_dir_all(dir)?;
+    PackageLog::open(dir, &job.package, job.phase)
 }
 
 /// The phase's records, for the summary of a hand build.

@@ -88,11 +88,29 @@ pub struct PackageLog {
 
 impl PackageLog {
     /// Appends to `dir/buildcage.log`; `dir` must exist.
+    ///
+    /// pbulk runs some phases as root and others as its unprivileged user,
+    /// and gives that user `work.log` (pkg-build: `chown ${unprivileged_user}
+    /// ${bulklog}/${pkgname}/work.log`). Root makes the log and the summary
+    /// that user's too, so that each phase can write them. The builds cannot:
+    /// no policy makes the bulk log directory a write root.
     pub fn open(dir: &Path, package: &str, phase: Phase) -> io::Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join(LOG))?;
+        let summary = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(SUMMARY))?;
+        if nix::unistd::geteuid().is_root()
+            && let Ok(owner) = std::fs::metadata(dir.join("work.log"))
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            for f in [&file, &summary] {
+                std::os::unix::fs::fchown(f, Some(owner.uid()), Some(owner.gid()))?;
+            }
+        }
         Ok(Self {
             dir: dir.to_owned(),
             file,
@@ -109,6 +127,7 @@ impl PackageLog {
         };
         self.write(&line)?;
         let summary = render(&read(&self.dir.join(LOG))?);
+        // Truncated in place, not replaced: the directory may be root's.
         std::fs::write(self.dir.join(SUMMARY), &summary)?;
         Ok(summary)
     }
@@ -260,7 +279,11 @@ pub fn render(entries: &[Entry]) -> String {
     }
     let exceptions: Vec<String> = phases
         .iter()
-        .flat_map(|p| p.exceptions.iter().map(move |e| format!("  {:<8} {e}", p.phase.to_string())))
+        .flat_map(|p| {
+            p.exceptions
+                .iter()
+                .map(move |e| format!("  {:<8} {e}", p.phase.to_string()))
+        })
         .collect();
     out.push_str("\nExceptions:");
     if exceptions.is_empty() {
@@ -312,7 +335,8 @@ mod tests {
         log.record(&record).unwrap();
         log.record(&record).unwrap();
         let mut end = phase(Phase::Build, 2);
-        end.exceptions.push("ALLOW_NETWORK_ACCESS: not granted".to_owned());
+        end.exceptions
+            .push("ALLOW_NETWORK_ACCESS: not granted".to_owned());
         let summary = log.finish(&end).unwrap();
         let entries = read(&dir.join(LOG)).unwrap();
         assert_eq!(entries.len(), 4, "{entries:?}");
@@ -325,11 +349,11 @@ mod tests {
             summary.contains("build    deny socket(inet, stream)  by curl (pid 7) (2 times)"),
             "{summary}"
         );
-        assert!(summary.contains("ALLOW_NETWORK_ACCESS: not granted"), "{summary}");
-        assert_eq!(
-            std::fs::read_to_string(dir.join(SUMMARY)).unwrap(),
-            summary
+        assert!(
+            summary.contains("ALLOW_NETWORK_ACCESS: not granted"),
+            "{summary}"
         );
+        assert_eq!(std::fs::read_to_string(dir.join(SUMMARY)).unwrap(), summary);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

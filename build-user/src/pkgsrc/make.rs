@@ -327,11 +327,20 @@ mod tests {
         // `install` writes PREFIX.
         assert_eq!(phase_of(&targets("install"), true, true), Phase::Build);
         assert_eq!(phase_of(&targets("install"), true, false), Phase::Install);
-        assert_eq!(phase_of(&targets("bin-install"), true, true), Phase::Install);
+        assert_eq!(
+            phase_of(&targets("bin-install"), true, true),
+            Phase::Install
+        );
         // Only root installs; mixed calls get the narrowest phase.
         assert_eq!(phase_of(&targets("install"), false, false), Phase::Build);
-        assert_eq!(phase_of(&targets("checksum configure"), true, true), Phase::Build);
-        assert_eq!(phase_of(&targets("package package-install"), true, true), Phase::Build);
+        assert_eq!(
+            phase_of(&targets("checksum configure"), true, true),
+            Phase::Build
+        );
+        assert_eq!(
+            phase_of(&targets("package package-install"), true, true),
+            Phase::Build
+        );
     }
 
     #[test]

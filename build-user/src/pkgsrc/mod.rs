@@ -177,13 +177,20 @@ pub fn make_jobs(
                 Phase::Fetch => (Vec::new(), vec![vars.distdir.clone()]),
                 Phase::Build => {
                     // Only a call that packages may write PACKAGES, so that no
-                    // configure can touch the binary packages later installs
-                    // trust.
+                    // configure can touch the binary packages that later
+                    // installs trust.
                     let packages = step
                         .targets
                         .iter()
                         .any(|t| t.starts_with("package") || t == "replace");
-                    let mut prepare = vec![vars.wrkdir.clone()];
+                    // A `clean` makes no WRKDIR: made here, by root, its parent
+                    // would be root's, and pbulk's user could not make it again.
+                    let cleaning = !step.targets.is_empty()
+                        && step.targets.iter().all(|t| t.ends_with("clean"));
+                    let mut prepare = Vec::new();
+                    if !cleaning {
+                        prepare.push(vars.wrkdir.clone());
+                    }
                     let mut allow = Vec::new();
                     if packages {
                         prepare.push(vars.packages.clone());
@@ -191,11 +198,14 @@ pub fn make_jobs(
                     }
                     (allow, prepare)
                 }
-                // make's own cookies of an install live in WRKDIR.
+                // make's own cookies of an install live in WRKDIR, when it
+                // exists.
                 Phase::Install => (
-                    vec![vars.wrkdir.clone()],
+                    [vars.wrkdir.clone()]
+                        .into_iter()
+                        .filter(|w| w.is_dir())
+                        .collect(),
                     vec![
-                        vars.wrkdir.clone(),
                         vars.prefix.clone(),
                         vars.pkg_dbdir.clone(),
                         vars.pkg_sysconfdir.clone(),

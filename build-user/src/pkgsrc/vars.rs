@@ -193,7 +193,10 @@ hello-1.0
         assert_eq!(v.pkgname, "hello-1.0");
         assert!(!v.allow_network_access);
         assert_eq!(v.bulklog_dir().unwrap(), Path::new("/bulklog/hello-1.0"));
-        assert!(v.set().contains(&"WRKLOG=/bulklog/hello-1.0/work.log".to_owned()));
+        assert!(
+            v.set()
+                .contains(&"WRKLOG=/bulklog/hello-1.0/work.log".to_owned())
+        );
     }
 
     #[test]

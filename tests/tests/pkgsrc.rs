@@ -1,0 +1,342 @@
+//! pkgsrc through buildcage's shims, in the VM, with Debian's bmake and the
+//! fixture of tests/fixtures/pkgsrc: pbulk's `pkg-build` calls `${make}`,
+//! `${pkg_add}` and `${pkg_delete}` as it does for real, and each call is a
+//! phase confined under its own policy. Every assertion is on what happened:
+//! exit codes, the events the kernel sent and the package's logs, files in
+//! /etc, /root and PREFIX, downloads the loopback site served, processes
+//! left.
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of the tests: a failure should stop the test loudly"
+)]
+
+use std::{
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use buildcage_tests::{
+    buildcage_bin,
+    daemon::{Daemon, bin_for_nobody, mkdir, set_mode},
+    pkgsrc::{Client, Site, fixture, log_events, phases, run_with_stdin, s},
+    tree_digest,
+};
+use serde_json::Value;
+
+/// The unprivileged user of pbulk.conf.
+const PBULK: &str = "pbulk";
+
+fn uid_of(user: &str) -> u64 {
+    let out = Command::new("id").args(["-u", user]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// The user pbulk builds as, with a home of its own (the hostile twin aims
+/// at its `.profile`).
+fn pbulk_user() -> u64 {
+    if !Command::new("id")
+        .arg(PBULK)
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        let made = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", PBULK])
+            .status()
+            .unwrap();
+        assert!(made.success());
+    }
+    uid_of(PBULK)
+}
+
+/// A scratch directory everyone may read (pbulk's user runs from it).
+fn base(name: &str) -> PathBuf {
+    let dir = buildcage_tests::scratch_in(Path::new("/var/tmp"), name);
+    set_mode(&dir, 0o755);
+    dir
+}
+
+/// Each phase of the log, as (phase, tool, targets, exit, denials) with
+/// denials and exit codes asserted zero.
+fn clean_phases(client: &Client, pkgname: &str) -> Vec<(String, String, String)> {
+    let log = client.log(pkgname);
+    assert_eq!(
+        log_events(&log),
+        Vec::<&Value>::new(),
+        "{pkgname}: no event in a clean build"
+    );
+    phases(&log)
+        .into_iter()
+        .map(|(phase, tool, targets, exit, denials)| {
+            assert_eq!(
+                (exit, denials),
+                (0, 0),
+                "{pkgname} {phase} {tool} {targets}"
+            );
+            (phase, tool, targets)
+        })
+        .collect()
+}
+
+fn owned(v: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    v.iter()
+        .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+        .collect()
+}
+
+/// pkg-build's calls, in its order (pkgtools/pbulk/files/pbulk/scripts/pkg-build),
+/// each with the phase buildcage gave it.
+const PKG_BUILD_PHASES: [(&str, &str, &str); 9] = [
+    ("build", "make", "clean"),
+    ("fetch", "make", "checksum"),
+    ("build", "make", "configure"),
+    ("build", "make", "all"),
+    ("build", "make", "install"),
+    ("build", "make", "package"),
+    ("install", "pkg_add", "hello-1.0"),
+    ("build", "make", "clean"),
+    ("install", "pkg_delete", "hello-1.0"),
+];
+
+/// The clean package through pkg-build as root, then, at once and into one
+/// bulk log, the clean package as pbulk's unprivileged user (through the
+/// daemon) and its hostile twin as root: two build clients.
+#[test]
+fn pbulk_builds_the_clean_package_and_refuses_its_hostile_twin_at_every_phase() {
+    let pbulk_uid = pbulk_user();
+    let site = Site::serve(&fixture().join("distfiles-src"));
+    let top = base("pkgsrc");
+    let bin = bin_for_nobody(&top, &[("buildcage", &buildcage_bin())]);
+    let buildcage = bin.join("buildcage");
+    let state = mkdir(&top.join("daemon"));
+    let daemon = Daemon::start(
+        &state,
+        &format!("[[grant]]\nusers = [\"{PBULK}\"]\npolicies = [\"pkgsrc-build\"]\n"),
+        None,
+    );
+    set_mode(&state, 0o755);
+    let bulklog = mkdir(&top.join("bulklog"));
+
+    // 1. As root alone: every call of pkg-build, clean, and the package
+    //    really installed (its +INSTALL added the account) and removed.
+    let a = Client::new(
+        &mkdir(&top.join("a")),
+        &buildcage,
+        &site,
+        &bulklog,
+        "root",
+        Some(&daemon.socket),
+        Path::new("/usr/pkg"),
+    );
+    let (code, out) = a.pkg_build("fixture/hello", "hello-1.0", "user-destdir");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(clean_phases(&a, "hello-1.0"), owned(&PKG_BUILD_PHASES));
+    assert!(
+        site.hits().contains(&"/hello-1.0.tar.gz".to_owned()),
+        "{:?}",
+        site.hits()
+    );
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    assert!(
+        passwd.contains("\nfixturehello:"),
+        "+INSTALL added its user"
+    );
+    assert!(
+        !Path::new("/usr/pkg/pkgdb/hello-1.0").exists(),
+        "pkg_delete unregistered it"
+    );
+    assert!(a.packages.join("All/hello-1.0.tgz").is_file());
+    assert!(
+        a.summary("hello-1.0").contains("Verdict: clean"),
+        "{}",
+        a.summary("hello-1.0")
+    );
+
+    // 2. Two build clients into one bulk log, at once.
+    let etc = tree_digest(Path::new("/etc"), 3);
+    let root_home = tree_digest(Path::new("/root"), 1);
+    let pbulk_profile = std::fs::read(format!("/home/{PBULK}/.profile")).ok();
+    let b = Client::new(
+        &mkdir(&top.join("b")),
+        &buildcage,
+        &site,
+        &bulklog,
+        PBULK,
+        Some(&daemon.socket),
+        Path::new("/usr/pkg-b"),
+    );
+    let c = Client::new(
+        &mkdir(&top.join("c")),
+        &buildcage,
+        &site,
+        &bulklog,
+        "root",
+        Some(&daemon.socket),
+        Path::new("/usr/pkg-c"),
+    );
+    let hostile = std::thread::spawn(move || {
+        let (code, out) = c.pkg_build("fixture/hello-hostile", "hello-hostile-1.0", "user-destdir");
+        (c, code, out)
+    });
+    let (code, out) = b.pkg_build("fixture/hello", "hello-1.0", "user-destdir");
+    let (c, hostile_code, hostile_out) = hostile.join().unwrap();
+    assert_eq!(code, Some(0), "the clean package as {PBULK}: {out}");
+    assert_eq!(clean_phases(&b, "hello-1.0"), owned(&PKG_BUILD_PHASES));
+    let uids: Vec<u64> = b
+        .log("hello-1.0")
+        .iter()
+        .filter_map(|l| l["uid"].as_u64())
+        .collect();
+    assert_eq!(
+        uids,
+        [0, 0, pbulk_uid, pbulk_uid, pbulk_uid, 0, 0, 0, 0],
+        "configure, all and install ran as {PBULK}, through the daemon"
+    );
+    // The hostile twin still builds: every attempt fails quietly.
+    assert_eq!(hostile_code, Some(0), "{hostile_out}");
+    let log = c.log("hello-hostile-1.0");
+    assert!(
+        log.iter().all(|l| l["package"] == "hello-hostile-1.0"),
+        "one package per log"
+    );
+    let refused = |phase: &str, op: &str, pred: &dyn Fn(&Value) -> bool| {
+        log_events(&log)
+            .into_iter()
+            .any(|e| e["phase"] == phase && e["op"] == op && e["action"] == "deny" && pred(e))
+    };
+    let path_is = |p: &'static str| move |e: &Value| e["path"] == p;
+    let inet = |e: &Value| e["family"] == "inet";
+    assert!(
+        refused("build", "socket", &inet),
+        "configure phoned home: {log:#?}"
+    );
+    assert!(refused("build", "open", &path_is("/etc/hosts")), "{log:#?}");
+    assert!(
+        refused("build", "create", &path_is("/etc/hello-hostile.conf")),
+        "{log:#?}"
+    );
+    assert!(
+        refused("build", "open", &path_is("/root/.profile"))
+            || refused("build", "create", &path_is("/root/.profile")),
+        "the build planted ~/.profile: {log:#?}"
+    );
+    assert!(
+        refused("install", "socket", &inet),
+        "+INSTALL's daemon: {log:#?}"
+    );
+    assert!(
+        refused("install", "open", &path_is("/root/.profile"))
+            || refused("install", "create", &path_is("/root/.profile")),
+        "{log:#?}"
+    );
+    // Its `bmake fetch`, run by configure, stayed in the build phase: no
+    // download, and nothing in DISTDIR.
+    assert!(!c.pkgsrc.join("distfiles/payload-1.0.tar.gz").exists());
+    let hits = site.hits();
+    assert!(
+        !hits
+            .iter()
+            .any(|h| h.contains("payload") || h.contains("phone-home")),
+        "{hits:?}"
+    );
+    // Nothing was written, and no daemon survived.
+    assert_eq!(tree_digest(Path::new("/etc"), 3), etc, "/etc is as it was");
+    assert_eq!(
+        tree_digest(Path::new("/root"), 1),
+        root_home,
+        "/root is as it was"
+    );
+    assert_eq!(
+        std::fs::read(format!("/home/{PBULK}/.profile")).ok(),
+        pbulk_profile
+    );
+    assert!(
+        TcpStream::connect("127.0.0.1:4444").is_err(),
+        "nothing listens"
+    );
+    let ps = Command::new("ps").args(["-eo", "comm"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains("hostiled"),
+        "the daemon is gone"
+    );
+    // The summary names every attempt, with its phase.
+    let summary = c.summary("hello-hostile-1.0");
+    for needle in [
+        "/etc/hosts",
+        "/etc/hello-hostile.conf",
+        "/root/.profile",
+        "socket(inet",
+    ] {
+        assert!(summary.contains(needle), "{needle} in\n{summary}");
+    }
+    assert!(summary.contains("refused attempt(s)"), "{summary}");
+    eprintln!("{summary}");
+}
+
+/// By hand, in a package's directory: `buildcage pkgsrc make install` runs
+/// the fetch, build and install phases in turn with one summary, and
+/// `--fail-on-violation` fails a phase that broke its policy. These are the
+/// commands docs/pkgsrc.md shows.
+#[test]
+fn by_hand_make_install_runs_each_phase_under_its_policy() {
+    let site = Site::serve(&fixture().join("distfiles-src"));
+    let top = base("pkgsrc-hand");
+    let bulklog = mkdir(&top.join("bulklog"));
+    let client = Client::new(
+        &mkdir(&top.join("a")),
+        &buildcage_bin(),
+        &site,
+        &bulklog,
+        "root",
+        None,
+        Path::new("/usr/pkg"),
+    );
+    let pkgsrc = |dir: &str, args: &[&str]| {
+        let mut cmd = Command::new(buildcage_bin());
+        cmd.arg("pkgsrc")
+            .args(args)
+            .current_dir(client.pkgsrc.join(dir));
+        client.env(&mut cmd);
+        run_with_stdin(cmd, "")
+    };
+    let (code, out) = pkgsrc("fixture/hello", &["make", "install"]);
+    assert_eq!(code, Some(0), "{out}");
+    for row in [
+        "fetch    pkgsrc-fetch           make checksum",
+        "build    pkgsrc-build           make package",
+        "install  pkgsrc-install         make package-install",
+        "Verdict: clean",
+    ] {
+        assert!(out.contains(row), "{row:?} in\n{out}");
+    }
+    assert!(
+        Path::new("/usr/pkg/pkgdb/hello-1.0").is_dir(),
+        "installed: {out}"
+    );
+    let (code, out) = pkgsrc(
+        "fixture/hello",
+        &["pkg_delete", "-K", "/usr/pkg/pkgdb", "hello-1.0"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!Path::new("/usr/pkg/pkgdb/hello-1.0").exists(), "{out}");
+
+    let etc = tree_digest(Path::new("/etc"), 3);
+    let (code, out) = pkgsrc(
+        "fixture/hello-hostile",
+        &["--fail-on-violation", "make", "configure"],
+    );
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains("failing hello-hostile-1.0: fail_on_violation is set"),
+        "{out}"
+    );
+    assert!(
+        out.contains("deny create /etc/hello-hostile.conf")
+            || out.contains("/etc/hello-hostile.conf"),
+        "{out}"
+    );
+    assert_eq!(tree_digest(Path::new("/etc"), 3), etc);
+    let _ = s(&top);
+}
