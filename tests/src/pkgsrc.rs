@@ -173,6 +173,13 @@ impl Client {
         }
     }
 
+    /// Appends `lines` to the client's mk.conf.
+    pub fn add_to_mk_conf(&self, lines: &str) {
+        let mut text = std::fs::read_to_string(&self.mk_conf).unwrap();
+        text.push_str(lines);
+        std::fs::write(&self.mk_conf, text).unwrap();
+    }
+
     /// The environment every phase sees: mk.conf, buildcage's settings, the
     /// daemon.
     pub fn env(&self, cmd: &mut Command) {

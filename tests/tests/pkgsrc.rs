@@ -24,6 +24,23 @@ use buildcage_tests::{
 };
 use serde_json::Value;
 
+/// The names in /root, and the contents of its regular files.
+fn root_files() -> Vec<(std::ffi::OsString, Option<Vec<u8>>)> {
+    let mut out: Vec<_> = std::fs::read_dir("/root")
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let file = e.file_type().is_ok_and(|t| t.is_file());
+            (
+                e.file_name(),
+                file.then(|| std::fs::read(e.path()).unwrap()),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// The unprivileged user of pbulk.conf.
 const PBULK: &str = "pbulk";
 
@@ -156,7 +173,9 @@ fn pbulk_builds_the_clean_package_and_refuses_its_hostile_twin_at_every_phase() 
 
     // 2. Two build clients into one bulk log, at once.
     let etc = tree_digest(Path::new("/etc"), 3);
-    let root_home = tree_digest(Path::new("/root"), 1);
+    // /root's own files and the names in it (the guest's /root is the
+    // host's, whose toolchain directories may change meanwhile).
+    let root_home = root_files();
     let pbulk_profile = std::fs::read(format!("/home/{PBULK}/.profile")).ok();
     let b = Client::new(
         &mkdir(&top.join("b")),
@@ -243,11 +262,7 @@ fn pbulk_builds_the_clean_package_and_refuses_its_hostile_twin_at_every_phase() 
     );
     // Nothing was written, and no daemon survived.
     assert_eq!(tree_digest(Path::new("/etc"), 3), etc, "/etc is as it was");
-    assert_eq!(
-        tree_digest(Path::new("/root"), 1),
-        root_home,
-        "/root is as it was"
-    );
+    assert_eq!(root_files(), root_home, "/root is as it was");
     assert_eq!(
         std::fs::read(format!("/home/{PBULK}/.profile")).ok(),
         pbulk_profile
@@ -293,6 +308,14 @@ fn by_hand_make_install_runs_each_phase_under_its_policy() {
         None,
         Path::new("/usr/pkg"),
     );
+    // docs/pkgsrc.md's mk.conf lines: pkgsrc's own pkg_add and pkg_delete
+    // calls go through the shims.
+    let libexec = client.base.join("libexec");
+    client.add_to_mk_conf(&format!(
+        "PKG_ADD_CMD=\t{}\nPKG_DELETE_CMD=\t{}\n",
+        libexec.join("pkg_add").display(),
+        libexec.join("pkg_delete").display()
+    ));
     let pkgsrc = |dir: &str, args: &[&str]| {
         let mut cmd = Command::new(buildcage_bin());
         cmd.arg("pkgsrc")
@@ -315,12 +338,41 @@ fn by_hand_make_install_runs_each_phase_under_its_policy() {
         Path::new("/usr/pkg/pkgdb/hello-1.0").is_dir(),
         "installed: {out}"
     );
-    let (code, out) = pkgsrc(
-        "fixture/hello",
-        &["pkg_delete", "-K", "/usr/pkg/pkgdb", "hello-1.0"],
+    // The install phase's pkg_add was the shim, run inside that phase's
+    // build: it ran the real one there, and made no build of its own.
+    let log = client.log("hello-1.0");
+    assert_eq!(
+        phases(&log)
+            .iter()
+            .map(|p| (p.0.as_str(), p.1.as_str(), p.2.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("fetch", "make", "checksum"),
+            ("build", "make", "package"),
+            ("install", "make", "package-install")
+        ]
     );
+    // A plain bmake, by hand: its pkg_delete is the shim, confined.
+    let mut bmake = Command::new("bmake");
+    bmake
+        .arg("deinstall")
+        .current_dir(client.pkgsrc.join("fixture/hello"));
+    client.env(&mut bmake);
+    let (code, out) = run_with_stdin(bmake, "");
     assert_eq!(code, Some(0), "{out}");
     assert!(!Path::new("/usr/pkg/pkgdb/hello-1.0").exists(), "{out}");
+    let last = phases(&client.log("hello-1.0")).pop().unwrap();
+    assert_eq!(
+        (
+            last.0.as_str(),
+            last.1.as_str(),
+            last.2.as_str(),
+            last.3,
+            last.4
+        ),
+        ("install", "pkg_delete", "hello-1.0", 0, 0),
+        "{out}"
+    );
 
     let etc = tree_digest(Path::new("/etc"), 3);
     let (code, out) = pkgsrc(

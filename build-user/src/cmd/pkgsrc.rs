@@ -80,6 +80,21 @@ pub(crate) fn shim(tool: Tool, args: &[OsString]) -> anyhow::Result<ExitCode> {
 
 fn run(tool: Tool, args: &[OsString], mode: Mode, fail: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(&Config::path())?;
+    // Inside a build, the phase was chosen from outside and stays: the real
+    // program runs in this same build, under its policy. So mk.conf may name
+    // the shims (PKG_ADD_CMD) for pkgsrc's own calls, and a configure that
+    // runs the make shim gets no wider phase than its own.
+    if buildcage::kernel::cgroup::in_a_build(std::process::id()) != Some(false) {
+        let real = pkgsrc::real_tool(&config, tool)?;
+        let err =
+            std::os::unix::process::CommandExt::exec(std::process::Command::new(&real).args(args));
+        return Err(buildcage::hint::Hinted::new(
+            format!("cannot run {} in this build", real.display()),
+            "check `[tools]` in pkgsrc.toml",
+        )
+        .because(err)
+        .into());
+    }
     let fail = fail || config.fail_on_violation;
     let root = nix::unistd::geteuid().is_root();
     let jobs = match tool {

@@ -325,7 +325,7 @@ fn package_log_dir(config: &Config, package: &str) -> Option<PathBuf> {
 }
 
 /// The real program behind `tool`, refusing buildcage itself.
-fn real_tool(config: &Config, tool: Tool) -> Result<PathBuf, PkgsrcError> {
+pub fn real_tool(config: &Config, tool: Tool) -> Result<PathBuf, PkgsrcError> {
     let path = config.tool(tool).to_owned();
     let me = std::env::current_exe().and_then(std::fs::canonicalize).ok();
     if me.is_some() && std::fs::canonicalize(&path).ok() == me {
