@@ -173,6 +173,12 @@ impl Client {
         }
     }
 
+    /// Adds a top-level `line` to the client's pkgsrc.toml.
+    pub fn set_in_pkgsrc_toml(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.pkgsrc_toml).unwrap();
+        std::fs::write(&self.pkgsrc_toml, format!("{line}\n{text}")).unwrap();
+    }
+
     /// Appends `lines` to the client's mk.conf.
     pub fn add_to_mk_conf(&self, lines: &str) {
         let mut text = std::fs::read_to_string(&self.mk_conf).unwrap();

@@ -267,6 +267,19 @@ fn pbulk_builds_the_clean_package_and_refuses_its_hostile_twin_at_every_phase() 
         std::fs::read(format!("/home/{PBULK}/.profile")).ok(),
         pbulk_profile
     );
+    // +INSTALL's daemon, which could not listen, detached to wait for a
+    // network: killed when pkg_add ended, and named.
+    let pkg_add = log
+        .iter()
+        .find(|l| l["entry"] == "phase" && l["tool"] == "pkg_add")
+        .unwrap();
+    let left: Vec<&str> = pkg_add["survivors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["comm"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, ["hello-hostiled"], "{pkg_add:#}");
     assert!(
         TcpStream::connect("127.0.0.1:4444").is_err(),
         "nothing listens"
@@ -286,7 +299,14 @@ fn pbulk_builds_the_clean_package_and_refuses_its_hostile_twin_at_every_phase() 
     ] {
         assert!(summary.contains(needle), "{needle} in\n{summary}");
     }
-    assert!(summary.contains("refused attempt(s)"), "{summary}");
+    assert!(
+        summary.contains("refused attempt(s), 1 process(es) left behind and killed"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("left running when pkg_add ended, killed: pid"),
+        "{summary}"
+    );
     eprintln!("{summary}");
 }
 
@@ -387,6 +407,42 @@ fn by_hand_make_install_runs_each_phase_under_its_policy() {
     assert!(
         out.contains("deny create /etc/hello-hostile.conf")
             || out.contains("/etc/hello-hostile.conf"),
+        "{out}"
+    );
+    assert_eq!(tree_digest(Path::new("/etc"), 3), etc);
+
+    // ALLOW_NETWORK_ACCESS: the package's marker opens the network of its
+    // build phase only where the site says so, and the summary says which.
+    let configure = |what: &str| {
+        let (code, out) = pkgsrc("fixture/hello-hostile", &["make", "clean"]);
+        assert_eq!(code, Some(0), "{out}");
+        let (code, out) = pkgsrc(
+            "fixture/hello-hostile",
+            &["make", "configure", "ALLOW_NETWORK_ACCESS=yes"],
+        );
+        assert_eq!(code, Some(0), "{what}: {out}");
+        out
+    };
+    let out = configure("not granted");
+    assert!(
+        out.contains(
+            "ALLOW_NETWORK_ACCESS is set by the package, but pkgsrc.toml does not allow it"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("deny socket(inet, stream)"), "{out}");
+    assert!(!site.hits().iter().any(|h| h.contains("phone-home")));
+    client.set_in_pkgsrc_toml("allow_network_access = true");
+    let out = configure("granted");
+    assert!(
+        out.contains("network allowed (policy pkgsrc-build-network)"),
+        "{out}"
+    );
+    assert!(!out.contains("deny socket("), "{out}");
+    assert!(site.hits().iter().any(|h| h.contains("phone-home")));
+    // Its writes stay those of the build phase.
+    assert!(
+        out.contains("deny create(/etc/hello-hostile.conf)"),
         "{out}"
     );
     assert_eq!(tree_digest(Path::new("/etc"), 3), etc);
