@@ -13,6 +13,12 @@ mod report;
 #[derive(Debug, Parser)]
 #[command(name = "buildcage", version, about, long_about = None)]
 struct Cli {
+    /// More diagnostics on stderr (-v: info, -vv: debug); $BUILDCAGE_LOG overrides
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors on stderr (events and summaries still print)
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,14 +47,6 @@ enum Command {
 const EXIT_BUILDCAGE_FAILED: u8 = 125;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BUILDCAGE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .without_time()
-        .init();
     let mut argv = std::env::args_os();
     // Under a name pbulk.conf gives it (`make=/usr/libexec/buildcage/make`),
     // buildcage is that program's shim.
@@ -56,6 +54,7 @@ fn main() -> ExitCode {
         .next()
         .and_then(|argv0| buildcage::pkgsrc::make::shim_of(&argv0));
     let result = if let Some(tool) = shim {
+        diagnostics("warn");
         // A build's supervisor is known by its name (kernel::cgroup::
         // supervised): under another name, a live build would be taken for
         // one whose buildcage died, and reaped.
@@ -64,15 +63,49 @@ fn main() -> ExitCode {
         }
         cmd::pkgsrc::shim(tool, &argv.collect::<Vec<_>>())
     } else {
-        run(Cli::parse())
+        let cli = Cli::parse();
+        diagnostics(match (cli.quiet, cli.verbose) {
+            (true, _) => "error",
+            (false, 0) => "warn",
+            (false, 1) => "info",
+            (false, _) => "debug",
+        });
+        run(cli)
     };
     match result {
         Ok(code) => code,
+        // `buildcage policy show | head`: the reader is gone, and that is all.
+        Err(err) if broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             report::report(&err);
             ExitCode::from(EXIT_BUILDCAGE_FAILED)
         }
     }
+}
+
+/// Diagnostics (tracing) on stderr at `level` unless `$BUILDCAGE_LOG` says
+/// otherwise; coloured only on a terminal, and never with `$NO_COLOR` set
+/// (https://no-color.org).
+fn diagnostics(level: &str) {
+    use std::io::IsTerminal as _;
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BUILDCAGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .without_time()
+        .init();
+}
+
+fn broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
