@@ -41,6 +41,8 @@ enum Command {
     Daemon(cmd::daemon::DaemonArgs),
     /// Build pkgsrc packages, each phase confined under its own policy.
     Pkgsrc(cmd::pkgsrc::PkgsrcArgs),
+    /// What each package of a bulk run does that it did not in an older run.
+    Diff(cmd::diff::DiffArgs),
 }
 
 /// Exit status when buildcage itself fails before or around the command.
@@ -118,5 +120,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tail(args) => cmd::tail::exec(args),
         Command::Daemon(args) => cmd::daemon::exec(args),
         Command::Pkgsrc(args) => cmd::pkgsrc::exec(args),
+        Command::Diff(args) => cmd::diff::exec(&args),
     }
 }

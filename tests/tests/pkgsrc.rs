@@ -448,3 +448,118 @@ fn by_hand_make_install_runs_each_phase_under_its_policy() {
     assert_eq!(tree_digest(Path::new("/etc"), 3), etc);
     let _ = s(&top);
 }
+
+/// `buildcage diff`: two real runs of the same package, in other
+/// directories (so every path, pid and temporary name differs), give no
+/// difference; a run whose hello distfile was changed to phone home from its
+/// configure is flagged, with that attempt and its phase. (The runs go only
+/// as far as configure, to keep the VM suite short; the pbulk test above
+/// shows pkg-build's logs.)
+#[test]
+fn diff_is_silent_on_the_same_packages_and_flags_a_changed_distfile() {
+    let top = base("pkgsrc-diff");
+    let state = mkdir(&top.join("daemon"));
+    let daemon = Daemon::start(&state, "", None);
+    let site = Site::serve(&fixture().join("distfiles-src"));
+    // A second site serving a tampered hello-1.0.tar.gz.
+    let tampered = mkdir(&top.join("tampered-site"));
+    let site2 = Site::serve(&tampered);
+    let unpacked = mkdir(&top.join("unpacked"));
+    let sh = |script: &str| {
+        let ok = Command::new("sh").args(["-ec", script]).status().unwrap();
+        assert!(ok.success(), "{script}");
+    };
+    sh(&format!(
+        "tar -xzf {src}/hello-1.0.tar.gz -C {u}
+         echo 'curl -s -o /dev/null http://127.0.0.1:{port}/injected || true' >> {u}/hello-1.0/configure
+         tar -czf {t}/hello-1.0.tar.gz -C {u} hello-1.0",
+        src = s(&fixture().join("distfiles-src")),
+        u = s(&unpacked),
+        port = site2.port,
+        t = s(&tampered),
+    ));
+    let run = |name: &str, site: &Site, packages: &[(&str, &str)]| {
+        let bulklog = mkdir(&top.join(format!("{name}-bulklog")));
+        let client = Client::new(
+            &mkdir(&top.join(name)),
+            &buildcage_bin(),
+            site,
+            &bulklog,
+            "root",
+            Some(&daemon.socket),
+            &Path::new("/usr").join(format!("pkg-{name}")),
+        );
+        if std::ptr::eq(site, &site2) {
+            // The package's distinfo, as a maintainer who took the new
+            // distfile would update it.
+            let file = tampered.join("hello-1.0.tar.gz");
+            let sum = Command::new("sha256sum").arg(&file).output().unwrap();
+            let sum = String::from_utf8_lossy(&sum.stdout);
+            let size = std::fs::metadata(&file).unwrap().len();
+            std::fs::write(
+                client.pkgsrc.join("fixture/hello/distinfo"),
+                format!(
+                    "$NetBSD$\n\nSHA256 (hello-1.0.tar.gz) = {}\nSize (hello-1.0.tar.gz) = {size} bytes\n",
+                    sum.split_whitespace().next().unwrap()
+                ),
+            )
+            .unwrap();
+        }
+        // By hand, up to configure (the fetch phase, then the build
+        // phase's extract and configure): the hostile twin's configure
+        // makes most of its attempts there.
+        for (location, _) in packages {
+            let mut cmd = Command::new(buildcage_bin());
+            cmd.args(["pkgsrc", "make", "configure"])
+                .current_dir(client.pkgsrc.join(location));
+            client.env(&mut cmd);
+            let (code, out) = run_with_stdin(cmd, "");
+            assert_eq!(code, Some(0), "{name} {location}: {out}");
+        }
+        bulklog
+    };
+    let both = [
+        ("fixture/hello", "hello-1.0"),
+        ("fixture/hello-hostile", "hello-hostile-1.0"),
+    ];
+    // The hostile twin twice (its attempts, in other directories and with
+    // other pids); hello once before and once tampered.
+    let first = run("first", &site, &both);
+    let second = run("second", &site, &both[1..]);
+    let third = run("third", &site2, &both[..1]);
+    let diff = |old: &Path, new: &Path, json: bool| {
+        let mut cmd = Command::new(buildcage_bin());
+        cmd.arg("diff").arg(old).arg(new);
+        if json {
+            cmd.arg("--json");
+        }
+        run_with_stdin(cmd, "")
+    };
+    let (code, out) = diff(&first, &second, false);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), ""),
+        "the same packages, the same behaviour"
+    );
+    let (code, out) = diff(&first, &third, false);
+    assert_eq!(code, Some(1), "{out}");
+    // The injected phone-home (curl's sockets, whichever it tries first),
+    // and nothing else.
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("hello-1.0: changed"), "{out}");
+    let rest: Vec<&str> = lines.collect();
+    assert!(
+        !rest.is_empty()
+            && rest
+                .iter()
+                .all(|l| l.starts_with("  + build    deny socket(inet")),
+        "{out}"
+    );
+    let (code, out) = diff(&first, &third, true);
+    assert_eq!(code, Some(1), "{out}");
+    let change: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(change["package"], "hello-1.0");
+    assert_eq!(change["added"][0]["kind"], "attempt");
+    assert_eq!(change["added"][0]["phase"], "build");
+    assert!(!site2.hits().is_empty() && !site2.hits().iter().any(|h| h == "/injected"));
+}

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub(crate) mod daemon;
+pub(crate) mod diff;
 pub(crate) mod doctor;
 pub(crate) mod pkgsrc;
 pub(crate) mod policy;

@@ -124,7 +124,7 @@ fn run(tool: Tool, args: &[OsString], mode: Mode, fail: bool) -> anyhow::Result<
                 .unwrap_or_default()
         );
         code = end.exit;
-        seen.push(Entry::Phase(end));
+        seen.push(Entry::Phase(Box::new(end)));
         if broke {
             eprintln!(
                 "buildcage: failing {}: fail_on_violation is set\nhint: read the summary; a package that needs more belongs under a wider policy, by the admin's choice",
@@ -182,6 +182,12 @@ async fn phase(job: &Job) -> anyhow::Result<(PhaseEnd, Vec<buildcage::events::re
             .collect::<BTreeMap<_, _>>(),
         survivors: outcome.survivors,
         exceptions: job.exceptions.clone(),
+        vars: request
+            .set
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
     };
     if let Some(log) = log {
         log.finish(&end)?;

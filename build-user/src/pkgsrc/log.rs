@@ -52,6 +52,10 @@ pub struct PhaseEnd {
     pub survivors: Vec<Survivor>,
     /// Exceptions to the phase's policy, and why.
     pub exceptions: Vec<String>,
+    /// The policy's variables (WRKDIR, PREFIX, ...): this run's directories,
+    /// which `buildcage diff` tells apart from what the package did.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
 }
 
 impl PhaseEnd {
@@ -164,7 +168,7 @@ impl Sink for PackageLog {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     Event(Box<Record>),
-    Phase(PhaseEnd),
+    Phase(Box<PhaseEnd>),
 }
 
 /// Reads a `buildcage.log`; a line it cannot read (cut short by a crash) is
@@ -179,7 +183,9 @@ pub fn read(path: &Path) -> io::Result<Vec<Entry>> {
             Some("event") => serde_json::from_value(value)
                 .ok()
                 .map(|r| Entry::Event(Box::new(r))),
-            Some("phase") => serde_json::from_value(value).ok().map(Entry::Phase),
+            Some("phase") => serde_json::from_value(value)
+                .ok()
+                .map(|p| Entry::Phase(Box::new(p))),
             _ => None,
         };
         out.extend(entry);
@@ -194,7 +200,7 @@ pub fn render(entries: &[Entry]) -> String {
     let phases: Vec<&PhaseEnd> = entries
         .iter()
         .filter_map(|e| match e {
-            Entry::Phase(p) => Some(p),
+            Entry::Phase(p) => Some(&**p),
             Entry::Event(_) => None,
         })
         .collect();
@@ -315,6 +321,7 @@ mod tests {
             by_op: BTreeMap::new(),
             survivors: Vec::new(),
             exceptions: Vec::new(),
+            vars: BTreeMap::new(),
         }
     }
 

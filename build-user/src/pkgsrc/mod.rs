@@ -16,6 +16,7 @@
 //! package's log ([`log`]).
 
 pub mod config;
+pub mod diff;
 pub mod log;
 pub mod make;
 pub mod vars;
