@@ -506,3 +506,47 @@ fn a_user_holds_only_as_many_builds_as_the_admin_allows() {
     assert_eq!(again.code, Some(0), "{}", again.stderr);
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "ran\n");
 }
+
+/// A process inside a build that can reach the daemon (its policy lets it
+/// connect to unix sockets) is refused any build: a build never widens
+/// itself by asking for another, as a configure asking for pkgsrc's fetch
+/// phase, with its network, would.
+#[test]
+fn a_process_inside_a_build_is_refused_any_build() {
+    let base = scratch("daemon-nested");
+    let daemon = Daemon::start(&base, "", None);
+    let tree = mkdir(&base.join("tree"));
+    let reach = base.join("reach.toml");
+    std::fs::write(&reach, "inherits = \"default\"\nunix_connect = true\n").unwrap();
+    let marker = tree.join("inner-ran");
+    let inner = format!(
+        "{} run --tree {t} --policy pkgsrc-fetch --set DISTDIR={t} -- sh -c 'echo ran > {}'",
+        buildcage_bin().display(),
+        marker.display(),
+        t = path_str(&tree),
+    );
+    let outer = output(
+        daemon.run(&[
+            "--tree",
+            path_str(&tree),
+            "--policy",
+            path_str(&reach),
+            "--name",
+            "nested-outer",
+            "--",
+            "sh",
+            "-c",
+            &inner,
+        ]),
+        "nested",
+    );
+    assert_eq!(outer.code, Some(125), "{}", outer.stderr);
+    assert!(
+        outer
+            .stderr
+            .contains("asks for a build from inside a build"),
+        "{}",
+        outer.stderr
+    );
+    assert!(!marker.exists(), "the inner command never ran");
+}
