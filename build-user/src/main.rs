@@ -5,13 +5,14 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod cmd;
 mod report;
 
 #[derive(Debug, Parser)]
 #[command(name = "buildcage", version, about, long_about = None)]
+#[command(after_long_help = cmd::generate::exit_status_help(EXIT_STATUS))]
 struct Cli {
     /// More diagnostics on stderr (-v: info, -vv: debug); $BUILDCAGE_LOG overrides
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -43,10 +44,42 @@ enum Command {
     Pkgsrc(cmd::pkgsrc::PkgsrcArgs),
     /// What each package of a bulk run does that it did not in an older run.
     Diff(cmd::diff::DiffArgs),
+    /// Write the man pages or a shell's completions (for packaging).
+    #[command(hide = true)]
+    Generate(cmd::generate::GenerateArgs),
 }
 
 /// Exit status when buildcage itself fails before or around the command.
 const EXIT_BUILDCAGE_FAILED: u8 = 125;
+
+/// What buildcage's exit status means, for `--help` and the man page's EXIT
+/// STATUS. A command that cannot be found or executed is never started, so it
+/// is buildcage's failure (125, the error says why), not the 126/127 of a
+/// shell: session::spawn returns the exec error, and tests/tests/first_run.rs
+/// checks it.
+const EXIT_STATUS: &[(&str, &str)] = &[
+    (
+        "CMD's",
+        "run, pkgsrc: the command's own exit status, or 128+N if signal N killed it",
+    ),
+    (
+        "125",
+        "buildcage failed before or around the command (no BPF LSM, a policy error, a missing write root, a command that cannot be found or executed, a refusal by the daemon, stop of a name no live build has); the error on stderr ends with a hint: line",
+    ),
+    (
+        "126, 127",
+        "only as CMD's own status (a shell that cannot run what it was told to): buildcage does not start a command it cannot find or execute, and exits 125",
+    ),
+    (
+        "3",
+        "pkgsrc --fail-on-violation (or fail_on_violation = true): a phase succeeded but broke its policy",
+    ),
+    ("2", "the command line is wrong"),
+    (
+        "1",
+        "doctor: this machine cannot confine builds; policy: a policy has an error, or was not found; diff: a package does something new (as diff(1) says files differ)",
+    ),
+];
 
 fn main() -> ExitCode {
     let mut argv = std::env::args_os();
@@ -121,5 +154,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(args) => cmd::daemon::exec(args),
         Command::Pkgsrc(args) => cmd::pkgsrc::exec(args),
         Command::Diff(args) => cmd::diff::exec(&args),
+        Command::Generate(args) => cmd::generate::exec(&args, Cli::command(), EXIT_STATUS),
     }
 }

@@ -3,6 +3,7 @@
 pub(crate) mod daemon;
 pub(crate) mod diff;
 pub(crate) mod doctor;
+pub(crate) mod generate;
 pub(crate) mod pkgsrc;
 pub(crate) mod policy;
 pub(crate) mod ps;
