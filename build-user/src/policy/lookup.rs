@@ -4,8 +4,11 @@ use std::path::{Path, PathBuf};
 
 use super::{error::PolicyError, expand};
 
-/// The repository's `policies/`, for a checkout run with `cargo run`.
+/// The repository's `policies/`, for a buildcage that runs from this
+/// checkout's own build tree (`cargo run`, the tests).
 pub(crate) const REPO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
+/// Where cargo builds this workspace, unless CARGO_TARGET_DIR says otherwise.
+const TARGET_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target");
 /// System-wide policies, edited by the administrator.
 const ETC_DIR: &str = "/etc/buildcage/policies";
 /// Colon-separated directories searched first.
@@ -18,26 +21,54 @@ pub fn is_path_spec(spec: &str) -> bool {
 
 /// The directories searched for `NAME.toml`, in order: `$BUILDCAGE_POLICY_PATH`,
 /// /etc/buildcage/policies, `<exe dir>/../share/buildcage/policies`, and the
-/// repository's `policies/`.
+/// repository's `policies/` when this binary runs from the checkout's build
+/// tree.
 pub fn search_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os(PATH_ENV)
+    let exe = std::env::current_exe().ok();
+    let build_tree = exe.as_deref().is_some_and(runs_from_build_tree);
+    dirs_for(
+        std::env::var_os(PATH_ENV).as_deref(),
+        exe.as_deref(),
+        build_tree,
+    )
+}
+
+/// [`search_dirs`], for a given `$BUILDCAGE_POLICY_PATH` and executable.
+fn dirs_for(
+    path_env: Option<&std::ffi::OsStr>,
+    exe: Option<&Path>,
+    build_tree: bool,
+) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = path_env
         .map(|value| {
-            std::env::split_paths(&value)
+            std::env::split_paths(value)
                 .filter(|dir| !dir.as_os_str().is_empty())
                 .collect()
         })
         .unwrap_or_default();
     dirs.push(PathBuf::from(ETC_DIR));
-    if let Some(bin) = std::env::current_exe()
-        .ok()
-        .as_deref()
-        .and_then(Path::parent)
-    {
+    if let Some(bin) = exe.and_then(Path::parent) {
         dirs.push(tidy(&bin.join("../share/buildcage/policies")));
     }
-    dirs.push(tidy(Path::new(REPO_DIR)));
+    if build_tree {
+        dirs.push(tidy(Path::new(REPO_DIR)));
+    }
     dirs.dedup();
     dirs
+}
+
+/// Whether `exe` lies in this workspace's build tree: `target/`, or the
+/// CARGO_TARGET_DIR it was built with. Only then is the checkout's
+/// `policies/` searched, so that an installed buildcage never takes its
+/// policies from a source tree that happens to be where it was built.
+fn runs_from_build_tree(exe: &Path) -> bool {
+    // current_exe() is canonical (/proc/self/exe): so must the prefixes be.
+    let target_env = option_env!("CARGO_TARGET_DIR").filter(|dir| dir.starts_with('/'));
+    [Some(TARGET_DIR), target_env]
+        .into_iter()
+        .flatten()
+        .filter_map(|dir| std::fs::canonicalize(dir).ok())
+        .any(|dir| exe.starts_with(dir))
 }
 
 /// `a/b/../c` → `a/c`, lexically, for directories we compose ourselves and show.
@@ -118,6 +149,30 @@ mod tests {
             find("/abs/x.toml", Some(Path::new("/p")), &[]).ok(),
             Some(PathBuf::from("/abs/x.toml"))
         );
+    }
+
+    #[test]
+    fn an_installed_binary_never_searches_the_checkout() {
+        let usr = dirs_for(None, Some(Path::new("/usr/bin/buildcage")), false);
+        assert_eq!(
+            usr,
+            [ETC_DIR, "/usr/share/buildcage/policies"].map(PathBuf::from)
+        );
+        let opt = dirs_for(
+            Some(std::ffi::OsStr::new("/site:")),
+            Some(Path::new("/opt/bc/bin/buildcage")),
+            false,
+        );
+        assert_eq!(
+            opt,
+            ["/site", ETC_DIR, "/opt/bc/share/buildcage/policies"].map(PathBuf::from)
+        );
+        // Installed or copied outside the build tree: not from it.
+        assert!(!runs_from_build_tree(Path::new("/usr/bin/buildcage")));
+        let me = std::env::current_exe().expect("current_exe");
+        assert!(runs_from_build_tree(&me), "{}", me.display());
+        let checkout = std::fs::canonicalize(REPO_DIR).expect("policies/");
+        assert!(!runs_from_build_tree(&checkout.join("buildcage")));
     }
 
     #[test]
