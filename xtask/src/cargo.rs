@@ -19,7 +19,7 @@ pub(crate) struct Executable {
     pub(crate) package_dir: PathBuf,
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     // Under `cargo xtask`, CARGO names the cargo that runs us: use the same one.
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root());

@@ -1,4 +1,4 @@
-//! Developer tasks for buildcage: `cargo xtask setup | vm | vm-test | demo`.
+//! Developer tasks for buildcage: `cargo xtask setup | vm | vm-test | demo | dist | install`.
 //!
 //! xtask only orchestrates external tools (apt, rustup, cargo, qemu, virtiofsd);
 //! its output is meant for a human or a CI log, hence the crate-wide allowance.
@@ -11,6 +11,7 @@ mod apt;
 mod bench;
 mod cargo;
 mod demo;
+mod dist;
 mod kernels;
 mod setup;
 mod sources;
@@ -65,6 +66,14 @@ enum Cmd {
     Test,
     /// What confinement costs, as ratios measured side by side in the VM.
     Bench(bench::Args),
+    /// Build the Debian package (cargo-deb): binary, pkgsrc shims, policies, unit, man pages, completions.
+    Dist,
+    /// Install the same files under a prefix, for machines without dpkg.
+    Install {
+        /// Where bin/, libexec/ and share/ go, e.g. /usr/local.
+        #[arg(long)]
+        prefix: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -110,5 +119,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::VmCheck => vm_check::run(),
         Cmd::Test => test::run(),
         Cmd::Bench(args) => bench::run(&args),
+        Cmd::Dist => dist::deb().map(|_| ExitCode::SUCCESS),
+        Cmd::Install { prefix } => dist::install(&prefix).map(|()| ExitCode::SUCCESS),
     }
 }

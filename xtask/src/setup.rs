@@ -13,7 +13,9 @@ use crate::util::{cache_dir, describe, home_dir, is_root, probe, run_quiet};
 
 /// Debian packages: QEMU (with the C virtiofsd), a static busybox for the initramfs, cpio to
 /// pack it, xz for the 6.12 kernel's compressed modules; and for the pkgsrc fixture tests
-/// (the guest sees the host's /usr), NetBSD's make and curl, which its fetch phase uses.
+/// (the guest sees the host's /usr), NetBSD's make and curl, which its fetch phase uses;
+/// dpkg-shlibdeps, with which cargo-deb finds the .deb's dependencies (`dist`), and man,
+/// with which the VM test reads the installed man pages.
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -21,10 +23,15 @@ const APT_PACKAGES: &[&str] = &[
     "xz-utils",
     "bmake",
     "curl",
+    "dpkg-dev",
+    "man-db",
 ];
 
 /// The bpf-linker series aya 0.14 builds with.
 const BPF_LINKER_SERIES: &str = "0.13.";
+
+/// The cargo-deb series whose `[package.metadata.deb]` build-user/Cargo.toml is written for.
+pub(crate) const CARGO_DEB_SERIES: &str = "3.";
 
 pub(crate) fn run() -> Result<ExitCode> {
     let mut ok = true;
@@ -42,6 +49,7 @@ pub(crate) fn run() -> Result<ExitCode> {
     };
     ensure_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_cargo_deb()?;
     for sel in KernelSel::ALL {
         if !kernels::is_downloaded(sel)? {
             let package = kernels::download(sel)?;
@@ -188,6 +196,42 @@ fn ensure_bpf_linker() -> Result<()> {
         }
         _ => bail!(
             "bpf-linker was installed but `bpf-linker --version` does not run; is ~/.cargo/bin first on PATH? (built with `{}`)",
+            describe(&cmd)
+        ),
+    }
+}
+
+/// Whether cargo-deb of [`CARGO_DEB_SERIES`] runs: `cargo-deb --version` prints "cargo-deb 3.8.0".
+pub(crate) fn has_cargo_deb() -> bool {
+    probe("cargo-deb", &["--version"])
+        .is_some_and(|v| v.starts_with(&format!("cargo-deb {CARGO_DEB_SERIES}")))
+}
+
+/// cargo-deb builds the .deb of `cargo xtask dist` (and so of `vm-test`). From crates.io
+/// like bpf-linker: Debian 12 has no package of it.
+fn ensure_cargo_deb() -> Result<()> {
+    if has_cargo_deb() {
+        return Ok(());
+    }
+    println!("setup: building cargo-deb {CARGO_DEB_SERIES}x (a minute or two)");
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "install",
+        "cargo-deb",
+        "--version",
+        &format!("^{}", CARGO_DEB_SERIES.trim_end_matches('.')),
+        "--locked",
+        "--force",
+        "--quiet",
+    ]);
+    run_quiet(&mut cmd).context("building cargo-deb failed")?;
+    match probe("cargo-deb", &["--version"]) {
+        Some(v) if has_cargo_deb() => {
+            println!("setup: installed {}", v.trim());
+            Ok(())
+        }
+        _ => bail!(
+            "cargo-deb was installed but `cargo-deb --version` does not run; is ~/.cargo/bin first on PATH? (built with `{}`)",
             describe(&cmd)
         ),
     }

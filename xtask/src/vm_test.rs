@@ -1,5 +1,6 @@
-//! `cargo xtask vm-test`: builds the integration tests and runs every test binary as root in
-//! each test kernel (one boot per kernel), then prints one summary line per kernel.
+//! `cargo xtask vm-test`: builds the .deb (`dist`) and the integration tests and runs every
+//! test binary as root in each test kernel (one boot per kernel), then prints one summary
+//! line per kernel.
 
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
@@ -37,6 +38,9 @@ pub(crate) struct Args {
     /// Use this buildcage binary instead of building package `buildcage`.
     #[arg(long, hide = true)]
     buildcage_bin: Option<PathBuf>,
+    /// Test this .deb instead of building one (`cargo xtask dist`).
+    #[arg(long, value_name = "PATH")]
+    deb: Option<PathBuf>,
 }
 
 impl Args {
@@ -49,6 +53,7 @@ impl Args {
             tests_package: "buildcage-tests".to_owned(),
             tests_manifest: None,
             buildcage_bin: None,
+            deb: None,
         }
     }
 }
@@ -109,6 +114,13 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         Some(path) => std::path::absolute(path)?,
         None => cargo::build_bin("buildcage", "buildcage")?,
     };
+    // The guest installs the package and tests what it installed (tests/tests/dist.rs); the
+    // real builds do not.
+    let deb = match (&args.deb, args.real) {
+        (_, true) => None,
+        (Some(path), false) => Some(std::path::absolute(path)?),
+        (None, false) => Some(crate::dist::deb()?),
+    };
     let tests = cargo::build_tests(args.tests_manifest.as_deref(), &args.tests_package)?;
     if tests.is_empty() {
         anyhow::bail!("package {} has no test binaries", args.tests_package);
@@ -123,6 +135,12 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         ("RUST_TEST_THREADS".to_owned(), "1".to_owned()),
         ("RUST_BACKTRACE".to_owned(), "1".to_owned()),
     ];
+    if let Some(deb) = deb {
+        env.push((
+            "BUILDCAGE_DEB".to_owned(),
+            deb.to_string_lossy().into_owned(),
+        ));
+    }
     if args.real {
         env.push(("BUILDCAGE_REAL".to_owned(), "1".to_owned()));
         let hello = crate::sources::hello_tarball()?;
