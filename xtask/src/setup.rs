@@ -213,7 +213,7 @@ fn ensure_cargo_deb() -> Result<()> {
     if has_cargo_deb() {
         return Ok(());
     }
-    println!("setup: building cargo-deb {CARGO_DEB_SERIES}x (a minute or two)");
+    println!("setup: building cargo-deb {CARGO_DEB_SERIES}x (a few minutes)");
     let mut cmd = Command::new("cargo");
     cmd.args([
         "install",
