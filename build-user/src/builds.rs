@@ -70,6 +70,7 @@ pub struct Registration {
 
 impl Registration {
     /// Writes `plan` for the build with cgroup id `build`, asked for by `uid`.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn write(
         dir: &Path,
         build: u64,

@@ -120,20 +120,28 @@ fn main() -> ExitCode {
 
 /// Diagnostics (tracing) on stderr at `level` unless `$BUILDCAGE_LOG` says
 /// otherwise; coloured only on a terminal, and never with `$NO_COLOR` set
-/// (https://no-color.org).
+/// (https://no-color.org). At debug level, each step of a build's making and
+/// ending says how long it took, as it closes (`time.busy`, `time.idle`).
 fn diagnostics(level: &str) {
     use std::io::IsTerminal as _;
     let colour = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BUILDCAGE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BUILDCAGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let detailed = filter
+        .max_level_hint()
+        .is_none_or(|max| max >= tracing::level_filters::LevelFilter::DEBUG);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .without_time()
-        .init();
+        .with_ansi(colour);
+    if detailed {
+        fmt.with_timer(tracing_subscriber::fmt::time::Uptime::default())
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .init();
+    } else {
+        fmt.without_time().init();
+    }
 }
 
 fn broken_pipe(err: &anyhow::Error) -> bool {

@@ -185,6 +185,7 @@ impl Conn<'_> {
         true
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn open(
         &mut self,
         request: plan::Request,
@@ -332,6 +333,7 @@ impl Conn<'_> {
     /// Moves the process that sent `Enter` into the build: only the
     /// client's own child, as the kernel names the sender, and of the
     /// client's uid. Nothing a client sends can move another process.
+    #[tracing::instrument(level = "debug", skip_all)]
     fn admit(&self, confined: &Confined) -> Result<(), Hinted> {
         let refuse = |why: String| {
             Hinted::new(
@@ -356,6 +358,7 @@ impl Conn<'_> {
             .map_err(|e| refuse(e.to_string()))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn finish(&mut self, confined: Confined, mut records: broadcast::Receiver<Arc<Record>>) {
         let id = confined.id();
         let ended = confined.end(&self.daemon.bus).await;

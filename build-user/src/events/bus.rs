@@ -112,6 +112,7 @@ impl Bus {
     /// Starts reading `build`'s ring on the current tokio runtime, and
     /// returns the first subscription to its records. Attach before the build
     /// runs, so that none is missed.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn attach(
         &self,
         build: u64,
@@ -185,6 +186,7 @@ impl Bus {
     /// Reads what `build`'s ring still holds, stops its reader, and forgets
     /// the build. Its subscribers see the channel close once they have read
     /// what it holds.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn detach(&self, build: u64) -> io::Result<()> {
         let reader = {
             let mut shared = self.lock();

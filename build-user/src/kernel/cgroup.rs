@@ -177,6 +177,7 @@ pub struct BuildCgroup {
 
 impl BuildCgroup {
     /// Creates `<parent>/<name>`; `parent` is an instance's cgroup.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn create(parent: &Path, name: &str) -> Result<Self, CgroupError> {
         validate_name(name)?;
         let path = parent.join(name);
@@ -285,6 +286,7 @@ impl BuildCgroup {
     }
 
     /// Moves process `pid` into the cgroup (the daemon, for a client's child).
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn admit(&self, pid: u32) -> Result<(), CgroupError> {
         use std::io::Write as _;
         let p = self.path.join("cgroup.procs");
@@ -326,6 +328,7 @@ impl BuildCgroup {
     /// Ends every process left in the build and names each. The cgroup is frozen
     /// first, so that nothing can fork between the listing and the kill. It
     /// waits with the runtime's timer, never blocking its thread.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn kill_all(&self, timeout: Duration) -> Result<Vec<Survivor>, CgroupError> {
         if !self.populated()? {
             return Ok(Vec::new());
@@ -372,6 +375,7 @@ impl BuildCgroup {
     }
 
     /// Removes the cgroup and any the build made beneath it (all must be empty).
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn remove(self) -> Result<(), CgroupError> {
         remove_tree(&self.path)
     }

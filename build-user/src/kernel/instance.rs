@@ -146,6 +146,7 @@ pub(crate) const PINNED_MAPS: [&str; 7] = [
 pub struct InstanceLock(#[allow(dead_code)] Flock<File>);
 
 /// Waits for and takes the instance lock.
+#[tracing::instrument(level = "debug", skip_all)]
 pub fn lock() -> Result<InstanceLock, KernelError> {
     let path = Path::new(LOCK_FILE);
     let io = |source| KernelError::Io {
@@ -220,6 +221,7 @@ impl Instance {
     /// Finds this binary's instance, or loads, attaches and pins it. A
     /// partly pinned one (a loader died half-way) serves no build, and is
     /// replaced.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn ensure(host: &Host, _lock: &InstanceLock) -> Result<Self, KernelError> {
         let this = Self::at(&host.bpffs, &host.cgroot, &Self::own_tag());
         if this.is_complete() {

@@ -219,6 +219,7 @@ impl Lease {
     /// last, `policy` for `build`, whose cgroup must still be empty: until
     /// the policy is in, the cgroup programs deny everything there. On
     /// failure, whatever was installed is removed again.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn take(
         instance: &Instance,
         _lock: &InstanceLock,
@@ -283,6 +284,7 @@ impl Lease {
     }
 
     /// Takes the build's ring buffer out, for the event bus.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, KernelError> {
         self.ring
             .take()
@@ -290,11 +292,13 @@ impl Lease {
     }
 
     /// The build's counters, added up over CPUs.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn stats(&self) -> Result<Tally, KernelError> {
         self.maps.stats(self.build)
     }
 
     /// Removes the build's entries. Call only once its cgroup is empty.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn release(mut self) -> Result<(), KernelError> {
         self.maps.forget(self.build)
     }

@@ -51,6 +51,7 @@ impl Confined {
     /// nothing can run in the cgroup before the policy is in force. `check`
     /// sees every root, opened, before anything is installed. Returns what
     /// reaping did, for the user.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn open(
         host: &Host,
         plan: &ConfinementPlan,
@@ -142,6 +143,7 @@ impl Confined {
     /// last events into its subscribers, then removes its entries and its
     /// cgroup. Until the cgroup is known empty, a failure leaves everything
     /// in place, and the build confined.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn end(
         self,
         bus: &Bus,
@@ -274,6 +276,7 @@ fn remove_cgroup(cg: BuildCgroup) {
 /// in them, then removes their entries and cgroups. Until now they stayed
 /// confined. A failure leaves that build confined, and is said. Then retires
 /// the older instances that serve no build any more.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn reap_orphans(host: &Host, lock: &InstanceLock) -> Vec<Notice> {
     let mut notices = Vec::new();
     for orphan in BuildCgroup::orphans(&host.cgroot) {
