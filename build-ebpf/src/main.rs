@@ -105,10 +105,17 @@ pub(crate) fn in_a_build() -> bool {
 }
 
 /// A decision, before it is turned into the return convention of the program kind.
+///
+/// The discriminants are what plain BPF LSM programs return, so that
+/// [`Verdict::mac`] is no arithmetic. Of a 0/1 enum, LLVM makes `mac` a
+/// negation wherever a check is not inlined into its hook, and the verifier
+/// (Linux 6.12 and older) keeps no range through BPF_NEG: it refused the
+/// program, its return value "unknown".
+#[repr(i32)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    Allow,
-    Deny,
+    Allow = 0,
+    Deny = -1, // -EPERM
 }
 
 impl Verdict {
@@ -126,7 +133,7 @@ impl Verdict {
     pub(crate) fn mac(self) -> i32 {
         match self {
             Self::Allow => 0,
-            Self::Deny => -1, // -EPERM
+            Self::Deny => -1,
         }
     }
 }

@@ -26,14 +26,30 @@ pub(crate) static STATS: PerCpuHashMap<u64, BuildStats> =
     PerCpuHashMap::with_max_entries(MAX_BUILDS, 0);
 
 /// Each build's decisions on their way to user space, in a ring of its own,
-/// keyed like `BUILDS`: a build that floods its ring loses only its own
-/// events, and each reader drains one build without an election among them.
+/// under the key its `RING_KEYS` entry names: a build that floods its ring
+/// loses only its own events, and each reader drains one build without an
+/// election among them.
 #[btf_map]
 pub(crate) static RINGS: HashOfMaps<
     u64,
     RingBuf<Event, { RING_BYTES as usize }>,
     { MAX_BUILDS as usize },
 > = HashOfMaps::new();
+
+/// The key in `RINGS` of each build's ring, keyed like `BUILDS`: the build's
+/// own id, or a key of a daemon's, whose rings are made ahead of the builds
+/// and serve one build after another. Adding or removing an entry of a map of
+/// maps waits out an RCU grace period (kernel/bpf/syscall.c,
+/// maybe_wait_bpf_programs), tens of milliseconds on a slow machine; this
+/// plain map lets a build use a ring already in `RINGS` without either.
+#[map]
+pub(crate) static RING_KEYS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_BUILDS, 0);
+
+#[inline(always)]
+pub(crate) fn ring_key(build: u64) -> Option<u64> {
+    // SAFETY: the value is copied out at once.
+    RING_KEYS.get_ptr(build).map(|p| unsafe { *p })
+}
 
 /// What happens outside any known build.
 #[map]

@@ -40,10 +40,16 @@ pub(crate) fn decision(
     flags: u32,
 ) {
     maps::count(build, Stat::Denial(op));
-    // SAFETY: the inner map is only reserved from here. Its entry goes only
+    let Some(key) = maps::ring_key(build) else {
+        maps::count(build, Stat::Lost);
+        return;
+    };
+    // SAFETY: the inner map is only reserved from here. Its entries go only
     // once the build's cgroup is empty, and the kernel keeps the map alive
-    // while this program holds the pointer (RCU).
-    let Some(ring) = (unsafe { RINGS.get(&build) }) else {
+    // while this program holds the pointer (RCU). A ring that serves another
+    // build next may still get this record: it carries `build`, by which
+    // user space drops it.
+    let Some(ring) = (unsafe { RINGS.get(&key) }) else {
         maps::count(build, Stat::Lost);
         return;
     };

@@ -102,7 +102,7 @@ fn typed<M: TryFrom<Map, Error = MapError>>(path: &Path, map: Map) -> M {
 }
 
 /// The number of entries of the instance's map `map_<name>`, pinned in `pins`:
-/// one of `BUILDS`, `STATS`, `RINGS`, `BOUND` and `ROOT_KINDS`, opened
+/// one of `BUILDS`, `STATS`, `RINGS`, `RING_KEYS`, `BOUND` and `ROOT_KINDS`, opened
 /// (`MapData::from_pin`, `Map::from_map_data`) as the typed map the kernel
 /// programs declare, with the key and value types of `buildcage-common`, and
 /// its keys walked (`keys()`).
@@ -120,6 +120,7 @@ pub fn map_entries(pins: &Path, name: &str) -> usize {
             typed::<PerCpuHashMap<_, u64, BuildStats>>(&path, map).keys(),
         ),
         "RINGS" => count_keys(&path, typed::<HashOfMaps<_, u64>>(&path, map).keys()),
+        "RING_KEYS" => count_keys(&path, typed::<HashMap<_, u64, u64>>(&path, map).keys()),
         "BOUND" => count_keys(&path, typed::<HashMap<_, PortKey, u8>>(&path, map).keys()),
         "ROOT_KINDS" => count_keys(&path, typed::<HashMap<_, RootKey, u32>>(&path, map).keys()),
         _ => panic!("no per-build map {name}"),

@@ -143,6 +143,7 @@ struct Counts {
     builds: usize,
     stats: usize,
     rings: usize,
+    ring_keys: usize,
     bound: usize,
     root_kinds: usize,
     cgroups: usize,
@@ -157,6 +158,7 @@ fn counts(tag: &str, pins: &Path) -> Counts {
         builds: kernel::map_entries(pins, "BUILDS"),
         stats: kernel::map_entries(pins, "STATS"),
         rings: kernel::map_entries(pins, "RINGS"),
+        ring_keys: kernel::map_entries(pins, "RING_KEYS"),
         bound: kernel::map_entries(pins, "BOUND"),
         root_kinds: kernel::map_entries(pins, "ROOT_KINDS"),
         cgroups: kernel::build_cgroups(tag),
@@ -432,6 +434,7 @@ fn nothing_of_a_build_stays_in_the_kernel_after_it_ends() {
     assert_eq!(during.builds, before.builds + 1, "{during:?}");
     assert_eq!(during.stats, before.stats + 1, "{during:?}");
     assert_eq!(during.rings, before.rings + 1, "{during:?}");
+    assert_eq!(during.ring_keys, before.ring_keys + 1, "{during:?}");
     assert!(during.bound > before.bound, "its port: {during:?}");
     assert!(
         during.root_kinds > before.root_kinds,

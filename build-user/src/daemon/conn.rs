@@ -212,16 +212,22 @@ impl Conn<'_> {
                 .check_root(root)
                 .map_err(|r| SessionError::Daemon(Hinted::from(r)))
         };
-        let (mut confined, notices) = Confined::open(&self.daemon.host, &plan, asker, check)
-            .await
-            .map_err(|e| failed(&e, e.hint()))?;
-        match confined.attach(&self.daemon.bus) {
-            Ok(records) => Ok((confined, plan, notices, records)),
-            Err(e) => {
-                confined.discard();
-                Err(failed(&e, e.hint()))
-            }
+        let mut ring = self.daemon.pool.take();
+        let opened = Confined::open(&self.daemon.host, &plan, asker, check, &mut ring).await;
+        let result = match opened {
+            Ok((mut confined, notices)) => match confined.attach(&self.daemon.bus) {
+                Ok(records) => Ok((confined, plan, notices, records)),
+                Err(e) => {
+                    confined.discard(&mut ring);
+                    Err(failed(&e, e.hint()))
+                }
+            },
+            Err(e) => Err(failed(&e, e.hint())),
+        };
+        if let Some(ring) = ring {
+            self.daemon.pool.put(ring);
         }
+        result
     }
 
     async fn resume(&mut self, build: u64) -> bool {
@@ -316,8 +322,12 @@ impl Conn<'_> {
                 Event::Client(_) => {
                     tracing::warn!(build = id, "its client went away: reaping it");
                     self.daemon.slots().remove(&id);
-                    if let Err(e) = confined.end(&self.daemon.bus).await {
+                    let mut spare = None;
+                    if let Err(e) = confined.end(&self.daemon.bus, &mut spare).await {
                         tracing::error!(build = id, "cannot reap: {}", e.into_error());
+                    }
+                    if let Some(ring) = spare {
+                        self.daemon.pool.put(ring);
                     }
                     return;
                 }
@@ -361,7 +371,11 @@ impl Conn<'_> {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn finish(&mut self, confined: Confined, mut records: broadcast::Receiver<Arc<Record>>) {
         let id = confined.id();
-        let ended = confined.end(&self.daemon.bus).await;
+        let mut spare = None;
+        let ended = confined.end(&self.daemon.bus, &mut spare).await;
+        if let Some(ring) = spare {
+            self.daemon.pool.put(ring);
+        }
         self.daemon.slots().remove(&id);
         loop {
             let reply = match records.try_recv() {

@@ -13,6 +13,7 @@
 pub mod access;
 pub mod client;
 mod conn;
+mod pool;
 pub mod protocol;
 
 use std::{
@@ -66,6 +67,8 @@ struct Daemon {
     /// Builds being made, by uid: counted with the live ones against a
     /// user's `max_builds`. Locked after `slots`.
     starting: Mutex<HashMap<u32, usize>>,
+    /// Rings made ahead of the builds.
+    pool: Arc<pool::Pool>,
 }
 
 /// A build being made for `uid`, counted until it is live or has failed.
@@ -175,6 +178,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Hinted> {
     let daemon = Arc::new(Daemon {
+        pool: Arc::new(pool::Pool::new(&host)),
         host,
         config,
         bus: Bus::new(),
@@ -183,6 +187,14 @@ pub async fn serve(
     });
     daemon.resume().await?;
     let listener = listen(socket).await?;
+    // Before the first client is served: the pool's rings are the daemon's
+    // from its start, not a change that a build would seem to have left.
+    let pool = Arc::clone(&daemon.pool);
+    match tokio::task::spawn_blocking(move || pool.fill()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot make rings ahead of builds: {e}"),
+        Err(e) => tracing::warn!("cannot make rings ahead of builds: {e}"),
+    }
     tracing::info!("listening on {}", socket.display());
     eprintln!("buildcage: daemon listening on {}", socket.display());
     loop {
@@ -199,6 +211,8 @@ pub async fn serve(
         }
     }
     let _ = std::fs::remove_file(socket);
+    let pool = Arc::clone(&daemon.pool);
+    let _ = tokio::task::spawn_blocking(move || pool.drain()).await;
     eprintln!("buildcage: daemon stopped; its builds stay confined");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The readers of the builds' ring buffers (each build has its own, in the
-//! instance's `RINGS`), fanning records out through `tokio::sync::broadcast`,
+//! instance's `RINGS`, while it lives; a daemon's ring then serves its next
+//! build), fanning records out through `tokio::sync::broadcast`,
 //! as mini-redis's pub/sub does: to each build's own subscribers (its
 //! session) and to everyone who follows every build (the daemon's tails).
 //!
@@ -16,7 +17,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
-use aya::maps::{MapData, RingBuf};
+use buildcage_common::Event;
 use tokio::{io::unix::AsyncFd, sync::broadcast, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,7 @@ use super::{
     paths::Mounts,
     record::{Clock, Record},
 };
+use crate::kernel::lease::Ring;
 
 /// Records a subscriber may fall behind by before it starts to lose them.
 pub const CAPACITY: usize = 4096;
@@ -74,7 +76,7 @@ struct Route {
     tx: broadcast::Sender<Arc<Record>>,
     history: VecDeque<Arc<Record>>,
     stop: CancellationToken,
-    reader: Option<JoinHandle<io::Result<()>>>,
+    reader: Option<JoinHandle<(Ring, io::Result<()>)>>,
 }
 
 #[derive(Debug)]
@@ -111,17 +113,21 @@ impl Bus {
 
     /// Starts reading `build`'s ring on the current tokio runtime, and
     /// returns the first subscription to its records. Attach before the build
-    /// runs, so that none is missed.
+    /// runs, so that none is missed. On failure, the ring comes back.
     #[tracing::instrument(level = "debug", skip_all)]
     pub fn attach(
         &self,
         build: u64,
         origin: Origin,
-        ring: RingBuf<MapData>,
-    ) -> io::Result<broadcast::Receiver<Arc<Record>>> {
-        // SAFETY: RingBuf owns its map fd and its mmap for as long as it
-        // lives, and always returns that same fd; the AsyncFd owns the RingBuf.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+        ring: Ring,
+    ) -> Result<broadcast::Receiver<Arc<Record>>, Box<(io::Error, Ring)>> {
+        // SAFETY: the Ring owns its map fd and its mmap for as long as it
+        // lives, and always returns that same fd; the AsyncFd owns the Ring.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| {
+                let (ring, e) = e.into_parts();
+                Box::new((e, ring))
+            })?;
         let stop = CancellationToken::new();
         let (tx, rx) = broadcast::channel(CAPACITY);
         let reader = Reader {
@@ -185,23 +191,26 @@ impl Bus {
 
     /// Reads what `build`'s ring still holds, stops its reader, and forgets
     /// the build. Its subscribers see the channel close once they have read
-    /// what it holds.
+    /// what it holds. Gives back the ring, if the reader did not die.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn detach(&self, build: u64) -> io::Result<()> {
+    pub async fn detach(&self, build: u64) -> (Option<Ring>, io::Result<()>) {
         let reader = {
             let mut shared = self.lock();
             let Some(route) = shared.routes.get_mut(&build) else {
-                return Ok(());
+                return (None, Ok(()));
             };
             route.stop.cancel();
             route.reader.take()
         };
-        let result = match reader {
-            Some(task) => task.await.unwrap_or_else(|e| Err(io::Error::other(e))),
-            None => Ok(()),
+        let (ring, result) = match reader {
+            Some(task) => match task.await {
+                Ok((ring, result)) => (Some(ring), result),
+                Err(e) => (None, Err(io::Error::other(e))),
+            },
+            None => (None, Ok(())),
         };
         self.lock().routes.remove(&build);
-        result
+        (ring, result)
     }
 
     /// Hands a decoded record to the build's subscribers, to the followers of
@@ -233,34 +242,40 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(
-        self,
-        mut ring: AsyncFd<RingBuf<MapData>>,
-        stop: CancellationToken,
-    ) -> io::Result<()> {
-        loop {
+    /// Reads until stopped, then gives the ring back.
+    async fn run(self, mut ring: AsyncFd<Ring>, stop: CancellationToken) -> (Ring, io::Result<()>) {
+        let result = loop {
             tokio::select! {
-                guard = ring.readable_mut() => {
+                guard = ring.readable_mut() => match guard {
                     // Readiness is cleared before the ring is read, not after:
                     // the kernel wakes a reader only for a record written when
                     // the reader had caught up (BPF_RB_NO_WAKEUP's adaptive
                     // default, kernel/bpf/ringbuf.c), so a wakeup cleared after
                     // the last read would be lost, and with it every record
                     // until the ring overflowed.
-                    let mut guard = guard?;
-                    guard.clear_ready();
-                    self.drain(guard.get_inner_mut());
-                }
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        self.drain(guard.get_inner_mut());
+                    }
+                    Err(e) => break Err(e),
+                },
                 () = stop.cancelled() => {
                     self.drain(ring.get_mut());
-                    return Ok(());
+                    break Ok(());
                 }
             }
-        }
+        };
+        (ring.into_inner(), result)
     }
 
-    fn drain(&self, ring: &mut RingBuf<MapData>) {
+    fn drain(&self, ring: &mut Ring) {
         while let Some(item) = ring.next() {
+            // A record of the build this ring served before: one of its last
+            // tasks ran a program after that build's reader had stopped. It
+            // is neither this build's nor a loss of this build's.
+            if recorded_build(&item).is_some_and(|b| b != self.build) {
+                continue;
+            }
             match Record::decode(&item, &self.origin.name, &self.clock, &self.mounts) {
                 Ok(mut record) => {
                     record.policy = Some(self.origin.policy.clone());
@@ -270,5 +285,26 @@ impl Reader {
                 Err(e) => tracing::error!(build = self.build, "undecodable event: {e}"),
             }
         }
+    }
+}
+
+/// The build a raw record names, if it is long enough to name one.
+fn recorded_build(bytes: &[u8]) -> Option<u64> {
+    let at = std::mem::offset_of!(Event, build);
+    let field = bytes.get(at..at + size_of::<u64>())?;
+    Some(u64::from_ne_bytes(field.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_names_its_build_where_the_kernel_wrote_it() {
+        let mut bytes = vec![0u8; size_of::<Event>()];
+        let at = std::mem::offset_of!(Event, build);
+        bytes[at..at + 8].copy_from_slice(&0x1_0000_1234u64.to_ne_bytes());
+        assert_eq!(recorded_build(&bytes), Some(0x1_0000_1234));
+        assert_eq!(recorded_build(&bytes[..at + 4]), None, "cut short");
     }
 }

@@ -131,10 +131,11 @@ pub const HOOKS: &[(&str, Attach)] = &[
 /// The maps pinned as `map_NAME` (bpffs reserves names with a dot:
 /// kernel/bpf/inode.c, bpf_lookup): what a lease, `ps` or a daemon reads and
 /// writes. The others are the programs' own scratch space.
-pub(crate) const PINNED_MAPS: [&str; 7] = [
+pub(crate) const PINNED_MAPS: [&str; 8] = [
     "BUILDS",
     "STATS",
     "RINGS",
+    "RING_KEYS",
     "ROOTS",
     "ROOT_KINDS",
     "BOUND",

@@ -1,24 +1,23 @@
-//! A build's lease on the kernel instance: its policy, counters, ring buffer,
-//! and what each of its roots lets it do, installed before its first process
-//! starts and removed once its cgroup is empty.
+//! A build's lease on the kernel instance: its policy, counters, ring buffer
+//! (see [`ring`]), and what each of its roots lets it do, installed before
+//! its first process starts and removed once its cgroup is empty.
 //!
 //! A lease dropped without [`Lease::release`] leaves everything in place, so
 //! that a build whose processes may still run stays confined (fail closed):
 //! its entry in `BUILDS` is what makes the programs judge its tasks. The next
 //! start reaps it with [`Maps::forget`].
 
+mod ring;
+
 use std::{collections::BTreeMap, fs, os::unix::fs::OpenOptionsExt as _, path::PathBuf};
 
 use aya::{
-    maps::{
-        HashMap, HashOfMaps, InodeStorage, Map, MapData, MapError, PerCpuHashMap, PerCpuValues,
-        RingBuf,
-    },
+    maps::{HashMap, HashOfMaps, InodeStorage, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
     util::nr_cpus,
 };
-use buildcage_common::{
-    BuildPolicy, BuildStats, InodeTag, Op, PortKey, RootKey, event::RING_BYTES,
-};
+use buildcage_common::{BuildPolicy, BuildStats, InodeTag, Op, PortKey, RootKey};
+
+pub use self::ring::{Ring, pool_key, pool_owner, sweep};
 
 use super::{
     KernelError,
@@ -60,6 +59,9 @@ pub struct Maps {
     builds: HashMap<MapData, u64, BuildPolicy>,
     stats: PerCpuHashMap<MapData, u64, BuildStats>,
     rings: HashOfMaps<MapData, u64, MapData>,
+    /// `None` in an instance of a buildcage from before `RING_KEYS`, where
+    /// each build's ring is under the build's own id.
+    ring_keys: Option<HashMap<MapData, u64, u64>>,
     roots: InodeStorage<MapData, InodeTag>,
     root_kinds: HashMap<MapData, RootKey, u32>,
     bound: HashMap<MapData, PortKey, u8>,
@@ -77,6 +79,11 @@ impl Maps {
             builds: HashMap::try_from(open("BUILDS")?).map_err(map_err)?,
             stats: PerCpuHashMap::try_from(open("STATS")?).map_err(map_err)?,
             rings: HashOfMaps::try_from(open("RINGS")?).map_err(map_err)?,
+            ring_keys: if instance.map_pin("RING_KEYS").exists() {
+                Some(HashMap::try_from(open("RING_KEYS")?).map_err(map_err)?)
+            } else {
+                None
+            },
             roots: InodeStorage::try_from(open("ROOTS")?).map_err(map_err)?,
             root_kinds: HashMap::try_from(open("ROOT_KINDS")?).map_err(map_err)?,
             bound: HashMap::try_from(open("BOUND")?).map_err(map_err)?,
@@ -92,20 +99,43 @@ impl Maps {
         Ok(sum(per_cpu.iter()))
     }
 
-    /// A build's ring buffer, for a reader that did not create it (a
-    /// restarted daemon).
-    pub fn ring(&self, build: u64) -> Result<RingBuf<MapData>, KernelError> {
-        let map_err = |source| KernelError::Map { build, source };
-        let data = self.rings.get(&build, 0).map_err(map_err)?;
-        RingBuf::try_from(Map::RingBuf(data)).map_err(map_err)
+    /// The key of a build's ring in `RINGS`: its own id where the instance
+    /// has no `RING_KEYS`; `None` when its entry is gone.
+    fn ring_key(&self, build: u64) -> Result<Option<u64>, MapError> {
+        match &self.ring_keys {
+            None => Ok(Some(build)),
+            Some(keys) => match keys.get(&build, 0) {
+                Ok(key) => Ok(Some(key)),
+                Err(e) if already_gone(&e) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
     }
 
-    /// Removes every entry of `build`: its policy, counters, ring, ports and
-    /// roots. Call only once its cgroup is empty: from then on its tasks, if
-    /// any were left, would be judged as no build's. The roots' ids stay on
-    /// their inodes, which hold one slot each and free it with the inode;
-    /// without a `ROOT_KINDS` entry an id grants nothing.
+    /// A build's ring buffer, for a reader that did not create it (a
+    /// restarted daemon).
+    pub fn ring(&self, build: u64) -> Result<Ring, KernelError> {
+        let map_err = |source| KernelError::Map { build, source };
+        let key = self
+            .ring_key(build)
+            .map_err(map_err)?
+            .ok_or_else(|| map_err(MapError::KeyNotFound))?;
+        Ring::find(&self.rings, key).map_err(map_err)
+    }
+
+    /// Removes every entry of `build`: its policy, counters, ring key,
+    /// ports and roots, and its ring unless it is a live daemon's (see
+    /// [`ring`]). Call only once its cgroup is empty: from then on its
+    /// tasks, if any were left, would be judged as no build's. The roots'
+    /// ids stay on their inodes, which hold one slot each and free it with
+    /// the inode; without a `ROOT_KINDS` entry an id grants nothing.
     pub fn forget(&mut self, build: u64) -> Result<(), KernelError> {
+        // With no key left (a release that failed half-way), the ring is
+        // the build's own, or a daemon's that `sweep` finds.
+        let (ring, lookup) = match self.ring_key(build) {
+            Ok(key) => (key.unwrap_or(build), Ok(())),
+            Err(e) => (build, Err(e)),
+        };
         let ports: Vec<PortKey> = self
             .bound
             .keys()
@@ -120,9 +150,17 @@ impl Maps {
             .collect();
         // Every removal is tried; the first failure is said.
         let results = [
+            lookup,
             self.builds.remove(&build),
             self.stats.remove(&build),
-            self.rings.remove(&build),
+            self.ring_keys
+                .as_mut()
+                .map_or(Ok(()), |keys| keys.remove(&build)),
+            if ring::disposable(ring) {
+                self.rings.remove(&ring)
+            } else {
+                Ok(())
+            },
         ]
         .into_iter()
         .chain(ports.iter().map(|key| self.bound.remove(key)))
@@ -136,11 +174,15 @@ impl Maps {
     }
 
     /// The number of entries per map that holds per-build state, by name.
-    pub fn entries(&self) -> [(&'static str, usize); 5] {
+    pub fn entries(&self) -> [(&'static str, usize); 6] {
         [
             ("BUILDS", self.builds.keys().count()),
             ("STATS", self.stats.keys().count()),
             ("RINGS", self.rings.keys().count()),
+            (
+                "RING_KEYS",
+                self.ring_keys.as_ref().map_or(0, |k| k.keys().count()),
+            ),
             ("ROOT_KINDS", self.root_kinds.keys().count()),
             ("BOUND", self.bound.keys().count()),
         ]
@@ -177,11 +219,6 @@ impl Maps {
     }
 }
 
-/// `BPF_MAP_TYPE_RINGBUF`: a variant of a fieldless `#[repr(u32)]` enum, for
-/// which `as` is the conversion.
-#[allow(clippy::as_conversions)]
-const RINGBUF_MAP_TYPE: u32 = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32;
-
 /// A fresh root id: random, so that ids never repeat across builds, boots or
 /// instances, and 0 (no root) never comes up.
 fn new_root_id() -> Result<u64, getrandom::Error> {
@@ -197,7 +234,7 @@ fn new_root_id() -> Result<u64, getrandom::Error> {
 pub struct Lease {
     build: u64,
     maps: Maps,
-    ring: Option<RingBuf<MapData>>,
+    ring: Option<Ring>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -215,24 +252,39 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    /// Installs zeroed counters, a ring buffer, the grants of `roots` and,
-    /// last, `policy` for `build`, whose cgroup must still be empty: until
-    /// the policy is in, the cgroup programs deny everything there. On
-    /// failure, whatever was installed is removed again.
+    /// Installs zeroed counters, a ring buffer of the build's own, the
+    /// grants of `roots` and, last, `policy` for `build`, whose cgroup must
+    /// still be empty: until the policy is in, the cgroup programs deny
+    /// everything there. On failure, whatever was installed is removed again.
     #[tracing::instrument(level = "debug", skip_all)]
     pub fn take(
+        instance: &Instance,
+        lock: &InstanceLock,
+        build: u64,
+        policy: BuildPolicy,
+        roots: &[OpenRoot],
+    ) -> Result<Self, KernelError> {
+        Self::take_with(instance, lock, build, policy, roots, &mut None)
+    }
+
+    /// [`Lease::take`], with `ring` (a ring this process made ahead) for the
+    /// build's when it is still in `RINGS`: then it is taken out of the
+    /// option once the lease is in, and left there when it is not. A ring
+    /// no longer in `RINGS` is dropped, and the build makes its own.
+    pub fn take_with(
         instance: &Instance,
         _lock: &InstanceLock,
         build: u64,
         policy: BuildPolicy,
         roots: &[OpenRoot],
+        ring: &mut Option<Ring>,
     ) -> Result<Self, KernelError> {
         let mut lease = Self {
             build,
             maps: Maps::open(instance)?,
             ring: None,
         };
-        if let Err(e) = lease.install(policy, roots) {
+        if let Err(e) = lease.install(policy, roots, ring) {
             if let Err(undo) = lease.maps.forget(build) {
                 tracing::error!("cannot undo the lease of build {build}: {undo}");
             }
@@ -241,7 +293,12 @@ impl Lease {
         Ok(lease)
     }
 
-    fn install(&mut self, policy: BuildPolicy, roots: &[OpenRoot]) -> Result<(), KernelError> {
+    fn install(
+        &mut self,
+        policy: BuildPolicy,
+        roots: &[OpenRoot],
+        ahead: &mut Option<Ring>,
+    ) -> Result<(), KernelError> {
         let build = self.build;
         let map_err = |source| KernelError::Map { build, source };
         let cpus = nr_cpus().map_err(|(_, source)| KernelError::Io {
@@ -257,18 +314,27 @@ impl Lease {
             }
         })?;
         self.maps.stats.insert(build, zero, 0).map_err(map_err)?;
-        let ring = MapData::create(
-            aya_obj::Map::new_from_params(RINGBUF_MAP_TYPE, 0, 0, RING_BYTES, 0),
-            "ring",
-            None,
-        )
-        .map_err(map_err)?;
-        self.maps.rings.insert(build, &ring, 0).map_err(map_err)?;
-        self.ring = Some(RingBuf::try_from(Map::RingBuf(ring)).map_err(map_err)?);
+        // Where the instance has no `RING_KEYS`, rings are under build ids.
+        if ahead
+            .as_ref()
+            .is_some_and(|r| self.maps.ring_keys.is_none() || !r.is_in(&self.maps))
+        {
+            *ahead = None;
+        }
+        let own = match ahead {
+            Some(_) => None,
+            None => Some(Ring::create(&mut self.maps, build, build)?),
+        };
+        let key = own.as_ref().or(ahead.as_ref()).map_or(build, Ring::key);
+        if let Some(keys) = &mut self.maps.ring_keys {
+            keys.insert(build, key, 0).map_err(map_err)?;
+        }
         for root in roots {
             self.maps.grant(build, root)?;
         }
-        self.maps.builds.insert(build, policy, 0).map_err(map_err)
+        self.maps.builds.insert(build, policy, 0).map_err(map_err)?;
+        self.ring = own.or_else(|| ahead.take());
+        Ok(())
     }
 
     /// The lease of a build that another buildcage started, found in the
@@ -285,10 +351,22 @@ impl Lease {
 
     /// Takes the build's ring buffer out, for the event bus.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+    pub fn take_ring(&mut self) -> Result<Ring, KernelError> {
         self.ring
             .take()
             .ok_or(KernelError::Missing("the build's ring buffer"))
+    }
+
+    /// Gives back the ring [`Lease::take_ring`] took (the bus could not
+    /// read it).
+    pub fn put_ring(&mut self, ring: Ring) {
+        self.ring = Some(ring);
+    }
+
+    /// The build's ring, if the lease still holds it and it may serve
+    /// another build of this process's.
+    pub fn reusable_ring(&mut self) -> Option<Ring> {
+        self.ring.take_if(|r| r.reusable())
     }
 
     /// The build's counters, added up over CPUs.

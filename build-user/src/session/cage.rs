@@ -20,7 +20,7 @@ use crate::{
         Host,
         cgroup::BuildCgroup,
         instance::{self, Instance, InstanceLock},
-        lease::{Lease, Maps, OpenRoot},
+        lease::{self, Lease, Maps, OpenRoot, Ring},
     },
     plan::ConfinementPlan,
 };
@@ -49,14 +49,17 @@ impl Confined {
     /// Finds or loads the instance, ends what dead buildcages left behind,
     /// then makes the build's cgroup and installs its lease, in that order:
     /// nothing can run in the cgroup before the policy is in force. `check`
-    /// sees every root, opened, before anything is installed. Returns what
-    /// reaping did, for the user.
+    /// sees every root, opened, before anything is installed. `ring`, a ring
+    /// this process made ahead, serves the build if it is still in the
+    /// instance (see [`Lease::take_with`]), and is taken out of the option
+    /// then. Returns what reaping did, for the user.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn open(
         host: &Host,
         plan: &ConfinementPlan,
         asker: Asker,
         check: impl Fn(&OpenRoot) -> Result<(), SessionError>,
+        ring: &mut Option<Ring>,
     ) -> Result<(Self, Vec<Notice>), SessionError> {
         let lock = tokio::task::spawn_blocking(instance::lock)
             .await
@@ -70,7 +73,7 @@ impl Confined {
             .collect::<Result<Vec<_>, _>>()?;
         roots.iter().try_for_each(&check)?;
         let cg = BuildCgroup::create(instance.cgroup(), &format!("{}.{}", plan.name, asker.pid))?;
-        let lease = match Lease::take(&instance, &lock, cg.id(), plan.policy, &roots) {
+        let lease = match Lease::take_with(&instance, &lock, cg.id(), plan.policy, &roots, ring) {
             Ok(lease) => lease,
             Err(e) => {
                 remove_cgroup(cg);
@@ -136,17 +139,24 @@ impl Confined {
     pub fn attach(&mut self, bus: &Bus) -> Result<broadcast::Receiver<Arc<Record>>, SessionError> {
         let ring = self.lease.take_ring()?;
         bus.attach(self.cg.id(), self.origin.clone(), ring)
-            .map_err(SessionError::Runtime)
+            .map_err(|failed| {
+                let (e, ring) = *failed;
+                self.lease.put_ring(ring);
+                SessionError::Runtime(e)
+            })
     }
 
     /// The command has ended: kills what it left behind, reads the build's
     /// last events into its subscribers, then removes its entries and its
     /// cgroup. Until the cgroup is known empty, a failure leaves everything
-    /// in place, and the build confined.
+    /// in place, and the build confined. Once the build's entries are gone,
+    /// its ring, if it may serve another build of this process's, is put
+    /// into `spare`.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn end(
-        self,
+        mut self,
         bus: &Bus,
+        spare: &mut Option<Ring>,
     ) -> Result<(Vec<crate::kernel::cgroup::Survivor>, Tally), Failure> {
         use Failure::{Contained, Uncontained};
         let survivors = self
@@ -154,23 +164,31 @@ impl Confined {
             .kill_all(KILL_TIMEOUT)
             .await
             .map_err(|e| Uncontained(e.into()))?;
-        bus.detach(self.cg.id())
-            .await
-            .map_err(|e| Contained(SessionError::Runtime(e)))?;
-        let stats = self.lease.stats().map_err(|e| Contained(e.into()))?;
-        // Only now, with the cgroup empty, may the build's entries go.
+        let (ring, detached) = bus.detach(self.cg.id()).await;
+        let ring = ring.or_else(|| self.lease.reusable_ring());
+        let stats = self.lease.stats();
+        // Only now, with the cgroup empty, may the build's entries go; and
+        // they go even when its last events or counters could not be read.
         self.lease.release().map_err(|e| Contained(e.into()))?;
+        // No program finds the ring for this build any more.
+        *spare = ring.filter(Ring::reusable);
         self.cg.remove().map_err(|e| Contained(e.into()))?;
         if let Some(registration) = self.registration {
             registration.remove();
         }
+        detached.map_err(|e| Contained(SessionError::Runtime(e)))?;
+        let stats = stats.map_err(|e| Contained(e.into()))?;
         Ok((survivors, stats))
     }
 
     /// The command never started, so the cgroup is empty: undo everything.
-    pub fn discard(self) {
-        if let Err(e) = self.lease.release() {
-            tracing::error!("{e}");
+    /// The build's ring, if it may serve another build of this process's,
+    /// is put into `spare` once the build's entries are gone.
+    pub fn discard(mut self, spare: &mut Option<Ring>) {
+        let ring = self.lease.reusable_ring();
+        match self.lease.release() {
+            Ok(()) => *spare = ring,
+            Err(e) => tracing::error!("{e}"),
         }
         remove_cgroup(self.cg);
         if let Some(registration) = self.registration {
@@ -196,7 +214,8 @@ impl Local {
             pid: std::process::id(),
             supervisor: Supervisor::Standalone,
         };
-        let (mut confined, notices) = Confined::open(host, plan, asker, |_| Ok(())).await?;
+        let (mut confined, notices) =
+            Confined::open(host, plan, asker, |_| Ok(()), &mut None).await?;
         let bus = Bus::new();
         let opened = confined
             .procs()
@@ -210,7 +229,7 @@ impl Local {
                 pending: notices.into_iter().map(Delivery::Notice).collect(),
             }),
             Err(e) => {
-                confined.discard();
+                confined.discard(&mut None);
                 Err(e)
             }
         }
@@ -243,7 +262,7 @@ impl Cage for Local {
     }
 
     async fn end(mut self) -> Result<Ended, Failure> {
-        let (survivors, stats) = self.confined.end(&self.bus).await?;
+        let (survivors, stats) = self.confined.end(&self.bus, &mut None).await?;
         let mut rest: Vec<Delivery> = self.pending.drain(..).collect();
         loop {
             match self.records.try_recv() {
@@ -261,7 +280,7 @@ impl Cage for Local {
 
     async fn discard(self) {
         let _ = self.bus.detach(self.confined.id()).await;
-        self.confined.discard();
+        self.confined.discard(&mut None);
     }
 }
 
@@ -284,6 +303,11 @@ pub async fn reap_orphans(host: &Host, lock: &InstanceLock) -> Vec<Notice> {
     }
     let own = Instance::own_tag();
     for old in Instance::all(&host.bpffs, &host.cgroot) {
+        match lease::sweep(&old) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} rings of daemons that are gone"),
+            Err(e) => tracing::warn!("cannot remove the rings of daemons that are gone: {e}"),
+        }
         if old.tag() != own && !old.serves_builds() {
             match old.retire(lock) {
                 Ok(()) => tracing::info!("retired the unused instance {}", old.tag()),
