@@ -146,27 +146,51 @@ pub(crate) const PINNED_MAPS: [&str; 8] = [
 #[derive(Debug)]
 pub struct InstanceLock(#[allow(dead_code)] Flock<File>);
 
-/// Waits for and takes the instance lock.
-#[tracing::instrument(level = "debug", skip_all)]
-pub fn lock() -> Result<InstanceLock, KernelError> {
-    let path = Path::new(LOCK_FILE);
-    let io = |source| KernelError::Io {
+fn lock_error(source: io::Error) -> KernelError {
+    KernelError::Io {
         action: "cannot lock",
-        path: path.to_owned(),
+        path: PathBuf::from(LOCK_FILE),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io)?;
     }
-    let file = File::options()
+}
+
+fn lock_file() -> Result<File, KernelError> {
+    let path = Path::new(LOCK_FILE);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(lock_error)?;
+    }
+    File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .map_err(io)?;
-    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(lock_error)
+}
+
+/// Waits for and takes the instance lock.
+#[tracing::instrument(level = "debug", skip_all)]
+pub fn lock() -> Result<InstanceLock, KernelError> {
+    Flock::lock(lock_file()?, FlockArg::LockExclusive)
         .map(InstanceLock)
-        .map_err(|(_, errno)| io(errno.into()))
+        .map_err(|(_, errno)| lock_error(errno.into()))
+}
+
+/// [`lock`] on a tokio runtime: taken at once when it is free, as it
+/// mostly is, else waited for on a blocking thread. Handing the wait to
+/// that thread and back costs milliseconds on a slow machine.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn lock_async() -> Result<InstanceLock, KernelError> {
+    match Flock::lock(lock_file()?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(InstanceLock(lock)),
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => tokio::task::spawn_blocking(move || {
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map(InstanceLock)
+                .map_err(|(_, errno)| lock_error(errno.into()))
+        })
+        .await
+        .map_err(|e| lock_error(io::Error::other(e)))?,
+        Err((_, errno)) => Err(lock_error(errno.into())),
+    }
 }
 
 /// A pinned instance, this binary's or an older one.

@@ -61,9 +61,7 @@ impl Confined {
         check: impl Fn(&OpenRoot) -> Result<(), SessionError>,
         ring: &mut Option<Ring>,
     ) -> Result<(Self, Vec<Notice>), SessionError> {
-        let lock = tokio::task::spawn_blocking(instance::lock)
-            .await
-            .map_err(|e| SessionError::Runtime(std::io::Error::other(e)))??;
+        let lock = instance::lock_async().await?;
         let instance = Instance::ensure(host, &lock)?;
         let notices = reap_orphans(host, &lock).await;
         let roots = plan
