@@ -197,18 +197,30 @@ pub async fn serve(
     }
     tracing::info!("listening on {}", socket.display());
     eprintln!("buildcage: daemon listening on {}", socket.display());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let daemon = Arc::clone(&daemon);
-                    let shutdown = shutdown.clone();
-                    tokio::spawn(async move { conn::serve(daemon, stream, shutdown).await });
+    // Accepted on a worker, not on the thread that waits for `serve`: a
+    // task spawned from a worker starts on it, with no other thread to wake
+    // (which costs milliseconds on a slow machine).
+    let accepting = {
+        let daemon = Arc::clone(&daemon);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let daemon = Arc::clone(&daemon);
+                            let shutdown = shutdown.clone();
+                            tokio::spawn(async move { conn::serve(daemon, stream, shutdown).await });
+                        }
+                        Err(e) => tracing::warn!("accept: {e}"),
+                    },
+                    () = shutdown.cancelled() => break,
                 }
-                Err(e) => tracing::warn!("accept: {e}"),
-            },
-            () = shutdown.cancelled() => break,
-        }
+            }
+        })
+    };
+    if let Err(e) = accepting.await {
+        tracing::error!("the daemon's listener failed: {e}");
     }
     let _ = std::fs::remove_file(socket);
     let pool = Arc::clone(&daemon.pool);
