@@ -219,7 +219,13 @@ impl Wire {
     /// Sends one message. Not cancel safe: a frame is written whole.
     pub async fn send<T: serde::Serialize>(&mut self, msg: &T) -> io::Result<()> {
         let frame = frame(msg)?;
-        self.stream.write_all(&frame).await
+        self.send_frames(&frame).await
+    }
+
+    /// Sends whole frames made with [`frame`], in one write. Not cancel
+    /// safe.
+    pub async fn send_frames(&mut self, frames: &[u8]) -> io::Result<()> {
+        self.stream.write_all(frames).await
     }
 
     /// The next message, or `None` when the other side has closed. Cancel
