@@ -30,7 +30,9 @@ const KEEP: usize = 4;
 pub(super) struct Pool {
     instance: Instance,
     idle: Mutex<Vec<Ring>>,
-    /// The number of the next ring: with the daemon's pid, its key.
+    /// The number of the next ring: with the daemon's pid, its key. It
+    /// starts anywhere, so that a daemon that got the pid of a killed one
+    /// whose rings are still in `RINGS` is unlikely to hit their keys.
     next: AtomicU32,
     filling: AtomicBool,
     /// Set as the daemon stops: from then on, a ring that comes back or is
@@ -45,7 +47,7 @@ impl Pool {
         Self {
             instance: Instance::at(&host.bpffs, &host.cgroot, &Instance::own_tag()),
             idle: Mutex::new(Vec::new()),
-            next: AtomicU32::new(0),
+            next: AtomicU32::new(getrandom::u32().unwrap_or(0)),
             filling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
