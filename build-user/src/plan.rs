@@ -134,6 +134,7 @@ impl ConfinementPlan {
     /// Resolves `request`: the tree, the variables (`TREE` among them), the
     /// policy and its roots, the `--allow-write` directories, the terminal
     /// buildcage runs on, and the name.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn resolve(request: &Request) -> Result<Self, PlanError> {
         if let Some(name) = &request.name {
             cgroup::validate_name(name)?;

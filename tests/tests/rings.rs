@@ -89,7 +89,14 @@ fn a_daemons_rings_serve_build_after_build_each_with_only_its_own_events() {
         gate.script()
     );
     let mut cmd = daemon.run(&["--tree", path_str(&many_tree), "--name", "many"]);
-    cmd.args(["--events", path_str(&many_events), "--", "sh", "-c", &script]);
+    cmd.args([
+        "--events",
+        path_str(&many_events),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
     let many = Run::spawn(cmd, &base, "many");
     gate.reached("build many at its gate");
     let during = counts(&pins);

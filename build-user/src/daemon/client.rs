@@ -150,7 +150,15 @@ impl Client {
                 build,
                 plan,
                 notices,
+                cgroup,
             } => {
+                // Where this client may start the command itself; if it
+                // cannot open it as that build's cgroup, the daemon moves it.
+                let birthplace = cgroup.and_then(|path| {
+                    crate::kernel::cgroup::open_build(&path, build)
+                        .inspect_err(|e| tracing::debug!("{e}: the daemon moves the command in"))
+                        .ok()
+                });
                 let ask = protocol::frame(&Request::Enter).map_err(encoding)?;
                 let entered = protocol::frame(&Reply::Entered).map_err(encoding)?;
                 let conn = self
@@ -173,6 +181,7 @@ impl Client {
                     conn,
                     ask,
                     entered,
+                    birthplace,
                     pending,
                 };
                 Ok((*plan, remote))
@@ -220,6 +229,8 @@ pub struct Remote {
     conn: OwnedFd,
     ask: Vec<u8>,
     entered: Vec<u8>,
+    /// The build's cgroup directory, when this client could open it.
+    birthplace: Option<OwnedFd>,
     pending: VecDeque<Delivery>,
 }
 
@@ -265,6 +276,7 @@ impl Remote {
 impl Cage for Remote {
     fn entry(&self) -> Entry<'_> {
         Entry::Daemon {
+            cgroup: self.birthplace.as_ref().map(std::os::fd::AsFd::as_fd),
             conn: self.conn.as_fd(),
             ask: &self.ask,
             entered: &self.entered,

@@ -28,6 +28,14 @@ use crate::{
 };
 
 /// A reply that says what went wrong, each cause once, and what to do.
+/// A build made for a client: its cage, plan, notices and first subscription.
+type Opened = (
+    Confined,
+    ConfinementPlan,
+    Vec<Notice>,
+    broadcast::Receiver<Arc<Record>>,
+);
+
 fn failed(err: &(dyn Error + 'static), hint: Option<String>) -> Reply {
     Reply::error(err, hint)
 }
@@ -172,6 +180,7 @@ impl Conn<'_> {
                     build: id,
                     plan: Box::new(plan),
                     notices,
+                    cgroup: Some(confined.cgroup().path().to_owned()),
                 };
                 if self.wire.send(&created).await.is_err() {
                     tracing::warn!(build = id, "the client went away before its build started");
@@ -186,19 +195,7 @@ impl Conn<'_> {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn open(
-        &mut self,
-        request: plan::Request,
-        rights: &Rights,
-    ) -> Result<
-        (
-            Confined,
-            ConfinementPlan,
-            Vec<Notice>,
-            broadcast::Receiver<Arc<Record>>,
-        ),
-        Reply,
-    > {
+    async fn open(&mut self, request: plan::Request, rights: &Rights) -> Result<Opened, Reply> {
         rights.check_policy(&request.policy).map_err(refused)?;
         let plan = ConfinementPlan::resolve(&request).map_err(|e| failed(&e, e.hint()))?;
         rights.check_network(plan.policy.net).map_err(refused)?;

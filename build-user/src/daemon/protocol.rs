@@ -114,6 +114,10 @@ pub enum Reply {
         build: u64,
         plan: Box<ConfinementPlan>,
         notices: Vec<Notice>,
+        /// The build's cgroup directory: a client that may start processes
+        /// there starts its command in it, and needs no [`Request::Enter`].
+        #[serde(default)]
+        cgroup: Option<PathBuf>,
     },
     Resumed {
         build: u64,

@@ -34,6 +34,8 @@ pub enum CgroupError {
     KillTimeout { path: PathBuf, secs: u64 },
     #[error("invalid build name {0:?}")]
     BadName(String),
+    #[error("{path} is not the cgroup of build {build}")]
+    NotTheBuild { path: PathBuf, build: u64 },
 }
 
 impl crate::hint::Hint for CgroupError {
@@ -46,6 +48,7 @@ impl crate::hint::Hint for CgroupError {
                 Self::NoKill { .. } => "buildcage needs Linux 5.14 or newer to end every process of a build",
                 Self::KillTimeout { .. } => "a process may be stuck in the kernel (D state); the build stays confined until it is gone, and the next `buildcage run` reaps it",
                 Self::BadName(_) => "use letters, digits, '.', '_' and '-' only, at most 64 characters",
+                Self::NotTheBuild { .. } => "the daemon and this client see different cgroup trees (another mount namespace?); run the client where the daemon runs",
             }
             .to_owned(),
         )
@@ -274,6 +277,12 @@ impl BuildCgroup {
         File::open(&self.path).map_err(io_err("cannot open cgroup", &self.path))
     }
 
+    /// The build's cgroup directory, opened `O_PATH`, for starting its first
+    /// process there (clone3's `CLONE_INTO_CGROUP`).
+    pub fn birthplace(&self) -> Result<std::os::fd::OwnedFd, CgroupError> {
+        open_build(&self.path, self.id)
+    }
+
     /// `cgroup.procs` opened for writing: writing "0" to it moves the writer in.
     /// The child does that between fork and exec, so it never runs a single
     /// instruction of the build unconfined.
@@ -378,6 +387,34 @@ impl BuildCgroup {
     #[tracing::instrument(level = "debug", skip_all)]
     pub fn remove(self) -> Result<(), CgroupError> {
         remove_tree(&self.path)
+    }
+}
+
+/// Opens `path` (`O_PATH`) if it is the cgroup v2 directory of `build`: a
+/// directory on a cgroup2 file system whose inode number, the cgroup's id,
+/// is `build`. A process started there is in that build and no other.
+pub fn open_build(path: &Path, build: u64) -> Result<std::os::fd::OwnedFd, CgroupError> {
+    use nix::{fcntl::OFlag, sys::stat::Mode};
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| CgroupError::Io {
+        action: "cannot open cgroup",
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    let cgroup2 = nix::sys::statfs::fstatfs(&fd)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC);
+    let ino = nix::sys::stat::fstat(&fd).map(|st| st.st_ino);
+    if cgroup2 && ino == Ok(build) {
+        Ok(fd)
+    } else {
+        Err(CgroupError::NotTheBuild {
+            path: path.to_owned(),
+            build,
+        })
     }
 }
 

@@ -12,7 +12,9 @@ mod ring;
 use std::{collections::BTreeMap, fs, os::unix::fs::OpenOptionsExt as _, path::PathBuf};
 
 use aya::{
-    maps::{HashMap, HashOfMaps, InodeStorage, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{
+        HashMap, HashOfMaps, InodeStorage, Map, MapData, MapError, PerCpuHashMap, PerCpuValues,
+    },
     util::nr_cpus,
 };
 use buildcage_common::{BuildPolicy, BuildStats, InodeTag, Op, PortKey, RootKey};
@@ -271,6 +273,7 @@ impl Lease {
     /// build's when it is still in `RINGS`: then it is taken out of the
     /// option once the lease is in, and left there when it is not. A ring
     /// no longer in `RINGS` is dropped, and the build makes its own.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn take_with(
         instance: &Instance,
         _lock: &InstanceLock,

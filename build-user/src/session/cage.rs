@@ -3,7 +3,12 @@
 //! daemon holds one per build it serves. Either way it is opened, ended and
 //! reaped here, the same way.
 
-use std::{collections::VecDeque, fs::File, os::fd::AsFd as _, path::Path, sync::Arc};
+use std::{
+    collections::VecDeque,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+    sync::Arc,
+};
 
 use tokio::sync::broadcast;
 
@@ -128,9 +133,9 @@ impl Confined {
         &self.cg
     }
 
-    /// `cgroup.procs`, open for writing: the command's process writes itself in.
-    pub fn procs(&self) -> Result<File, SessionError> {
-        Ok(self.cg.procs_for_writing()?)
+    /// The cgroup directory, where the command's process is born.
+    pub fn birthplace(&self) -> Result<OwnedFd, SessionError> {
+        Ok(self.cg.birthplace()?)
     }
 
     /// Starts reading the build's events on `bus`.
@@ -200,7 +205,7 @@ impl Confined {
 pub struct Local {
     confined: Confined,
     bus: Bus,
-    procs: File,
+    birthplace: OwnedFd,
     records: broadcast::Receiver<Arc<Record>>,
     pending: VecDeque<Delivery>,
 }
@@ -216,13 +221,13 @@ impl Local {
             Confined::open(host, plan, asker, |_| Ok(()), &mut None).await?;
         let bus = Bus::new();
         let opened = confined
-            .procs()
-            .and_then(|procs| Ok((procs, confined.attach(&bus)?)));
+            .birthplace()
+            .and_then(|birthplace| Ok((birthplace, confined.attach(&bus)?)));
         match opened {
-            Ok((procs, records)) => Ok(Self {
+            Ok((birthplace, records)) => Ok(Self {
                 confined,
                 bus,
-                procs,
+                birthplace,
                 records,
                 pending: notices.into_iter().map(Delivery::Notice).collect(),
             }),
@@ -236,7 +241,7 @@ impl Local {
 
 impl Cage for Local {
     fn entry(&self) -> Entry<'_> {
-        Entry::Procs(self.procs.as_fd())
+        Entry::Cgroup(self.birthplace.as_fd())
     }
 
     async fn next(&mut self) -> Delivery {

@@ -9,6 +9,7 @@
 //! on, stop the build) comes in through its [`Control`] channel.
 
 pub mod cage;
+mod spawn;
 
 use std::{
     ffi::OsString,
@@ -127,11 +128,13 @@ pub struct Ended {
 /// before it runs a single instruction of the command.
 #[derive(Debug, Clone, Copy)]
 pub enum Entry<'a> {
-    /// It writes itself into this `cgroup.procs` (a build of this process's own).
-    Procs(BorrowedFd<'a>),
-    /// It sends `ask` to the daemon over this connection, and goes on only
-    /// once it has read back exactly `entered` (see `daemon::protocol`).
+    /// It is born in this cgroup directory (a build of this process's own).
+    Cgroup(BorrowedFd<'a>),
+    /// It is born in `cgroup` if this process may start processes there.
+    /// Else it sends `ask` to the daemon over this connection, and goes on
+    /// only once it has read back exactly `entered` (see `daemon::protocol`).
     Daemon {
+        cgroup: Option<BorrowedFd<'a>>,
         conn: BorrowedFd<'a>,
         ask: &'a [u8],
         entered: &'a [u8],
@@ -166,14 +169,14 @@ pub async fn run(
     sinks: &mut [&mut dyn Sink],
     mut control: mpsc::Receiver<Control>,
 ) -> Result<Outcome, SessionError> {
-    let mut child = match spawn(plan, argv, cage.entry()) {
+    let mut child = match start(plan, argv, cage.entry()) {
         Ok(child) => child,
         Err(e) => {
             cage.discard().await;
             return Err(e);
         }
     };
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
     let mut lagged = 0;
     let mut stopping = false;
     let status = loop {
@@ -264,22 +267,14 @@ fn notify(sinks: &mut [&mut dyn Sink], notice: &Notice) -> Result<(), SessionErr
     Ok(())
 }
 
-/// Starts the command already inside the build's cgroup: the child moves itself
-/// there between fork and exec, so it never runs an instruction unconfined.
-fn spawn(
+/// Starts the command already inside the build: born in its cgroup where
+/// this process may (see [`spawn`]), else moved there by the daemon between
+/// fork and exec, so it never runs an instruction unconfined.
+fn start(
     plan: &ConfinementPlan,
     argv: &[OsString],
     entry: Entry<'_>,
-) -> Result<tokio::process::Child, SessionError> {
-    // Owned copies, made before the fork: the child may not allocate.
-    let entry = match entry {
-        Entry::Procs(fd) => Enter::Procs(fd.as_raw_fd()),
-        Entry::Daemon { conn, ask, entered } => Enter::Daemon {
-            conn: conn.as_raw_fd(),
-            ask: ask.to_vec(),
-            entered: entered.to_vec(),
-        },
-    };
+) -> Result<spawn::Child, SessionError> {
     let capabilities = plan
         .capabilities
         .iter()
@@ -287,63 +282,94 @@ fn spawn(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| SessionError::Harden(crate::harden::HardenError::from(e)))?;
     let hardening = crate::harden::Hardening::new(&capabilities)?;
-    let (program, args) = argv.split_first().ok_or(SessionError::NoCommand)?;
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).current_dir(&plan.tree).kill_on_drop(false);
-    // SAFETY: the closure only makes async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            entry.enter()?;
+    let program_name = argv.first().ok_or(SessionError::NoCommand)?;
+    let spawn_error = |source| SessionError::Spawn {
+        cmd: program_name.to_string_lossy().into_owned(),
+        source,
+    };
+    let program = spawn::Program::new(argv, &plan.tree).map_err(spawn_error)?;
+    // Owned copies, made before the clone: the child may not allocate.
+    let (born_in, enter) = match entry {
+        Entry::Cgroup(dir) => (Some(dir), None),
+        Entry::Daemon {
+            cgroup,
+            conn,
+            ask,
+            entered,
+        } => (
+            cgroup,
+            Some(Enter {
+                conn: conn.as_raw_fd(),
+                ask: ask.to_vec(),
+                entered: entered.to_vec(),
+            }),
+        ),
+    };
+    let (enter_ref, hardening) = (enter.as_ref(), &hardening);
+    let pre_exec = |moved: bool| {
+        move || -> io::Result<()> {
+            if moved && let Some(enter) = enter_ref {
+                enter.enter()?;
+            }
             // Every inherited descriptor but 0, 1 and 2 closes at exec. CLOEXEC
-            // rather than close, so that std's exec-error pipe still works.
+            // rather than close, so that the exec-error pipe still works.
             const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+            // SAFETY: close_range(2) with integer arguments.
+            if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) }
+                != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // Last, as it drops the capabilities the steps above needed.
             hardening.apply()
-        });
+        }
+    };
+    if let Some(dir) = born_in {
+        match spawn::spawn(&program, spawn::Place::Cgroup(dir), &mut pre_exec(false)) {
+            Ok(child) => return Ok(child),
+            // Not this process's to start processes in: the daemon moves it.
+            Err(e)
+                if enter.is_some()
+                    && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+            {
+                tracing::debug!("cannot start the command in its build ({e}): the daemon moves it");
+            }
+            Err(e) => return Err(spawn_error(e)),
+        }
     }
-    let child = cmd.spawn().map_err(|source| SessionError::Spawn {
-        cmd: program.to_string_lossy().into_owned(),
-        source,
-    })?;
-    Ok(child)
+    if enter.is_none() {
+        // A cage gives a cgroup, or the daemon to move into one.
+        return Err(spawn_error(io::Error::from_raw_os_error(libc::EINVAL)));
+    }
+    spawn::spawn(&program, spawn::Place::Here, &mut pre_exec(true)).map_err(spawn_error)
 }
 
-/// [`Entry`], owned, for the child.
-enum Enter {
-    Procs(RawFd),
-    Daemon {
-        conn: RawFd,
-        ask: Vec<u8>,
-        entered: Vec<u8>,
-    },
+/// The daemon's part of [`Entry::Daemon`], owned, for the child.
+struct Enter {
+    conn: RawFd,
+    ask: Vec<u8>,
+    entered: Vec<u8>,
 }
 
 impl Enter {
     /// In the child, between fork and exec: async-signal-safe system calls
     /// on memory allocated before the fork, and nothing else.
     fn enter(&self) -> io::Result<()> {
-        match self {
-            Self::Procs(fd) => write_all(*fd, b"0"),
-            Self::Daemon { conn, ask, entered } => {
-                write_all(*conn, ask)?;
-                let mut reply = [0u8; 256];
-                let mut len = [0u8; 4];
-                read_exact(*conn, &mut len)?;
-                let n = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
-                let refused = || io::Error::from_raw_os_error(libc::EPERM);
-                let body = reply.get_mut(..n).ok_or_else(refused)?;
-                read_exact(*conn, body)?;
-                // Anything but `entered` (the daemon's refusal) leaves the
-                // child outside the build: it must not run the command.
-                if entered.get(4..) == Some(&*body) {
-                    Ok(())
-                } else {
-                    Err(refused())
-                }
-            }
+        let Self { conn, ask, entered } = self;
+        write_all(*conn, ask)?;
+        let mut reply = [0u8; 256];
+        let mut len = [0u8; 4];
+        read_exact(*conn, &mut len)?;
+        let n = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
+        let refused = || io::Error::from_raw_os_error(libc::EPERM);
+        let body = reply.get_mut(..n).ok_or_else(refused)?;
+        read_exact(*conn, body)?;
+        // Anything but `entered` (the daemon's refusal) leaves the
+        // child outside the build: it must not run the command.
+        if entered.get(4..) == Some(&*body) {
+            Ok(())
+        } else {
+            Err(refused())
         }
     }
 }

@@ -33,9 +33,8 @@ pub fn pool_key(owner: u32, n: u32) -> u64 {
 
 /// The daemon whose ring `key` is, if it is a daemon's.
 pub fn pool_owner(key: u64) -> Option<u32> {
-    (key & POOL_BIT != 0).then(|| {
-        u32::try_from((key & !POOL_BIT) >> NUMBER_BITS).unwrap_or(u32::MAX)
-    })
+    (key & POOL_BIT != 0)
+        .then(|| u32::try_from((key & !POOL_BIT) >> NUMBER_BITS).unwrap_or(u32::MAX))
 }
 
 /// Whether [`Maps::forget`] removes the ring under `key` with its build: a
@@ -212,7 +211,10 @@ mod tests {
         assert_ne!(pool_key(1, 1), pool_key(2, 1));
         // A cgroup id: generation 1, inode 4242.
         assert_eq!(pool_owner((1 << 32) | 4242), None);
-        assert!(disposable((1 << 32) | 4242), "a build's own ring goes with it");
+        assert!(
+            disposable((1 << 32) | 4242),
+            "a build's own ring goes with it"
+        );
         assert!(
             !disposable(pool_key(std::process::id(), 3)),
             "this process's ring is its own to keep"
