@@ -2,9 +2,11 @@
 //! side by side in one VM run (the LSM cannot load on hosts like these, so
 //! absolute times are emulated; the ratios are what counts).
 //!
-//! Today one workload: the cost of a build, from asking for it to its
-//! teardown, against a plain fork+exec of the same command, interleaved round
-//! by round (`tests/src/bin/bench`). Writes `docs/benchmarks.md` and
+//! Two workloads so far: the cost of a build (its setup, up to the command's
+//! `main`, and its teardown, after the command's end), against a plain
+//! fork+exec of the same command, interleaved round by round; and the system
+//! calls a build makes most, outside every build and inside one
+//! (`tests/src/bin/bench`). Writes `docs/benchmarks.md` and
 //! `docs/benchmarks.json`; `--quick` only checks that the bench runs, asserts
 //! no figure and writes nothing.
 
@@ -129,20 +131,29 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// One workload against the baseline.
-#[derive(Debug)]
-struct Row {
-    name: String,
+/// The parts of a start that the bench splits, in the order shown.
+const PARTS: [&str; 3] = ["setup", "teardown", "total"];
+
+/// One part of one workload against the same part of the baseline.
+#[derive(Debug, Clone, Copy)]
+struct Part {
     median_us: u64,
     /// The median, least and greatest of the per-round ratios to the baseline.
     ratio: [f64; 3],
+}
+
+/// One workload: its [`PARTS`].
+#[derive(Debug)]
+struct Row {
+    name: String,
+    parts: [Part; 3],
 }
 
 #[derive(Debug)]
 struct Report {
     rounds: usize,
     baseline: String,
-    baseline_us: u64,
+    baseline_us: [u64; 3],
     rows: Vec<Row>,
 }
 
@@ -175,51 +186,62 @@ impl Report {
         let workloads = json["workloads"]
             .as_object()
             .context("the bench's JSON has no workloads")?;
-        let times = |v: &serde_json::Value| -> Vec<u64> {
-            v.as_array()
+        let times = |v: &serde_json::Value, part: &str| -> Vec<u64> {
+            v[part]
+                .as_array()
                 .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
                 .unwrap_or_default()
         };
         let (baseline, base) = workloads
             .iter()
             .find(|(name, _)| *name == "fork+exec")
-            .map(|(n, v)| (n.clone(), times(v)))
             .context("no fork+exec baseline")?;
+        let base = PARTS.map(|p| times(base, p));
         let rows = workloads
             .iter()
-            .filter(|(name, _)| **name != baseline)
-            .map(|(name, v)| {
-                let t = times(v);
-                Row {
-                    name: name.clone(),
-                    median_us: median_u64(&t),
-                    ratio: ratios(&t, &base),
-                }
+            .filter(|(name, _)| *name != baseline)
+            .map(|(name, v)| Row {
+                name: name.clone(),
+                parts: std::array::from_fn(|i| {
+                    let t = times(v, PARTS[i]);
+                    Part {
+                        median_us: median_u64(&t),
+                        ratio: ratios(&t, &base[i]),
+                    }
+                }),
             })
             .collect();
         Ok(Self {
-            rounds: base.len(),
-            baseline_us: median_u64(&base),
-            baseline,
+            rounds: base[2].len(),
+            baseline_us: std::array::from_fn(|i| median_u64(&base[i])),
+            baseline: baseline.clone(),
             rows,
         })
     }
 
     fn markdown(&self) -> String {
-        let mut out = format!(
-            "| workload | median | × {} (median of rounds) | range over rounds |\n|---|---|---|---|\n| {} | {:.1} ms | 1 | |\n",
-            self.baseline,
-            self.baseline,
-            ms(self.baseline_us)
+        let mut out = String::from(
+            "| workload | setup | × | teardown | × | total | × (median of rounds) | range of × total |\n\
+             |---|---|---|---|---|---|---|---|\n",
         );
+        let [s, t, a] = self.baseline_us.map(ms);
+        out.push_str(&format!(
+            "| {} | {s:.1} ms | 1 | {t:.1} ms | 1 | {a:.1} ms | 1 | |\n",
+            self.baseline
+        ));
         for row in &self.rows {
+            let [s, t, a] = row.parts;
             out.push_str(&format!(
-                "| {} | {:.1} ms | {:.1} | {:.1}–{:.1} |\n",
+                "| {} | {:.1} ms | {:.1} | {:.1} ms | {:.1} | {:.1} ms | {:.1} | {:.1}–{:.1} |\n",
                 row.name,
-                ms(row.median_us),
-                row.ratio[0],
-                row.ratio[1],
-                row.ratio[2]
+                ms(s.median_us),
+                s.ratio[0],
+                ms(t.median_us),
+                t.ratio[0],
+                ms(a.median_us),
+                a.ratio[0],
+                a.ratio[1],
+                a.ratio[2]
             ));
         }
         out
@@ -232,26 +254,39 @@ impl Report {
              times are emulated, a few times to tens of times slower than hardware; the ratios, \
              measured side by side in the same rounds, are what counts). Release builds.\n\n\
              ## The cost of a build\n\n\
-             {} interleaved rounds; each runs `true` unconfined (fork+exec), then in a build asked \
-             of the daemon through the library (`daemon build`: request, cgroup and lease, the \
-             command's entry, teardown), then through `buildcage run` with and without the daemon. \
-             Each ratio is taken within its round, against that round's fork+exec. Then the \
-             system calls a build makes most, in loops run outside every build and inside one \
-             (through the daemon, `default` policy, in its tree), alternately; each ratio is \
-             taken within its round. Inside, `socket(inet)` is refused and reported, so its \
-             figure is the cost of a refusal and its event. Under TCG these loops spread \
-             widely between rounds (the range column): they resolve tens of percent, not 1%.\n\n{table}\n\
-             The target for `daemon build` is at most 2× a fork+exec: {}.\n",
+             {} interleaved rounds. Each starts the same small command (`bench stamp`, which \
+             writes CLOCK_MONOTONIC as its `main` starts and as it ends) unconfined \
+             (fork+exec, `std::process::Command`), then in a build asked of the daemon through \
+             the library (`daemon build`: request, cgroup and lease, the command started in its \
+             cgroup, teardown), then through `buildcage run` with and without the daemon. \
+             *Setup* is from the start to the command's `main`, *teardown* from the command's end \
+             to everything cleaned up (the build's entries and cgroup removed), *total* both \
+             with the command. Each ratio is taken within its round, against that round's \
+             fork+exec. Then the system calls a build makes most, in loops run outside every \
+             build and inside one (through the daemon, `default` policy, in its tree), \
+             alternately; each ratio is taken within its round. Inside, `socket(inet)` is \
+             refused and reported, so its figure is the cost of a refusal and its event. Under \
+             TCG these loops spread widely between rounds (the range column): they resolve tens \
+             of percent, not 1%.\n\n{table}\n\
+             The target for a build through the daemon is at most 2× a fork+exec: {}.\n",
             self.rounds,
             self.target()
         )
     }
 
-    /// Whether this run met the target for a daemon build, said with its figure.
+    /// Whether this run met the target for a daemon build, said with its
+    /// figures: setup alone, and the whole start.
     fn target(&self) -> String {
         match self.rows.iter().find(|r| r.name == "daemon build") {
-            Some(row) if row.ratio[0] <= 2.0 => format!("met in this run ({:.1}×)", row.ratio[0]),
-            Some(row) => format!("not met in this run ({:.1}×)", row.ratio[0]),
+            Some(row) => {
+                let [setup, _, total] = row.parts.map(|p| p.ratio[0]);
+                let verdict = |r: f64| if r <= 2.0 { "met" } else { "not met" };
+                format!(
+                    "{} for the whole start ({total:.1}×), {} for setup alone ({setup:.1}×)",
+                    verdict(total),
+                    verdict(setup)
+                )
+            }
             None => "not measured in this run".to_owned(),
         }
     }
@@ -261,19 +296,33 @@ impl Report {
             .rows
             .iter()
             .map(|r| {
-                serde_json::json!({
-                    "workload": r.name,
-                    "median_us": r.median_us,
-                    "ratio_median": r.ratio[0],
-                    "ratio_min": r.ratio[1],
-                    "ratio_max": r.ratio[2],
-                })
+                let parts: serde_json::Map<String, serde_json::Value> = PARTS
+                    .iter()
+                    .zip(r.parts)
+                    .map(|(name, p)| {
+                        (
+                            (*name).to_owned(),
+                            serde_json::json!({
+                                "median_us": p.median_us,
+                                "ratio_median": p.ratio[0],
+                                "ratio_min": p.ratio[1],
+                                "ratio_max": p.ratio[2],
+                            }),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({ "workload": r.name, "parts": parts })
             })
+            .collect();
+        let base: serde_json::Map<String, serde_json::Value> = PARTS
+            .iter()
+            .zip(self.baseline_us)
+            .map(|(name, us)| ((*name).to_owned(), serde_json::json!({ "median_us": us })))
             .collect();
         serde_json::json!({
             "kernel": "6.12 (QEMU TCG)",
             "rounds": self.rounds,
-            "baseline": { "workload": self.baseline, "median_us": self.baseline_us },
+            "baseline": { "workload": self.baseline, "parts": base },
             "rows": rows,
             "raw": raw,
         })
@@ -367,18 +416,15 @@ mod tests {
 
     #[test]
     fn the_report_says_whether_the_target_is_met() {
+        let parts = |setup: [u64; 3], total: [u64; 3]| serde_json::json!({"setup": setup, "teardown": [1, 1, 1], "total": total});
         let json = serde_json::json!({"workloads": {
-            "fork+exec": [10, 10, 10],
-            "daemon build": [15, 30, 18],
+            "fork+exec": parts([10, 10, 10], [20, 20, 20]),
+            "daemon build": parts([25, 50, 30], [30, 60, 36]),
         }});
         let report = Report::from(&json).expect("a report");
-        assert_eq!(report.target(), "met in this run (1.8×)");
-        let slow = serde_json::json!({"workloads": {
-            "fork+exec": [10], "daemon build": [60],
-        }});
         assert_eq!(
-            Report::from(&slow).expect("a report").target(),
-            "not met in this run (6.0×)"
+            report.target(),
+            "met for the whole start (1.8×), not met for setup alone (3.0×)"
         );
         assert!(Report::from(&serde_json::json!({"workloads": {}})).is_err());
     }

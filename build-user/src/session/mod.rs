@@ -40,7 +40,9 @@ use crate::{
 /// How long teardown waits for killed processes to go.
 pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Exit status when the command could not be started (as `env` and shells use).
+/// The status reported if a wait status says neither an exit nor a signal,
+/// which waitid(2) never gives for an ended process. A command that cannot
+/// be started is no status at all: `start` fails, and buildcage exits 125.
 pub const EXIT_NOT_STARTED: i32 = 127;
 
 /// What a session's owner may ask of it while the command runs.

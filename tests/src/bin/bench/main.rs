@@ -1,16 +1,23 @@
 //! `bench create ROUNDS TREE`: the cost of a build, run in the VM by
 //! `cargo xtask bench`, as ratios to a plain fork+exec measured in the same
-//! rounds. Each round runs, in turn:
+//! rounds. Each round starts the same command (`bench stamp FILE`, this
+//! binary) in turn:
 //!
-//! - `fork+exec`: `true`, unconfined (the baseline);
-//! - `daemon build`: a build asked of the daemon through the library, with
-//!   `true` run in it and the build ended: what a build costs the machine,
-//!   without a client process's own start;
-//! - `run (daemon)`: `buildcage run -- true`, the daemon answering;
-//! - `run (standalone)`: `buildcage run -- true`, with no daemon.
+//! - `fork+exec`: unconfined, `std::process::Command` (the baseline);
+//! - `daemon build`: in a build asked of the daemon through the library, the
+//!   build ended after it: what a build costs, without a client process's
+//!   own start;
+//! - `run (daemon)`: `buildcage run -- bench stamp`, the daemon answering;
+//! - `run (standalone)`: the same with no daemon.
 //!
-//! Prints one JSON object: the times of every round, in microseconds.
-//! `$BUILDCAGE_BIN` is the buildcage to run; `$BUILDCAGE_SOCKET` the daemon.
+//! The command writes CLOCK_MONOTONIC as its `main` starts and as it ends,
+//! so each start splits into *setup* (from the start to the command's
+//! `main`) and *teardown* (from its end to everything cleaned up, the build
+//! removed), and their sum with the command is the *total*.
+//!
+//! Prints one JSON object: for each workload, the setup, teardown and total
+//! times of every round, in microseconds. `$BUILDCAGE_BIN` is the buildcage
+//! to run; `$BUILDCAGE_SOCKET` the daemon.
 //!
 //! `bench syscalls ITERS DIR`: see `syscalls.rs`.
 #![expect(clippy::print_stdout, reason = "the figures are its stdout")]
@@ -21,7 +28,6 @@ use std::{
     ffi::OsString,
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
-    time::Instant,
 };
 
 use buildcage::{
@@ -38,29 +44,74 @@ const WORKLOADS: [&str; 4] = [
     "run (standalone)",
 ];
 
-fn micros(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+/// CLOCK_MONOTONIC in microseconds: the same clock in every process.
+fn now_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs * 1_000_000 + nanos / 1000
 }
 
-fn run_true(cmd: &mut Command) -> Result<u64, String> {
-    let start = Instant::now();
+/// One start of the command, split at its stamps.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    setup: u64,
+    teardown: u64,
+    total: u64,
+}
+
+/// The command's stamps in `file`, against `start` and `end` (all in µs).
+fn split(file: &Path, start: u64, end: u64) -> Result<Times, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let _ = std::fs::remove_file(file);
+    let mut stamps = text.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(entered)), Some(Ok(left))) = (stamps.next(), stamps.next()) else {
+        return Err(format!("{}: no stamps in {text:?}", file.display()));
+    };
+    Ok(Times {
+        setup: entered.saturating_sub(start),
+        teardown: end.saturating_sub(left),
+        total: end.saturating_sub(start),
+    })
+}
+
+/// `bench stamp FILE`: writes the time `main` started and the time it ends.
+fn stamp(file: &Path) -> ExitCode {
+    let entered = now_us();
+    let text = format!("{entered} {}\n", now_us());
+    match std::fs::write(file, text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench stamp: {}: {e}", file.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_plain(cmd: &mut Command, file: &Path) -> Result<Times, String> {
+    let start = now_us();
     let status = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .map_err(|e| e.to_string())?;
-    let took = micros(start);
+    let end = now_us();
     if status.success() {
-        Ok(took)
+        split(file, start, end)
     } else {
         Err(format!("{cmd:?}: {status}"))
     }
 }
 
 /// One build through the daemon, from request to teardown.
-async fn daemon_build(socket: &Path, tree: &Path) -> Result<u64, String> {
-    let start = Instant::now();
+async fn daemon_build(socket: &Path, tree: &Path, command: &[OsString]) -> Result<Times, String> {
+    let start = now_us();
     let client = Client::connect(socket)
         .await
         .map_err(|e| e.to_string())?
@@ -75,20 +126,25 @@ async fn daemon_build(socket: &Path, tree: &Path) -> Result<u64, String> {
     .map_err(|e| e.to_string())?;
     let (plan, cage) = client.create(request).await.map_err(|e| e.to_string())?;
     let (_control, controls) = tokio::sync::mpsc::channel(1);
-    let argv = [OsString::from("true")];
-    let outcome = session::run(&plan, &argv, cage, &mut [], controls)
+    let outcome = session::run(&plan, command, cage, &mut [], controls)
         .await
         .map_err(|e| e.to_string())?;
-    let took = micros(start);
+    let end = now_us();
     if outcome.code == 0 {
-        Ok(took)
+        split(&tree.join(STAMPS), start, end)
     } else {
-        Err(format!("true exited {}", outcome.code))
+        Err(format!("the command exited {}", outcome.code))
     }
 }
 
+/// Where the command writes its stamps, in the tree.
+const STAMPS: &str = "stamps";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let (Some("stamp"), Some(file)) = (args.first().map(String::as_str), args.get(1)) {
+        return stamp(Path::new(file));
+    }
     if args.first().map(String::as_str) == Some("syscalls") {
         let (Some(iters), Some(dir)) = (
             args.get(1).and_then(|r| r.parse::<u32>().ok()),
@@ -126,21 +182,36 @@ fn main() -> ExitCode {
         eprintln!("bench: no tokio runtime");
         return ExitCode::FAILURE;
     };
+    let Ok(me) = std::env::current_exe() else {
+        eprintln!("bench: cannot find its own binary");
+        return ExitCode::FAILURE;
+    };
+    let stamps = tree.join(STAMPS);
+    let command = [
+        me.clone().into_os_string(),
+        "stamp".into(),
+        stamps.clone().into_os_string(),
+    ];
     let run = |daemon: bool| {
         let mut cmd = Command::new(&buildcage);
-        cmd.args(["run", "--tree"]).arg(&tree).args(["--", "true"]);
+        cmd.args(["run", "--tree"])
+            .arg(&tree)
+            .arg("--")
+            .args(&command);
         if !daemon {
             cmd.env(protocol::SOCKET_ENV, tree.join("no-daemon.sock"));
         }
         cmd
     };
-    let mut times: Vec<Vec<u64>> = vec![Vec::new(); WORKLOADS.len()];
+    let mut plain = Command::new(&me);
+    plain.arg("stamp").arg(&stamps);
+    let mut times: Vec<Vec<Times>> = vec![Vec::new(); WORKLOADS.len()];
     for _ in 0..rounds {
         let round = [
-            run_true(&mut Command::new("true")),
-            runtime.block_on(daemon_build(&socket, &tree)),
-            run_true(&mut run(true)),
-            run_true(&mut run(false)),
+            run_plain(&mut plain, &stamps),
+            runtime.block_on(daemon_build(&socket, &tree, &command)),
+            run_plain(&mut run(true), &stamps),
+            run_plain(&mut run(false), &stamps),
         ];
         for (slot, took) in times.iter_mut().zip(round) {
             match took {
@@ -155,7 +226,17 @@ fn main() -> ExitCode {
     let workloads: serde_json::Map<String, serde_json::Value> = WORKLOADS
         .iter()
         .zip(times)
-        .map(|(name, t)| ((*name).to_owned(), serde_json::json!(t)))
+        .map(|(name, t)| {
+            let part = |f: fn(&Times) -> u64| t.iter().map(f).collect::<Vec<_>>();
+            (
+                (*name).to_owned(),
+                serde_json::json!({
+                    "setup": part(|t| t.setup),
+                    "teardown": part(|t| t.teardown),
+                    "total": part(|t| t.total),
+                }),
+            )
+        })
         .collect();
     println!(
         "{}",
