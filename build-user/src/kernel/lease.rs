@@ -258,7 +258,6 @@ impl Lease {
     /// grants of `roots` and, last, `policy` for `build`, whose cgroup must
     /// still be empty: until the policy is in, the cgroup programs deny
     /// everything there. On failure, whatever was installed is removed again.
-    #[tracing::instrument(level = "debug", skip_all)]
     pub fn take(
         instance: &Instance,
         lock: &InstanceLock,

@@ -174,6 +174,9 @@ pub async fn run(
     let mut child = match start(plan, argv, cage.entry()) {
         Ok(child) => child,
         Err(e) => {
+            // The command never ran, or was killed at once; anything it may
+            // have started goes too, before the build's policy does.
+            cage.kill().await;
             cage.discard().await;
             return Err(e);
         }
@@ -330,20 +333,21 @@ fn start(
         match spawn::spawn(&program, spawn::Place::Cgroup(dir), &mut pre_exec(false)) {
             Ok(child) => return Ok(child),
             // Not this process's to start processes in: the daemon moves it.
-            Err(e)
+            Err(spawn::Unborn::NotMade(e))
                 if enter.is_some()
                     && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
             {
                 tracing::debug!("cannot start the command in its build ({e}): the daemon moves it");
             }
-            Err(e) => return Err(spawn_error(e)),
+            Err(e) => return Err(spawn_error(e.into())),
         }
     }
     if enter.is_none() {
         // A cage gives a cgroup, or the daemon to move into one.
         return Err(spawn_error(io::Error::from_raw_os_error(libc::EINVAL)));
     }
-    spawn::spawn(&program, spawn::Place::Here, &mut pre_exec(true)).map_err(spawn_error)
+    spawn::spawn(&program, spawn::Place::Here, &mut pre_exec(true))
+        .map_err(|e| spawn_error(e.into()))
 }
 
 /// The daemon's part of [`Entry::Daemon`], owned, for the child.

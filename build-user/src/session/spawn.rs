@@ -157,16 +157,32 @@ pub(super) enum Place<'a> {
     Here,
 }
 
+/// Why no command runs.
+#[derive(Debug)]
+pub(super) enum Unborn {
+    /// No process was made. For [`Place::Cgroup`], `EACCES` or `EPERM` says
+    /// that this process may not start processes in that cgroup.
+    NotMade(io::Error),
+    /// A process was made, and failed before or at its exec (it is reaped).
+    Failed(io::Error),
+}
+
+impl From<Unborn> for io::Error {
+    fn from(unborn: Unborn) -> Self {
+        match unborn {
+            Unborn::NotMade(e) | Unborn::Failed(e) => e,
+        }
+    }
+}
+
 /// Starts `program` in `place`; `pre_exec` runs in the child, last before
 /// exec, and may make only async-signal-safe calls. Returns once the
-/// program is running, or the error that stopped it. A cgroup the caller
-/// may not start processes in fails with `EACCES` or `EPERM`, and nothing
-/// is started.
+/// program is running, or the error that stopped it.
 pub(super) fn spawn(
     program: &Program,
     place: Place<'_>,
     pre_exec: &mut dyn FnMut() -> io::Result<()>,
-) -> io::Result<Child> {
+) -> Result<Child, Unborn> {
     let pointers = |v: &[CString]| {
         let mut p: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();
         p.push(std::ptr::null());
@@ -174,20 +190,21 @@ pub(super) fn spawn(
     };
     let argv = pointers(&program.argv);
     let envp = pointers(&program.envp);
-    let (report, reported) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (report, reported) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Unborn::NotMade(e.into()))?;
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
         flags: CLONE_PIDFD,
         pidfd: u64::try_from((&raw mut pidfd).addr())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?,
+            .map_err(|_| Unborn::NotMade(io::Error::from_raw_os_error(libc::EFAULT)))?,
         exit_signal: u64::try_from(libc::SIGCHLD)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+            .map_err(|_| Unborn::NotMade(io::Error::from_raw_os_error(libc::EINVAL)))?,
         ..CloneArgs::default()
     };
     if let Place::Cgroup(dir) = place {
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = u64::try_from(dir.as_raw_fd())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+            .map_err(|_| Unborn::NotMade(io::Error::from_raw_os_error(libc::EBADF)))?;
     }
     // SAFETY: clone3 with no CLONE_VM is a fork: the child gets a copy of
     // this thread's memory and runs `child`, which makes only raw system
@@ -198,33 +215,53 @@ pub(super) fn spawn(
         unsafe { child(program, &argv, &envp, reported.as_raw_fd(), pre_exec) }
     }
     if pid < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(Unborn::NotMade(io::Error::last_os_error()));
     }
     drop(reported);
     // SAFETY: the kernel made `pidfd` for this child, and nothing else owns it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let pid = u32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pid = u32::try_from(pid)
+        .map_err(|_| Unborn::Failed(io::Error::from_raw_os_error(libc::ESRCH)))?;
     let mut errno = [0u8; 4];
     let n = loop {
         match nix::unistd::read(&report, &mut errno) {
             Err(nix::errno::Errno::EINTR) => {}
-            other => break other?,
+            other => break other.map_err(|e| Unborn::Failed(e.into()))?,
         }
     };
     if n == 0 {
         // The pipe closed on exec: the program runs.
         // SAFETY: an OwnedFd stays open, and the same, until it is dropped.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        return Ok(Child { pid, pidfd });
+        return match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+            Ok(pidfd) => Ok(Child { pid, pidfd }),
+            // It runs, but could not be waited for: it must not run on.
+            Err(e) => {
+                let (pidfd, why) = e.into_parts();
+                // SAFETY: pidfd_send_signal(2) on our own pidfd, no siginfo.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0u32,
+                    )
+                };
+                let _ = waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED);
+                Err(Unborn::Failed(io::Error::new(
+                    why.kind(),
+                    format!("cannot wait for the command's process: {why}"),
+                )))
+            }
+        };
     }
     // It never ran: reap it, and say why.
     let _ = waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED);
-    Err(io::Error::from_raw_os_error(if n == 4 {
+    Err(Unborn::Failed(io::Error::from_raw_os_error(if n == 4 {
         i32::from_ne_bytes(errno)
     } else {
         libc::EIO
-    }))
+    })))
 }
 
 /// In the child: default signal state, the tree as working directory, then
@@ -287,4 +324,80 @@ unsafe fn child(
         }
     }
     fail(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn program(argv: &[&str], cwd: &Path) -> Program {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        Program::new(&argv, cwd).unwrap()
+    }
+
+    fn status(argv: &[&str], cwd: &Path) -> ExitStatus {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut child = spawn(&program(argv, cwd), Place::Here, &mut || Ok(()))
+                .map_err(io::Error::from)
+                .unwrap();
+            child.wait().await.unwrap()
+        })
+    }
+
+    fn fs_create(dir: &Path) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_command_runs_in_its_directory_and_its_status_comes_back() {
+        let dir = std::env::temp_dir().join(format!("buildcage-spawn-{}", std::process::id()));
+        fs_create(&dir);
+        // Found on $PATH, run in `dir`, and its exit status is its own.
+        let st = status(&["sh", "-c", "pwd > here; exit 7"], &dir);
+        assert_eq!(st.code(), Some(7));
+        let here = std::fs::read_to_string(dir.join("here")).unwrap();
+        assert_eq!(Path::new(here.trim()), dir.canonicalize().unwrap());
+        // A signal that ends it is reported as that signal.
+        let st = status(&["sh", "-c", "kill -KILL $$"], &dir);
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_command_that_cannot_run_was_made_and_failed_with_its_errno() {
+        let tmp = std::env::temp_dir();
+        for argv in [
+            &["/nonexistent/buildcage-no-such-program"][..],
+            &["buildcage-no-such-program-on-path"][..],
+        ] {
+            match spawn(&program(argv, &tmp), Place::Here, &mut || Ok(())) {
+                Err(Unborn::Failed(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT)),
+                other => panic!("{argv:?}: {other:?}"),
+            }
+        }
+        // pre_exec's error stops the exec, and is what comes back.
+        let refused = spawn(&program(&["true"], &tmp), Place::Here, &mut || {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        });
+        assert!(
+            matches!(&refused, Err(Unborn::Failed(e)) if e.raw_os_error() == Some(libc::EPERM)),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_directory_that_is_no_cgroup_makes_no_process() {
+        let tmp = std::fs::File::open(std::env::temp_dir()).unwrap();
+        let made = spawn(
+            &program(&["true"], &std::env::temp_dir()),
+            Place::Cgroup(tmp.as_fd()),
+            &mut || Ok(()),
+        );
+        assert!(matches!(made, Err(Unborn::NotMade(_))), "{made:?}");
+    }
 }
