@@ -17,7 +17,6 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
-use buildcage_common::Event;
 use tokio::{io::unix::AsyncFd, sync::broadcast, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -270,14 +269,18 @@ impl Reader {
 
     fn drain(&self, ring: &mut Ring) {
         while let Some(item) = ring.next() {
-            // A record of the build this ring served before: one of its last
-            // tasks ran a program after that build's reader had stopped. It
-            // is neither this build's nor a loss of this build's.
-            if recorded_build(&item).is_some_and(|b| b != self.build) {
-                continue;
-            }
-            match Record::decode(&item, &self.origin.name, &self.clock, &self.mounts) {
-                Ok(mut record) => {
+            let decoded = Record::raw(&item).and_then(|event| {
+                // A record of the build this ring served before: one of its
+                // last tasks ran a program after that build's reader had
+                // stopped. It is neither this build's nor a loss of this build's.
+                if event.build != self.build {
+                    return Ok(None);
+                }
+                Record::from_event(&event, &self.origin.name, &self.clock, &self.mounts).map(Some)
+            });
+            match decoded {
+                Ok(None) => {}
+                Ok(Some(mut record)) => {
                     record.policy = Some(self.origin.policy.clone());
                     record.phase.clone_from(&self.origin.phase);
                     self.bus.publish(self.build, record);
@@ -285,26 +288,5 @@ impl Reader {
                 Err(e) => tracing::error!(build = self.build, "undecodable event: {e}"),
             }
         }
-    }
-}
-
-/// The build a raw record names, if it is long enough to name one.
-fn recorded_build(bytes: &[u8]) -> Option<u64> {
-    let at = std::mem::offset_of!(Event, build);
-    let field = bytes.get(at..at + size_of::<u64>())?;
-    Some(u64::from_ne_bytes(field.try_into().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_record_names_its_build_where_the_kernel_wrote_it() {
-        let mut bytes = vec![0u8; size_of::<Event>()];
-        let at = std::mem::offset_of!(Event, build);
-        bytes[at..at + 8].copy_from_slice(&0x1_0000_1234u64.to_ne_bytes());
-        assert_eq!(recorded_build(&bytes), Some(0x1_0000_1234));
-        assert_eq!(recorded_build(&bytes[..at + 4]), None, "cut short");
     }
 }

@@ -114,6 +114,11 @@ impl Record {
         clock: &Clock,
         mounts: &Mounts,
     ) -> Result<Self, EventError> {
+        Self::from_event(&Self::raw(bytes)?, build, clock, mounts)
+    }
+
+    /// The kernel's event in a ring record, as it wrote it.
+    pub fn raw(bytes: &[u8]) -> Result<Event, EventError> {
         let want = size_of::<Event>();
         if bytes.len() < want {
             return Err(EventError::Size {
@@ -123,8 +128,7 @@ impl Record {
         }
         // SAFETY: Event is Pod (plain integers, no padding) and the length is checked;
         // ring buffer records are 8-byte aligned but read_unaligned does not care.
-        let event: Event = unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() };
-        Self::from_event(&event, build, clock, mounts)
+        Ok(unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() })
     }
 
     pub fn from_event(
