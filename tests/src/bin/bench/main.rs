@@ -20,8 +20,11 @@
 //! to run; `$BUILDCAGE_SOCKET` the daemon.
 //!
 //! `bench syscalls ITERS DIR`: see `syscalls.rs`.
+//!
+//! `bench programs`: see `programs.rs`.
 #![expect(clippy::print_stdout, reason = "the figures are its stdout")]
 
+mod programs;
 mod syscalls;
 
 use std::{
@@ -144,6 +147,22 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let (Some("stamp"), Some(file)) = (args.first().map(String::as_str), args.get(1)) {
         return stamp(Path::new(file));
+    }
+    if args.first().map(String::as_str) == Some("programs") {
+        if !programs::counting() {
+            eprintln!("bench programs: kernel.bpf_stats_enabled is not 1: no run is counted");
+            return ExitCode::FAILURE;
+        }
+        return match programs::snapshot() {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bench programs: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if args.first().map(String::as_str) == Some("syscalls") {
         let (Some(iters), Some(dir)) = (

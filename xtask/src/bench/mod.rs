@@ -10,7 +10,9 @@
 //! `docs/benchmarks.json`; `--quick` only checks that the bench runs, asserts
 //! no figure and writes nothing.
 
-use std::{path::Path, process::ExitCode, time::Duration};
+mod programs;
+
+use std::{collections::BTreeMap, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -25,6 +27,10 @@ const MARKER: &str = "BENCH-JSON: ";
 /// Before each run of the system-call loops, outside every build and inside one.
 const FREE: &str = "SYS-FREE: ";
 const CONFINED: &str = "SYS-CONF: ";
+/// Before a line `<what> <json>` of the phase with the kernel's program
+/// counters on: `start`, `outside` and `inside` snapshots (`bench
+/// programs`), and the loops' own figures `outside-loop`, `inside-loop`.
+const PROGRAMS: &str = "PROG-STATS: ";
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -66,6 +72,14 @@ for r in $(seq 1 {sys_rounds}); do
   echo "{FREE}$({bench} syscalls {iters} "$tree/free")"
   echo "{CONFINED}$({buildcage} run --tree "$tree/conf" -- {bench} syscalls {iters} "$tree/conf" 2>/dev/null)"
 done
+# The kernel counts program runs only in this phase: counting costs time.
+echo 1 > /proc/sys/kernel/bpf_stats_enabled
+echo "{PROGRAMS}start $({bench} programs)"
+echo "{PROGRAMS}outside-loop $({bench} syscalls {iters} "$tree/free")"
+echo "{PROGRAMS}outside $({bench} programs)"
+echo "{PROGRAMS}inside-loop $({buildcage} run --tree "$tree/conf" -- {bench} syscalls {iters} "$tree/conf" 2>/dev/null)"
+echo "{PROGRAMS}inside $({bench} programs)"
+echo 0 > /proc/sys/kernel/bpf_stats_enabled
 kill $daemon; wait $daemon
 "#,
         buildcage = shell_quote_path(&buildcage)?,
@@ -74,6 +88,7 @@ kill $daemon; wait $daemon
     let mut json = None;
     let mut free = Vec::new();
     let mut confined = Vec::new();
+    let mut counted = BTreeMap::new();
     let status = crate::vm::run_in_vm_observed(
         KernelSel::V6_12,
         &workspace_root(),
@@ -92,6 +107,12 @@ kill $daemon; wait $daemon
                 free.push(v);
             } else if let Some(v) = parse(CONFINED) {
                 confined.push(v);
+            } else if let Some((what, v)) = line
+                .split_once(PROGRAMS)
+                .and_then(|(_, rest)| rest.split_once(' '))
+                .and_then(|(what, j)| Some((what.to_owned(), serde_json::from_str(j).ok()?)))
+            {
+                counted.insert(what, v);
             }
         },
     )?;
@@ -107,11 +128,34 @@ kill $daemon; wait $daemon
     }
     let report = Report::from(&json)?;
     let calls = Calls::from(&free, &confined);
+    let phase = |what: &str| {
+        counted
+            .get(what)
+            .with_context(|| format!("no `{what}` figures from the phase with program counters"))
+    };
+    let programs = programs::Programs::from(
+        [phase("start")?, phase("outside")?, phase("inside")?],
+        [phase("outside-loop")?, phase("inside-loop")?],
+        iters,
+    )?;
     let table = format!("{}\n{}", report.markdown(), calls.markdown(iters));
-    println!("{table}");
+    let where_time_goes = format!(
+        "## Where the time goes\n\n\
+         The kernel's own count of each program's runs and their time (`run_cnt`, \
+         `run_time_ns`, with `kernel.bpf_stats_enabled` on for this phase only), over one \
+         more run of the loops above outside every build, then one inside a build (with that \
+         build's start and end). Outside, only the globally attached programs run: that is \
+         what every other process on the machine pays. The trampoline's few ns per call are \
+         not counted.\n\n{}",
+        programs.markdown()
+    );
+    println!("{table}\n{where_time_goes}");
     if !args.quick {
         let docs = workspace_root().join("docs");
-        write(&docs.join("benchmarks.md"), &report.page(&table))?;
+        write(
+            &docs.join("benchmarks.md"),
+            &format!("{}\n{where_time_goes}", report.page(&table)),
+        )?;
         write(
             &docs.join("benchmarks.json"),
             &format!(
@@ -119,6 +163,7 @@ kill $daemon; wait $daemon
                 serde_json::to_string_pretty(&serde_json::json!({
                     "build": report.json(&json),
                     "syscalls": calls.json(),
+                    "programs": programs.json(),
                 }))?
             ),
         )?;
