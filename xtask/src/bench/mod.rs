@@ -27,9 +27,9 @@ const MARKER: &str = "BENCH-JSON: ";
 /// Before each run of the system-call loops, outside every build and inside one.
 const FREE: &str = "SYS-FREE: ";
 const CONFINED: &str = "SYS-CONF: ";
-/// Before a line `<what> <json>` of the phase with the kernel's program
-/// counters on: `start`, `outside` and `inside` snapshots (`bench
-/// programs`), and the loops' own figures `outside-loop`, `inside-loop`.
+/// Before a line `<what> <json>` of the phases with the kernel's program
+/// counters on: `<phase>-before` and `<phase>-after` (`bench programs`) and
+/// the loops' own figures, `<phase>-loop` (see `programs`).
 const PROGRAMS: &str = "PROG-STATS: ";
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +55,11 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     let bench = build_release_bin("buildcage-tests", "bench")?;
     let rounds = if args.quick { 3 } else { 40 };
     let (sys_rounds, iters) = if args.quick { (2, 200) } else { (10, 2000) };
+    let live: &[u32] = if args.quick {
+        &programs::LIVE_QUICK
+    } else {
+        &programs::LIVE
+    };
     let script = format!(
         r#"set -e
 tree=$(mktemp -d /var/tmp/bench.XXXXXX)
@@ -73,17 +78,44 @@ for r in $(seq 1 {sys_rounds}); do
   echo "{CONFINED}$({buildcage} run --tree "$tree/conf" -- {bench} syscalls {iters} "$tree/conf" 2>/dev/null)"
 done
 # The kernel counts program runs only in this phase: counting costs time.
+# Each phase runs the loops once, outside every build or inside one, while
+# N other builds (each with its own tree) sit idle.
+phase() {{
+  echo "{PROGRAMS}$1-before $({bench} programs)"
+  if [ "$2" = inside ]; then
+    out=$({buildcage} run --tree "$tree/conf" -- {bench} syscalls {iters} "$tree/conf" 2>/dev/null)
+  else
+    out=$({bench} syscalls {iters} "$tree/free")
+  fi
+  echo "{PROGRAMS}$1-loop $out"
+  echo "{PROGRAMS}$1-after $({bench} programs)"
+}}
 echo 1 > /proc/sys/kernel/bpf_stats_enabled
-echo "{PROGRAMS}start $({bench} programs)"
-echo "{PROGRAMS}outside-loop $({bench} syscalls {iters} "$tree/free")"
-echo "{PROGRAMS}outside $({bench} programs)"
-echo "{PROGRAMS}inside-loop $({buildcage} run --tree "$tree/conf" -- {bench} syscalls {iters} "$tree/conf" 2>/dev/null)"
-echo "{PROGRAMS}inside $({bench} programs)"
+for n in {live}; do
+  pids=""
+  for i in $(seq 1 $n); do
+    mkdir -p "$tree/idle$i"
+    {buildcage} run --name idle$i --tree "$tree/idle$i" -- sleep 3600 >/dev/null 2>&1 &
+    pids="$pids $!"
+  done
+  i=0
+  until [ "$(ls -d /sys/fs/cgroup/buildcage/*/idle* 2>/dev/null | wc -l)" -ge $n ]; do
+    i=$((i+1)); [ $i -lt 1200 ] || {{ echo "the idle builds did not start"; exit 1; }}; sleep 0.1
+  done
+  phase outside-$n outside
+  phase inside-$n inside
+  if [ -n "$pids" ]; then kill $pids; wait $pids || true; fi
+done
 echo 0 > /proc/sys/kernel/bpf_stats_enabled
 kill $daemon; wait $daemon
 "#,
         buildcage = shell_quote_path(&buildcage)?,
         bench = shell_quote_path(&bench)?,
+        live = live
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
     );
     let mut json = None;
     let mut free = Vec::new();
@@ -128,25 +160,17 @@ kill $daemon; wait $daemon
     }
     let report = Report::from(&json)?;
     let calls = Calls::from(&free, &confined);
-    let phase = |what: &str| {
-        counted
-            .get(what)
-            .with_context(|| format!("no `{what}` figures from the phase with program counters"))
-    };
-    let programs = programs::Programs::from(
-        [phase("start")?, phase("outside")?, phase("inside")?],
-        [phase("outside-loop")?, phase("inside-loop")?],
-        iters,
-    )?;
+    let programs = programs::Programs::from(&counted, live, iters)?;
     let table = format!("{}\n{}", report.markdown(), calls.markdown(iters));
     let where_time_goes = format!(
         "## Where the time goes\n\n\
          The kernel's own count of each program's runs and their time (`run_cnt`, \
-         `run_time_ns`, with `kernel.bpf_stats_enabled` on for this phase only), over one \
+         `run_time_ns`, with `kernel.bpf_stats_enabled` on for these phases only), over one \
          more run of the loops above outside every build, then one inside a build (with that \
-         build's start and end). Outside, only the globally attached programs run: that is \
-         what every other process on the machine pays. The trampoline's few ns per call are \
-         not counted.\n\n{}",
+         build's start and end), while 0, 8 and 64 other builds, each with its own tree, sit \
+         idle. Outside, only the globally attached programs run: that is what every other \
+         process on the machine pays. The trampoline's few ns per call are not counted. \
+         The first table is with no other build live.\n\n{}",
         programs.markdown()
     );
     println!("{table}\n{where_time_goes}");

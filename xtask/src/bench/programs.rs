@@ -7,25 +7,51 @@
 //! the claims of a few percent; they leave out the trampoline's few ns per
 //! call, which the kernel does not count.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context as _, Result};
 
 use super::{as_f64, ms};
 
-/// One program's runs and time in each phase.
+/// How many other builds are live while the loops run, phase by phase.
+pub(super) const LIVE: [u32; 3] = [0, 8, 64];
+/// The same, for `--quick`.
+pub(super) const LIVE_QUICK: [u32; 2] = [0, 2];
+
+/// One run of the loops, outside every build or inside one, with `live`
+/// other builds idle meanwhile.
 #[derive(Debug, PartialEq)]
-struct Row {
-    name: String,
-    /// During the loops outside every build: runs, ns.
-    outside: (u64, u64),
-    /// During the loops inside a build (and that build's start and end).
-    inside: (u64, u64),
+struct Phase {
+    live: u32,
+    inside: bool,
+    /// The loops' own wall time, in ns.
+    loop_ns: u64,
+    /// Each program's runs and ns during the phase.
+    programs: BTreeMap<String, (u64, u64)>,
+}
+
+impl Phase {
+    fn label(live: u32, inside: bool) -> String {
+        format!("{}-{live}", if inside { "inside" } else { "outside" })
+    }
+
+    fn total_ns(&self) -> u64 {
+        self.programs.values().map(|p| p.1).sum()
+    }
+
+    fn runs(&self) -> u64 {
+        self.programs.values().map(|p| p.0).sum()
+    }
+
+    /// The programs' share of the loops' wall time.
+    fn share(&self) -> f64 {
+        as_f64(self.total_ns()) / as_f64(self.loop_ns.max(1))
+    }
 }
 
 #[derive(Debug)]
 pub(super) struct Programs {
-    rows: Vec<Row>,
-    /// The loops' own wall time, outside and inside, in ns.
-    loops_ns: (u64, u64),
+    phases: Vec<Phase>,
 }
 
 /// The wall time of one run of the loops: ns per call of each op, times
@@ -42,99 +68,124 @@ fn loop_ns(calls: &serde_json::Value, iters: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// `after - before` for program `name`: runs and ns.
-fn delta(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> (u64, u64) {
-    let get = |v: &serde_json::Value, field: &str| v[name][field].as_u64().unwrap_or(0);
-    (
-        get(after, "runs").saturating_sub(get(before, "runs")),
-        get(after, "ns").saturating_sub(get(before, "ns")),
-    )
+/// `after - before` of each program: runs and ns; programs that did not
+/// run are left out.
+fn deltas(before: &serde_json::Value, after: &serde_json::Value) -> BTreeMap<String, (u64, u64)> {
+    let get = |v: &serde_json::Value, name: &str, field: &str| v[name][field].as_u64().unwrap_or(0);
+    after
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.keys())
+        .map(|name| {
+            let d = |field| get(after, name, field).saturating_sub(get(before, name, field));
+            (name.clone(), (d("runs"), d("ns")))
+        })
+        .filter(|(_, (runs, _))| *runs > 0)
+        .collect()
 }
 
 impl Programs {
-    /// From the snapshots before, after the loops outside and after the
-    /// loops inside, and the two loops' own figures.
+    /// From the figures of the phase with program counters on: for each
+    /// phase, `<label>-before`, `<label>-loop` and `<label>-after`.
     pub(super) fn from(
-        snapshots: [&serde_json::Value; 3],
-        loops: [&serde_json::Value; 2],
+        counted: &BTreeMap<String, serde_json::Value>,
+        live: &[u32],
         iters: u32,
     ) -> Result<Self> {
-        let [start, outside, inside] = snapshots;
-        let names = inside
-            .as_object()
-            .context("no program figures from the bench")?
-            .keys();
-        let mut rows: Vec<Row> = names
-            .map(|name| Row {
-                name: name.clone(),
-                outside: delta(start, outside, name),
-                inside: delta(outside, inside, name),
-            })
-            .filter(|r| r.outside.0 > 0 || r.inside.0 > 0)
-            .collect();
-        rows.sort_by(|a, b| b.inside.1.cmp(&a.inside.1).then(a.name.cmp(&b.name)));
-        Ok(Self {
-            rows,
-            loops_ns: (loop_ns(loops[0], iters), loop_ns(loops[1], iters)),
-        })
-    }
-
-    /// The programs' share of each loop's wall time.
-    fn shares(&self) -> (f64, f64) {
-        let total = |f: fn(&Row) -> u64| self.rows.iter().map(f).sum::<u64>();
-        (
-            as_f64(total(|r| r.outside.1)) / as_f64(self.loops_ns.0.max(1)),
-            as_f64(total(|r| r.inside.1)) / as_f64(self.loops_ns.1.max(1)),
-        )
+        let get = |key: String| {
+            counted
+                .get(&key)
+                .with_context(|| format!("no `{key}` figures from the phase with program counters"))
+        };
+        let mut phases = Vec::new();
+        for &live in live {
+            for inside in [false, true] {
+                let label = Phase::label(live, inside);
+                phases.push(Phase {
+                    live,
+                    inside,
+                    loop_ns: loop_ns(get(format!("{label}-loop"))?, iters),
+                    programs: deltas(
+                        get(format!("{label}-before"))?,
+                        get(format!("{label}-after"))?,
+                    ),
+                });
+            }
+        }
+        Ok(Self { phases })
     }
 
     pub(super) fn markdown(&self) -> String {
-        let per_run = |(runs, ns): (u64, u64)| {
-            if runs == 0 {
-                "–".to_owned()
-            } else {
-                format!("{:.0}", as_f64(ns) / as_f64(runs))
-            }
+        let per_run = |p: Option<&(u64, u64)>| match p {
+            Some(&(runs, ns)) if runs > 0 => (
+                runs.to_string(),
+                format!("{:.0}", as_f64(ns) / as_f64(runs)),
+            ),
+            _ => ("0".to_owned(), "–".to_owned()),
         };
-        let mut out = String::from(
-            "| program | runs outside every build | ns per run | runs in a build | ns per run |\n\
-             |---|---|---|---|---|\n",
+        let mut out = String::new();
+        if let [outside, inside, ..] = self.phases.as_slice() {
+            let mut names: Vec<&String> = outside
+                .programs
+                .keys()
+                .chain(inside.programs.keys())
+                .collect();
+            names.sort();
+            names.dedup();
+            names.sort_by_key(|n| std::cmp::Reverse(inside.programs.get(*n).map_or(0, |p| p.1)));
+            out.push_str(
+                "| program | runs outside every build | ns per run | runs in a build | ns per run |\n\
+                 |---|---|---|---|---|\n",
+            );
+            for name in names {
+                let (o_runs, o_ns) = per_run(outside.programs.get(name));
+                let (i_runs, i_ns) = per_run(inside.programs.get(name));
+                out.push_str(&format!(
+                    "| {name} | {o_runs} | {o_ns} | {i_runs} | {i_ns} |\n"
+                ));
+            }
+            out.push('\n');
+        }
+        out.push_str(
+            "| other builds live | loops run | loops | in buildcage's programs | share | ns per program run |\n\
+             |---|---|---|---|---|---|\n",
         );
-        for r in &self.rows {
+        for p in &self.phases {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
-                r.name,
-                r.outside.0,
-                per_run(r.outside),
-                r.inside.0,
-                per_run(r.inside)
+                "| {} | {} | {:.1} ms | {:.3} ms | **{:.2}%** | {:.0} |\n",
+                p.live,
+                if p.inside {
+                    "in a build"
+                } else {
+                    "outside every build"
+                },
+                ms(p.loop_ns / 1000),
+                ms(p.total_ns() / 1000),
+                p.share() * 100.0,
+                as_f64(p.total_ns()) / as_f64(p.runs().max(1)),
             ));
         }
-        let (outside, inside) = self.shares();
-        out.push_str(&format!(
-            "\nOutside every build, the loops ran {:.1} ms, of which buildcage's programs {:.3} ms: \
-             **{:.2}%**. Inside a build, {:.1} ms, of which its programs {:.3} ms: **{:.2}%**.\n",
-            ms(self.loops_ns.0 / 1000),
-            ms(self.rows.iter().map(|r| r.outside.1).sum::<u64>() / 1000),
-            outside * 100.0,
-            ms(self.loops_ns.1 / 1000),
-            ms(self.rows.iter().map(|r| r.inside.1).sum::<u64>() / 1000),
-            inside * 100.0,
-        ));
         out
     }
 
     pub(super) fn json(&self) -> serde_json::Value {
-        let (outside, inside) = self.shares();
-        serde_json::json!({
-            "loops_ns": { "outside": self.loops_ns.0, "inside": self.loops_ns.1 },
-            "share": { "outside": outside, "inside": inside },
-            "programs": self.rows.iter().map(|r| serde_json::json!({
-                "program": r.name,
-                "outside": { "runs": r.outside.0, "ns": r.outside.1 },
-                "inside": { "runs": r.inside.0, "ns": r.inside.1 },
-            })).collect::<Vec<_>>(),
-        })
+        serde_json::Value::Array(
+            self.phases
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "live_builds": p.live,
+                        "inside": p.inside,
+                        "loop_ns": p.loop_ns,
+                        "programs_ns": p.total_ns(),
+                        "share": p.share(),
+                        "programs": p.programs.iter().map(|(name, (runs, ns))| {
+                            serde_json::json!({ "program": name, "runs": runs, "ns": ns })
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+        )
     }
 }
 
@@ -150,38 +201,47 @@ mod tests {
                 "file_ioctl": {"runs": ioctl.0, "ns": ioctl.1},
             })
         };
-        let (start, outside, inside) = (
-            snap((10, 1000), (5, 100)),
-            snap((10, 1000), (25, 500)),
-            snap((110, 21000), (30, 600)),
-        );
-        let loops = [
-            serde_json::json!({"open+close": 1000, "stat": 1000}),
-            serde_json::json!({"open+close": 2000, "stat": 2000}),
-        ];
-        let p = Programs::from([&start, &outside, &inside], [&loops[0], &loops[1]], 10)
-            .expect("figures");
-        assert_eq!(p.loops_ns, (20_000, 40_000));
-        // Sorted by time inside: file_open first.
+        let mut counted = BTreeMap::new();
+        for live in LIVE {
+            for inside in [false, true] {
+                let label = Phase::label(live, inside);
+                let (before, after, ns) = if inside {
+                    (
+                        snap((10, 1000), (25, 500)),
+                        snap((110, 21000), (30, 600)),
+                        2000,
+                    )
+                } else {
+                    (
+                        snap((10, 1000), (5, 100)),
+                        snap((10, 1000), (25, 500)),
+                        1000,
+                    )
+                };
+                counted.insert(format!("{label}-before"), before);
+                counted.insert(format!("{label}-after"), after);
+                counted.insert(
+                    format!("{label}-loop"),
+                    serde_json::json!({"open+close": ns, "stat": ns}),
+                );
+            }
+        }
+        let p = Programs::from(&counted, &LIVE, 10).expect("figures");
+        assert_eq!(p.phases.len(), 2 * LIVE.len());
+        let (outside, inside) = (&p.phases[0], &p.phases[1]);
+        assert_eq!(outside.loop_ns, 20_000);
+        // file_open did not run outside: left out.
         assert_eq!(
-            p.rows,
-            [
-                Row {
-                    name: "file_open".into(),
-                    outside: (0, 0),
-                    inside: (100, 20_000)
-                },
-                Row {
-                    name: "file_ioctl".into(),
-                    outside: (20, 400),
-                    inside: (5, 100)
-                },
-            ]
+            outside.programs,
+            BTreeMap::from([("file_ioctl".to_owned(), (20, 400))])
         );
-        let (o, i) = p.shares();
+        assert_eq!(inside.programs["file_open"], (100, 20_000));
+        assert!((outside.share() - 0.02).abs() < 1e-9, "{}", outside.share());
+        assert!((inside.share() - 0.5025).abs() < 1e-9, "{}", inside.share());
+        counted.remove("inside-64-loop");
         assert!(
-            (o - 0.02).abs() < 1e-9 && (i - 0.5025).abs() < 1e-9,
-            "{o} {i}"
+            Programs::from(&counted, &LIVE, 10).is_err(),
+            "a phase is missing"
         );
     }
 }
