@@ -51,12 +51,12 @@ const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
 // ---- sockets --------------------------------------------------------------
 
 /// `socket_create(family, type, protocol, kern)`: every socket(2), socketpair(2).
-#[lsm_cgroup(hook = "socket_create")]
+/// Per task rather than per cgroup: a process outside every build makes
+/// sockets far less often than it makes dentries, and `d_instantiate` took
+/// this hook's cgroup slot (`cargo xtask bench`, "Where the time goes").
+#[lsm(hook = "socket_create")]
 pub(crate) fn socket_create(ctx: LsmContext) -> i32 {
-    if ctx.arg::<i32>(4) != 0 {
-        return Verdict::Deny.cgroup();
-    }
-    try_socket_create(&ctx).cgroup()
+    global(ctx.arg(4), || try_socket_create(&ctx))
 }
 
 #[inline(always)]
@@ -445,16 +445,19 @@ pub(crate) fn file_ioctl(ctx: LsmContext) -> i32 {
 /// that devpts made because the build opened /dev/ptmx (fs/devpts/inode.c:
 /// devpts_pty_new, whose d_add lands here): the build may then write its own
 /// terminals, and no other.
-#[lsm(hook = "d_instantiate")]
+///
+/// Per cgroup: every process on the machine instantiates dentries (creates,
+/// and lookups in procfs, sysfs, tmpfs), so as a hook for every task it was
+/// most of what buildcage cost a process outside every build. A void hook:
+/// a cgroup program on it must return 1 (kernel/bpf/verifier.c,
+/// check_return_code).
+#[lsm_cgroup(hook = "d_instantiate")]
 pub(crate) fn d_instantiate(ctx: LsmContext) -> i32 {
-    if !in_a_build() {
-        return 0;
-    }
     let dentry: Dentry = ctx.arg(0);
     if fs::magic_of(dentry) == DEVPTS_SUPER_MAGIC {
         maps::tag_owned(ctx.arg(1), current_build());
-        return 0;
+    } else {
+        maps::tag_if_created(dentry, ctx.arg(1));
     }
-    maps::tag_if_created(dentry, ctx.arg(1));
-    0
+    Verdict::Allow.cgroup()
 }

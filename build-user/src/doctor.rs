@@ -202,7 +202,8 @@ fn hooks_check(btf: &KernelBtf) -> Check {
 }
 
 /// Finds or loads the instance, makes a child of a scratch build in it try
-/// `socket(AF_INET)`, and requires EPERM plus the matching event.
+/// a write-open outside every root, `socket(AF_INET)` and a user namespace,
+/// and requires EPERM plus the matching event for each.
 fn enforcement_probe(
     cgroot: &std::path::Path,
     bpffs: &std::path::Path,
@@ -248,12 +249,19 @@ fn probe_in(cg: &BuildCgroup, lease: &mut Lease) -> Result<String, DoctorError> 
             if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                 libc::_exit(100);
             }
-            // A cgroup hook (socket_create), then a global one (userns_create):
-            // both kinds of attachment must enforce.
-            let code = if libc::socket(AF_INET, libc::SOCK_STREAM, 0) >= 0 {
+            // A cgroup hook (file_open, for writing, outside every root: no
+            // O_TRUNC, so nothing changes even if it were allowed), then
+            // global ones (socket_create, userns_create): both kinds of
+            // attachment must enforce.
+            let code = if libc::open(c"/etc/passwd".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) >= 0
+            {
                 10
             } else if *libc::__errno_location() != libc::EPERM {
                 11
+            } else if libc::socket(AF_INET, libc::SOCK_STREAM, 0) >= 0 {
+                30
+            } else if *libc::__errno_location() != libc::EPERM {
+                31
             } else if libc::unshare(libc::CLONE_NEWUSER) == 0 {
                 20
             } else if *libc::__errno_location() != libc::EPERM {
@@ -272,6 +280,7 @@ fn probe_in(cg: &BuildCgroup, lease: &mut Lease) -> Result<String, DoctorError> 
     unsafe { libc::waitpid(pid, &mut status, 0) };
     let code = libc::WEXITSTATUS(status);
     let clock = Clock::now();
+    let mut open_event = None;
     let mut event = None;
     let mut userns_event = None;
     while let Some(item) = events.next() {
@@ -280,6 +289,7 @@ fn probe_in(cg: &BuildCgroup, lease: &mut Lease) -> Result<String, DoctorError> 
             continue;
         }
         match record.op {
+            Op::Open => open_event = Some(record),
             Op::Socket => event = Some(record),
             Op::Userns => userns_event = Some(record),
             _ => {}
@@ -290,8 +300,12 @@ fn probe_in(cg: &BuildCgroup, lease: &mut Lease) -> Result<String, DoctorError> 
     }
     let failed = match code {
         0 => None,
-        10 => Some("socket(AF_INET) succeeded (a cgroup-attached hook)"),
-        11 => Some("socket(AF_INET) failed, but not with EPERM (a cgroup-attached hook)"),
+        10 => Some("opening /etc/passwd for writing succeeded (a cgroup-attached hook)"),
+        11 => Some(
+            "opening /etc/passwd for writing failed, but not with EPERM (a cgroup-attached hook)",
+        ),
+        30 => Some("socket(AF_INET) succeeded (a hook attached for every task)"),
+        31 => Some("socket(AF_INET) failed, but not with EPERM (a hook attached for every task)"),
         20 => Some("unshare(CLONE_NEWUSER) succeeded (a hook attached for every task)"),
         21 => Some(
             "unshare(CLONE_NEWUSER) failed, but not with EPERM (a hook attached for every task)",
@@ -301,10 +315,12 @@ fn probe_in(cg: &BuildCgroup, lease: &mut Lease) -> Result<String, DoctorError> 
     if let Some(what) = failed {
         return Err(DoctorError::NotEnforced(what));
     }
+    let open_event = open_event.ok_or(DoctorError::NoEvent("open(/etc/passwd, O_WRONLY)"))?;
     let event = event.ok_or(DoctorError::NoEvent("socket(AF_INET)"))?;
     let userns_event = userns_event.ok_or(DoctorError::NoEvent("unshare(CLONE_NEWUSER)"))?;
     Ok(format!(
-        "socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM; events: {} and {} pid {}",
+        "open(/etc/passwd, O_WRONLY), socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM; events: {}, {} and {} pid {}",
+        open_event.what(),
         event.what(),
         userns_event.what(),
         event.pid

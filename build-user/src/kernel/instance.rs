@@ -86,7 +86,7 @@ pub enum Attach {
 /// The programs: (name in the object, which is also the LSM hook, attachment).
 /// `inode_setattr` has a second program for kernels before 6.3; see [`program_for`].
 pub const HOOKS: &[(&str, Attach)] = &[
-    ("socket_create", Attach::Cgroup),
+    ("d_instantiate", Attach::Cgroup),
     ("bpf", Attach::Cgroup),
     ("file_open", Attach::Cgroup),
     ("inode_create", Attach::Cgroup),
@@ -103,7 +103,7 @@ pub const HOOKS: &[(&str, Attach)] = &[
     ("inode_setxattr", Attach::Global),
     ("inode_removexattr", Attach::Global),
     ("file_ioctl", Attach::Global),
-    ("d_instantiate", Attach::Global),
+    ("socket_create", Attach::Global),
     ("socket_bind", Attach::Global),
     ("post_bind4", Attach::PostBind),
     ("post_bind6", Attach::PostBind),
