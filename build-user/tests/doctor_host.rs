@@ -54,7 +54,7 @@ fn doctor_verdict_matches_its_checks() {
     } else if !failed {
         assert!(
             enforce.contains(
-                "socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"
+                "open(/etc/passwd, O_WRONLY), socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"
             ),
             "{err}"
         );

@@ -190,7 +190,7 @@ fn doctor_passes_in_a_cgroup_namespace() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
         err.contains(
-            "pass enforce  socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"
+            "pass enforce  open(/etc/passwd, O_WRONLY), socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"
         ),
         "{err}"
     );
@@ -207,7 +207,7 @@ fn doctor_passes_where_bpf_lsm_works() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
         err.contains(
-            "pass enforce  socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"
+            "pass enforce  open(/etc/passwd, O_WRONLY), socket(AF_INET) and unshare(CLONE_NEWUSER) in a scratch build got EPERM"
         ),
         "{err}"
     );
