@@ -6,8 +6,10 @@
 //! the differences: ns per run of each hook, measured by the kernel and free
 //! of the noise between rounds that wall-clock loops have under emulation.
 //!
-//! A program is buildcage's when it uses the `BUILDS` map of the instance
-//! pinned under /sys/fs/bpf/buildcage/ (the only one in the test VM).
+//! A program is buildcage's when it uses one of the maps of the instance
+//! pinned under /sys/fs/bpf/buildcage/ (the only one in the test VM): not
+//! every program uses `BUILDS` (`d_instantiate`, a cgroup program, needs no
+//! lookup of the build).
 
 use std::path::Path;
 
@@ -16,33 +18,41 @@ use aya::maps::MapData;
 /// Where instances are pinned.
 const PINS: &str = "/sys/fs/bpf/buildcage";
 
-/// The id of the instance's `BUILDS` map.
-fn builds_map_id() -> Result<u32, String> {
-    let dirs = std::fs::read_dir(PINS).map_err(|e| format!("{PINS}: {e}"))?;
+/// The ids of the maps pinned for the instance (`map_*`).
+fn instance_map_ids() -> Result<Vec<u32>, String> {
+    let dirs: Vec<_> = std::fs::read_dir(PINS)
+        .map_err(|e| format!("{PINS}: {e}"))?
+        .flatten()
+        .map(|d| d.path())
+        .filter(|d| d.join("map_BUILDS").exists())
+        .collect();
+    let [dir] = dirs.as_slice() else {
+        return Err(format!("{} instances under {PINS}, not one", dirs.len()));
+    };
     let mut ids = Vec::new();
-    for dir in dirs.flatten() {
-        let pin = dir.path().join("map_BUILDS");
-        if pin.exists() {
+    for pin in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let pin = pin.map_err(|e| e.to_string())?.path();
+        if pin
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("map_"))
+        {
             let map = MapData::from_pin(&pin).map_err(|e| format!("{}: {e}", pin.display()))?;
             ids.push(map.info().map_err(|e| e.to_string())?.id());
         }
     }
-    match ids.as_slice() {
-        [id] => Ok(*id),
-        _ => Err(format!("{} instances under {PINS}, not one", ids.len())),
-    }
+    Ok(ids)
 }
 
 /// `{"<program>": {"runs": N, "ns": T}, ...}` for buildcage's programs.
 pub(crate) fn snapshot() -> Result<serde_json::Value, String> {
-    let builds = builds_map_id()?;
+    let maps = instance_map_ids()?;
     let mut out = serde_json::Map::new();
     for info in aya::programs::loaded_programs() {
         let info = info.map_err(|e| e.to_string())?;
         let ours = info
             .map_ids()
             .map_err(|e| e.to_string())?
-            .is_some_and(|ids| ids.contains(&builds));
+            .is_some_and(|ids| ids.iter().any(|id| maps.contains(id)));
         if !ours {
             continue;
         }
@@ -59,7 +69,7 @@ pub(crate) fn snapshot() -> Result<serde_json::Value, String> {
         out.insert(key, serde_json::json!({ "runs": runs, "ns": ns }));
     }
     if out.is_empty() {
-        return Err("no program uses the instance's BUILDS map".to_owned());
+        return Err("no program uses the instance's maps".to_owned());
     }
     Ok(serde_json::Value::Object(out))
 }
