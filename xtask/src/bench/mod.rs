@@ -170,7 +170,8 @@ kill $daemon; wait $daemon
          build's start and end), while 0, 8 and 64 other builds, each with its own tree, sit \
          idle. Outside, only the globally attached programs run: that is what every other \
          process on the machine pays. The trampoline's few ns per call are not counted. \
-         The first table is with no other build live.\n\n{}",
+         The first table is with no other build live. What these figures changed, before \
+         and after: [benchmarks-history.md](benchmarks-history.md).\n\n{}",
         programs.markdown()
     );
     println!("{table}\n{where_time_goes}");
