@@ -153,14 +153,14 @@ fn broken_pipe(err: &anyhow::Error) -> bool {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => cmd::run::exec(args),
+        Command::Run(args) => cmd::run::exec(args, !cli.quiet),
         Command::Doctor(args) => cmd::doctor::exec(&args),
         Command::Policy(args) => cmd::policy::exec(args),
         Command::Ps(args) => cmd::ps::exec(&args),
         Command::Stop(args) => cmd::stop::exec(&args),
         Command::Tail(args) => cmd::tail::exec(args),
         Command::Daemon(args) => cmd::daemon::exec(args),
-        Command::Pkgsrc(args) => cmd::pkgsrc::exec(args),
+        Command::Pkgsrc(args) => cmd::pkgsrc::exec(args, !cli.quiet),
         Command::Diff(args) => cmd::diff::exec(&args),
         Command::Generate(args) => cmd::generate::exec(&args, Cli::command(), EXIT_STATUS),
     }

@@ -5,7 +5,10 @@
 use std::{collections::BTreeMap, ffi::OsString, process::ExitCode};
 
 use buildcage::{
-    events::sink::{Human, Sink},
+    events::{
+        sink::{Human, Sink},
+        status::StatusLine,
+    },
     pkgsrc::{
         self, Job, Mode, Tool,
         config::Config,
@@ -63,22 +66,29 @@ enum ToolArgs {
 }
 
 /// `buildcage pkgsrc ...`, by hand.
-pub(crate) fn exec(args: PkgsrcArgs) -> anyhow::Result<ExitCode> {
+/// `status`: a live status line on a terminal (not with `-q`).
+pub(crate) fn exec(args: PkgsrcArgs, status: bool) -> anyhow::Result<ExitCode> {
     let (tool, rest) = match args.tool {
         ToolArgs::Make { args } => (Tool::Make, args),
         ToolArgs::PkgAdd { args } => (Tool::PkgAdd, args),
         ToolArgs::PkgDelete { args } => (Tool::PkgDelete, args),
     };
-    run(tool, &rest, Mode::Hand, args.fail_on_violation)
+    run(tool, &rest, Mode::Hand, args.fail_on_violation, status)
 }
 
 /// buildcage called by one of the names pbulk.conf gives it: one call, one
 /// phase, as pbulk's pkg-build makes it.
 pub(crate) fn shim(tool: Tool, args: &[OsString]) -> anyhow::Result<ExitCode> {
-    run(tool, args, Mode::Pbulk, false)
+    run(tool, args, Mode::Pbulk, false, true)
 }
 
-fn run(tool: Tool, args: &[OsString], mode: Mode, fail: bool) -> anyhow::Result<ExitCode> {
+fn run(
+    tool: Tool,
+    args: &[OsString],
+    mode: Mode,
+    fail: bool,
+    status: bool,
+) -> anyhow::Result<ExitCode> {
     let config = Config::load(&Config::path())?;
     // Inside a build, the phase was chosen from outside and stays: the real
     // program runs in this same build, under its policy. So mk.conf may name
@@ -107,7 +117,7 @@ fn run(tool: Tool, args: &[OsString], mode: Mode, fail: bool) -> anyhow::Result<
     let mut seen: Vec<Entry> = Vec::new();
     let mut code = 0;
     for job in jobs {
-        let (end, events) = runtime.block_on(phase(&job))?;
+        let (end, events) = runtime.block_on(phase(&job, status))?;
         seen.extend(events.into_iter().map(|r| Entry::Event(Box::new(r))));
         let broke = fail && end.violations() > 0 && end.exit == 0;
         eprintln!(
@@ -143,7 +153,10 @@ fn run(tool: Tool, args: &[OsString], mode: Mode, fail: bool) -> anyhow::Result<
 }
 
 /// Runs one job in its build; its events go to stderr and the package's log.
-async fn phase(job: &Job) -> anyhow::Result<(PhaseEnd, Vec<buildcage::events::record::Record>)> {
+async fn phase(
+    job: &Job,
+    status: bool,
+) -> anyhow::Result<(PhaseEnd, Vec<buildcage::events::record::Record>)> {
     job.prepare()?;
     let request = job.request.clone().here()?;
     let mut log = match &job.log_dir {
@@ -156,9 +169,15 @@ async fn phase(job: &Job) -> anyhow::Result<(PhaseEnd, Vec<buildcage::events::re
         })?),
         None => None,
     };
+    let mut status = status.then(StatusLine::on_terminal).flatten();
     let mut human = Human::new(std::io::stderr());
     let mut kept = Kept::default();
-    let mut sinks: Vec<&mut dyn Sink> = vec![&mut human, &mut kept];
+    let mut sinks: Vec<&mut dyn Sink> = Vec::new();
+    if let Some(status) = status.as_mut() {
+        sinks.push(status);
+    }
+    sinks.push(&mut human);
+    sinks.push(&mut kept);
     if let Some(log) = log.as_mut() {
         sinks.push(log);
     }

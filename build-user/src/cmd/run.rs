@@ -7,6 +7,7 @@ use buildcage::{
     daemon::{client::Client, protocol},
     events::{
         sink::{Human, JsonLines, Sink},
+        status::StatusLine,
         summary::SummarySink,
     },
     hint::Hinted,
@@ -44,7 +45,8 @@ pub(crate) struct RunArgs {
     command: Vec<OsString>,
 }
 
-pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// `status`: a live status line on a terminal (not with `-q`).
+pub(crate) fn exec(args: RunArgs, status: bool) -> anyhow::Result<ExitCode> {
     let request = Request {
         tree: args.tree,
         policy: args.policy,
@@ -73,9 +75,15 @@ pub(crate) fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     let outcome = runtime.block_on(async {
         // Listen for SIGINT/SIGTERM before the command exists, so none is missed.
         let control = forward_signals()?;
+        let mut status = status.then(StatusLine::on_terminal).flatten();
         let mut human = Human::new(std::io::stderr());
         let mut summary = SummarySink::new(std::io::stderr());
-        let mut sinks: Vec<&mut dyn Sink> = vec![&mut human];
+        let mut sinks: Vec<&mut dyn Sink> = Vec::new();
+        // First, so that it is gone before the summary prints.
+        if let Some(status) = status.as_mut() {
+            sinks.push(status);
+        }
+        sinks.push(&mut human);
         if let Some(json) = json.as_mut() {
             sinks.push(json);
         }

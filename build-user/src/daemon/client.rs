@@ -63,6 +63,7 @@ impl Client {
     /// there (so `run` goes on standalone). The protocol's version is
     /// checked with the first reply: a daemon that speaks another one
     /// answers the first request with its refusal.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn connect(socket: &Path) -> Result<Option<Self>, Hinted> {
         let stream = match UnixStream::connect(socket).await {
             Ok(s) => s,
@@ -141,6 +142,7 @@ impl Client {
 
     /// Asks for a build; returns its plan as the daemon resolved it, and the
     /// build, its policy in force.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn create(
         mut self,
         request: plan::Request,
@@ -154,8 +156,8 @@ impl Client {
             } => {
                 // Where this client may start the command itself; if it
                 // cannot open it as that build's cgroup, the daemon moves it.
-                let birthplace = cgroup.and_then(|path| {
-                    crate::kernel::cgroup::open_build(&path, build)
+                let birthplace = cgroup.as_ref().and_then(|path| {
+                    crate::kernel::cgroup::open_build(path, build)
                         .inspect_err(|e| tracing::debug!("{e}: the daemon moves the command in"))
                         .ok()
                 });
@@ -182,6 +184,7 @@ impl Client {
                     ask,
                     entered,
                     birthplace,
+                    cgroup,
                     pending,
                 };
                 Ok((*plan, remote))
@@ -231,6 +234,8 @@ pub struct Remote {
     entered: Vec<u8>,
     /// The build's cgroup directory, when this client could open it.
     birthplace: Option<OwnedFd>,
+    /// Where the daemon says the build's cgroup is.
+    cgroup: Option<PathBuf>,
     pending: VecDeque<Delivery>,
 }
 
@@ -283,6 +288,10 @@ impl Cage for Remote {
         }
     }
 
+    fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
     async fn next(&mut self) -> Delivery {
         if let Some(pending) = self.pending.pop_front() {
             return pending;
@@ -312,6 +321,7 @@ impl Cage for Remote {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn end(mut self) -> Result<Ended, Failure> {
         let mut rest: Vec<Delivery> = self.pending.drain(..).collect();
         let client = self.reconnect().await.map_err(Failure::Uncontained)?;

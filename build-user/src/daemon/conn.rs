@@ -23,7 +23,7 @@ use crate::{
     plan::{self, ConfinementPlan},
     session::{
         SessionError,
-        cage::{Asker, Confined},
+        cage::{Asker, Confined, Reaping},
     },
 };
 
@@ -113,6 +113,15 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
+    /// This peer, as the supervisor of the builds it asks for.
+    fn asker(&self) -> Asker {
+        Asker {
+            uid: self.peer.uid,
+            pid: self.peer.pid,
+            supervisor: Supervisor::Daemon,
+        }
+    }
+
     /// What this peer may do, by the admin's rules as they are now.
     fn rights(&self) -> Result<Rights, Reply> {
         if self.peer.uid == 0 {
@@ -163,7 +172,7 @@ impl Conn<'_> {
             Err(reply) => Err(reply),
         };
         match opened {
-            Ok(((confined, plan, notices, records), reservation)) => {
+            Ok(((mut confined, plan, notices, records), reservation)) => {
                 let id = confined.id();
                 let (kill, kills) = mpsc::channel(4);
                 daemon.slots().insert(
@@ -185,6 +194,9 @@ impl Conn<'_> {
                 if self.wire.send(&created).await.is_err() {
                     tracing::warn!(build = id, "the client went away before its build started");
                 }
+                if let Reply::Created { plan, .. } = &created {
+                    confined.register(plan, self.asker());
+                }
                 self.supervise(confined, records, kills).await;
             }
             Err(reply) => {
@@ -199,18 +211,22 @@ impl Conn<'_> {
         rights.check_policy(&request.policy).map_err(refused)?;
         let plan = ConfinementPlan::resolve(&request).map_err(|e| failed(&e, e.hint()))?;
         rights.check_network(plan.policy.net).map_err(refused)?;
-        let asker = Asker {
-            uid: self.peer.uid,
-            pid: self.peer.pid,
-            supervisor: Supervisor::Daemon,
-        };
+        let asker = self.asker();
         let check = |root: &_| {
             rights
                 .check_root(root)
                 .map_err(|r| SessionError::Daemon(Hinted::from(r)))
         };
         let mut ring = self.daemon.pool.take();
-        let opened = Confined::open(&self.daemon.host, &plan, asker, check, &mut ring).await;
+        let opened = Confined::open(
+            &self.daemon.host,
+            &plan,
+            asker,
+            Reaping::Elsewhere,
+            check,
+            &mut ring,
+        )
+        .await;
         let result = match opened {
             Ok((mut confined, notices)) => match confined.attach(&self.daemon.bus) {
                 Ok(records) => Ok((confined, plan, notices, records)),
@@ -318,11 +334,11 @@ impl Conn<'_> {
                 }
                 Event::Client(_) => {
                     tracing::warn!(build = id, "its client went away: reaping it");
-                    self.daemon.slots().remove(&id);
                     let mut spare = None;
                     if let Err(e) = confined.end(&self.daemon.bus, &mut spare).await {
                         tracing::error!(build = id, "cannot reap: {}", e.into_error());
                     }
+                    self.daemon.slots().remove(&id);
                     if let Some(ring) = spare {
                         self.daemon.pool.put(ring);
                     }

@@ -22,6 +22,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
 };
 
 use tokio::{
@@ -129,7 +130,7 @@ impl Daemon {
             )
             .because(e)
         })?;
-        for notice in reap_orphans(&self.host, &lock).await {
+        for notice in reap_orphans(&self.host, &lock, |_| true).await {
             tracing::warn!("{notice}");
         }
         drop(lock);
@@ -195,6 +196,11 @@ pub async fn serve(
         Ok(Err(e)) => tracing::warn!("cannot make rings ahead of builds: {e}"),
         Err(e) => tracing::warn!("cannot make rings ahead of builds: {e}"),
     }
+    let reaping = tokio::spawn(reap_every(
+        Arc::clone(&daemon),
+        REAP_EVERY,
+        shutdown.clone(),
+    ));
     tracing::info!("listening on {}", socket.display());
     eprintln!("buildcage: daemon listening on {}", socket.display());
     // Accepted on a worker, not on the thread that waits for `serve`: a
@@ -222,11 +228,47 @@ pub async fn serve(
     if let Err(e) = accepting.await {
         tracing::error!("the daemon's listener failed: {e}");
     }
+    let _ = reaping.await;
     let _ = std::fs::remove_file(socket);
     let pool = Arc::clone(&daemon.pool);
     let _ = tokio::task::spawn_blocking(move || pool.drain()).await;
     eprintln!("buildcage: daemon stopped; its builds stay confined");
     Ok(())
+}
+
+/// How often the daemon ends the builds whose supervisor died without it
+/// (a standalone `run`, killed): often enough that their processes don't
+/// linger, and never on a build's start, which it would slow.
+const REAP_EVERY: Duration = Duration::from_secs(2);
+
+/// Reaps the orphans of standalone `run`s every `period` until `shutdown`.
+/// Not the daemon's own builds: their connection ends them when their
+/// client goes (see `conn`), and their client need not be a process named
+/// `buildcage`, which is how an orphan is told. A standalone build is known
+/// by its registration, which comes before its command.
+async fn reap_every(daemon: Arc<Daemon>, period: Duration, shutdown: CancellationToken) {
+    let standalone = |cg: &BuildCgroup| {
+        builds::registered(Path::new(STATE_DIR), cg.id())
+            .is_some_and(|r| r.supervisor == Supervisor::Standalone)
+    };
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let lock = match instance::lock_async().await {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::warn!("cannot take the instance lock to reap orphans: {e}");
+                continue;
+            }
+        };
+        for notice in reap_orphans(&daemon.host, &lock, standalone).await {
+            tracing::warn!("{notice}");
+        }
+    }
 }
 
 /// Binds the control socket, which anyone may connect to (what each peer may

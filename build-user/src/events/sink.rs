@@ -74,10 +74,32 @@ pub struct End {
     pub lagged: u64,
 }
 
+/// The build's command has started.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The build's name, and its phase when whoever ran it set one.
+    pub build: String,
+    pub phase: Option<String>,
+    /// The command's process.
+    pub pid: u32,
+    /// The build's cgroup directory, when this process knows it.
+    pub cgroup: Option<PathBuf>,
+}
+
 /// A destination for a build's events.
 pub trait Sink {
+    /// The command has started, in its build.
+    fn started(&mut self, _started: &Started) -> io::Result<()> {
+        Ok(())
+    }
+
     /// One decision of the kernel's.
     fn record(&mut self, record: &Record) -> io::Result<()>;
+
+    /// This session missed `count` events: it fell behind.
+    fn lost(&mut self, _count: u64) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Something the session did that the user should know.
     fn notice(&mut self, _notice: &Notice) -> io::Result<()> {
@@ -120,19 +142,29 @@ impl<W: Write> Human<W> {
     }
 }
 
+impl<W: Write> Human<W> {
+    /// Writes `line` and its newline in one write(2): stderr is unbuffered,
+    /// and the command writes to the same terminal meanwhile; `writeln!`
+    /// would let its output land between the text and the newline.
+    fn write_line(&mut self, mut line: String) -> io::Result<()> {
+        line.push('\n');
+        self.out.write_all(line.as_bytes())
+    }
+}
+
 impl<W: Write> Sink for Human<W> {
     fn record(&mut self, record: &Record) -> io::Result<()> {
         if self.tagged {
             let line = line(record);
             let rest = line.strip_prefix("buildcage: ").unwrap_or(&line);
-            writeln!(self.out, "buildcage: {}: {rest}", record.build)
+            self.write_line(format!("buildcage: {}: {rest}", record.build))
         } else {
-            writeln!(self.out, "{}", line(record))
+            self.write_line(line(record))
         }
     }
 
     fn notice(&mut self, notice: &Notice) -> io::Result<()> {
-        writeln!(self.out, "buildcage: {notice}")
+        self.write_line(format!("buildcage: {notice}"))
     }
 }
 

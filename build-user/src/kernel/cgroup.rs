@@ -441,6 +441,13 @@ pub fn supervised(pid: u32) -> bool {
     proc_comm_ppid(pid).is_some_and(|(comm, _)| comm == "buildcage")
 }
 
+/// How many processes the cgroup at `dir` and those below it hold.
+pub fn processes(dir: &Path) -> Result<usize, CgroupError> {
+    let mut pids = Vec::new();
+    collect_pids(dir, &mut pids)?;
+    Ok(pids.len())
+}
+
 fn collect_pids(dir: &Path, out: &mut Vec<u32>) -> Result<(), CgroupError> {
     let procs = dir.join("cgroup.procs");
     let text = fs::read_to_string(&procs).map_err(io_err("cannot read", &procs))?;

@@ -41,6 +41,16 @@ pub struct Asker {
     pub supervisor: Supervisor,
 }
 
+/// Whether opening a build first ends the builds dead buildcages left
+/// behind (see [`reap_orphans`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaping {
+    /// Standalone `run`: nothing else would.
+    First,
+    /// The daemon, which reaps on a timer of its own, off every build's start.
+    Elsewhere,
+}
+
 /// A confined build's cgroup and lease.
 #[derive(Debug)]
 pub struct Confined {
@@ -51,24 +61,29 @@ pub struct Confined {
 }
 
 impl Confined {
-    /// Finds or loads the instance, ends what dead buildcages left behind,
-    /// then makes the build's cgroup and installs its lease, in that order:
-    /// nothing can run in the cgroup before the policy is in force. `check`
-    /// sees every root, opened, before anything is installed. `ring`, a ring
-    /// this process made ahead, serves the build if it is still in the
-    /// instance (see [`Lease::take_with`]), and is taken out of the option
-    /// then. Returns what reaping did, for the user.
+    /// Finds or loads the instance, ends what dead buildcages left behind
+    /// when `reaping` says so, then makes the build's cgroup and installs its
+    /// lease, in that order: nothing can run in the cgroup before the policy
+    /// is in force. `check` sees every root, opened, before anything is
+    /// installed. `ring`, a ring this process made ahead, serves the build if
+    /// it is still in the instance (see [`Lease::take_with`]), and is taken
+    /// out of the option then. Returns what reaping did, for the user. The
+    /// build is not yet [registered](Self::register).
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn open(
         host: &Host,
         plan: &ConfinementPlan,
         asker: Asker,
+        reaping: Reaping,
         check: impl Fn(&OpenRoot) -> Result<(), SessionError>,
         ring: &mut Option<Ring>,
     ) -> Result<(Self, Vec<Notice>), SessionError> {
         let lock = instance::lock_async().await?;
         let instance = Instance::ensure(host, &lock)?;
-        let notices = reap_orphans(host, &lock).await;
+        let notices = match reaping {
+            Reaping::First => reap_orphans(host, &lock, |_| true).await,
+            Reaping::Elsewhere => Vec::new(),
+        };
         let roots = plan
             .roots
             .iter()
@@ -85,26 +100,31 @@ impl Confined {
         };
         drop(lock);
         tracing::debug!(cgroup = %cg.path().display(), id = cg.id(), "build confined");
-        // For `ps` and a restarted daemon; a build runs without it.
-        let registration = Registration::write(
-            Path::new(STATE_DIR),
-            cg.id(),
-            plan,
-            asker.uid,
-            asker.supervisor,
-        )
-        .inspect_err(|e| tracing::warn!("cannot record the build in {STATE_DIR}: {e}"))
-        .ok();
         let origin = Origin::of(plan, asker.uid);
         Ok((
             Self {
                 cg,
                 lease,
                 origin,
-                registration,
+                registration: None,
             },
             notices,
         ))
+    }
+
+    /// Records the build for `ps`, `stop` and a restarted daemon. A build runs
+    /// without it, so the daemon does it after its client has the build,
+    /// off the build's start.
+    pub fn register(&mut self, plan: &ConfinementPlan, asker: Asker) {
+        self.registration = Registration::write(
+            Path::new(STATE_DIR),
+            self.cg.id(),
+            plan,
+            asker.uid,
+            asker.supervisor,
+        )
+        .inspect_err(|e| tracing::warn!("cannot record the build in {STATE_DIR}: {e}"))
+        .ok();
     }
 
     /// A live build that another buildcage started (a daemon before this
@@ -218,7 +238,8 @@ impl Local {
             supervisor: Supervisor::Standalone,
         };
         let (mut confined, notices) =
-            Confined::open(host, plan, asker, |_| Ok(()), &mut None).await?;
+            Confined::open(host, plan, asker, Reaping::First, |_| Ok(()), &mut None).await?;
+        confined.register(plan, asker);
         let bus = Bus::new();
         let opened = confined
             .birthplace()
@@ -242,6 +263,10 @@ impl Local {
 impl Cage for Local {
     fn entry(&self) -> Entry<'_> {
         Entry::Cgroup(self.birthplace.as_fd())
+    }
+
+    fn cgroup(&self) -> Option<&Path> {
+        Some(self.confined.cgroup().path())
     }
 
     async fn next(&mut self) -> Delivery {
@@ -294,14 +319,22 @@ fn remove_cgroup(cg: BuildCgroup) {
     }
 }
 
-/// Ends the builds that a dead buildcage left behind: kills what still runs
-/// in them, then removes their entries and cgroups. Until now they stayed
-/// confined. A failure leaves that build confined, and is said. Then retires
-/// the older instances that serve no build any more.
+/// Ends the builds that a dead buildcage left behind, of those `which`
+/// picks: kills what still runs in them, then removes their entries and
+/// cgroups. Until now they stayed confined. A failure leaves that build
+/// confined, and is said. Then retires the older instances that serve no
+/// build any more.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn reap_orphans(host: &Host, lock: &InstanceLock) -> Vec<Notice> {
+pub async fn reap_orphans(
+    host: &Host,
+    lock: &InstanceLock,
+    which: impl Fn(&BuildCgroup) -> bool,
+) -> Vec<Notice> {
     let mut notices = Vec::new();
-    for orphan in BuildCgroup::orphans(&host.cgroot) {
+    for orphan in BuildCgroup::orphans(&host.cgroot)
+        .into_iter()
+        .filter(|cg| which(cg))
+    {
         notices.push(reap(&host.bpffs, &host.cgroot, orphan).await);
     }
     let own = Instance::own_tag();

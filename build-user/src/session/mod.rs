@@ -18,6 +18,7 @@ use std::{
         fd::{AsRawFd as _, BorrowedFd, RawFd},
         unix::process::ExitStatusExt as _,
     },
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -28,7 +29,7 @@ use crate::kernel::lease::Tally;
 use crate::{
     events::{
         record::Record,
-        sink::{End, Notice, Sink},
+        sink::{End, Notice, Sink, Started},
     },
     kernel::{
         KernelError,
@@ -148,6 +149,8 @@ pub enum Entry<'a> {
 pub trait Cage {
     /// How the command's process gets in.
     fn entry(&self) -> Entry<'_>;
+    /// The build's cgroup directory, when this process knows it.
+    fn cgroup(&self) -> Option<&Path>;
     /// What comes next about the build. Never returns once nothing more can
     /// come before [`Cage::end`].
     fn next(&mut self) -> impl Future<Output = Delivery>;
@@ -182,6 +185,15 @@ pub async fn run(
         }
     };
     let pid = child.id();
+    let started = Started {
+        build: plan.name.clone(),
+        phase: plan.phase.clone(),
+        pid,
+        cgroup: cage.cgroup().map(Path::to_owned),
+    };
+    for sink in sinks.iter_mut() {
+        sink.started(&started).map_err(SessionError::Sink)?;
+    }
     let mut lagged = 0;
     let mut stopping = false;
     let status = loop {
@@ -259,7 +271,12 @@ fn deliver(
                 sink.record(&record).map_err(SessionError::Sink)?;
             }
         }
-        Delivery::Lost(n) => *lagged += n,
+        Delivery::Lost(n) => {
+            *lagged += n;
+            for sink in sinks.iter_mut() {
+                sink.lost(n).map_err(SessionError::Sink)?;
+            }
+        }
         Delivery::Notice(notice) => notify(sinks, &notice)?,
     }
     Ok(())
@@ -275,6 +292,7 @@ fn notify(sinks: &mut [&mut dyn Sink], notice: &Notice) -> Result<(), SessionErr
 /// Starts the command already inside the build: born in its cgroup where
 /// this process may (see [`spawn`]), else moved there by the daemon between
 /// fork and exec, so it never runs an instruction unconfined.
+#[tracing::instrument(level = "debug", skip_all)]
 fn start(
     plan: &ConfinementPlan,
     argv: &[OsString],
