@@ -1,10 +1,11 @@
 //! Inheritance: a policy file and its `inherits` chain, merged into one policy.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     error::Error as _,
     fmt::Write as _,
     path::{Path, PathBuf},
+    sync::{LazyLock, Mutex, PoisonError},
 };
 
 use super::{
@@ -41,6 +42,30 @@ pub(crate) fn read(path: &Path) -> Result<String, PolicyError> {
     })
 }
 
+/// `text`, the contents of `file`, parsed with `vars`, from a cache of the
+/// layers parsed before: the daemon resolves the same few policies for
+/// build after build, and parsing TOML is most of that. Keyed by the text
+/// itself, not by the file's times, so an edited policy is never served
+/// stale. Errors are not kept.
+fn parsed(text: &str, file: &Path, vars: &Vars) -> Result<Layer, PolicyError> {
+    type Key = (PathBuf, String, Vars);
+    /// Enough for every policy a busy builder uses at once.
+    const KEEP: usize = 64;
+    static CACHE: LazyLock<Mutex<HashMap<Key, Layer>>> = LazyLock::new(Mutex::default);
+    let key = (file.to_owned(), text.to_owned(), vars.clone());
+    let cache = || CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(layer) = cache().get(&key) {
+        return Ok(layer.clone());
+    }
+    let layer = parse::parse_layer(text, file, vars, &mut Undefined::Error)?;
+    let mut cache = cache();
+    if cache.len() >= KEEP {
+        cache.clear();
+    }
+    cache.insert(key, layer.clone());
+    Ok(layer)
+}
+
 /// What identifies a file in a cycle: its canonical path when it exists.
 fn identity(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
@@ -55,12 +80,11 @@ impl Loader<'_> {
         file: &Path,
         chain: &mut Vec<PathBuf>,
     ) -> Result<Layer, PolicyError> {
-        let layer = {
-            let mut undefined = match &mut self.free {
-                Some(names) => Undefined::Collect(names),
-                None => Undefined::Error,
-            };
-            parse::parse_layer(text, file, self.vars, &mut undefined)?
+        let layer = match &mut self.free {
+            Some(names) => {
+                parse::parse_layer(text, file, self.vars, &mut Undefined::Collect(names))?
+            }
+            None => parsed(text, file, self.vars)?,
         };
         chain.push(identity(file));
         let Some((spec, at)) = layer.inherits.clone() else {

@@ -9,7 +9,7 @@ use super::error::PolicyError;
 
 /// Values for `${NAME}`: `TREE`, `TMPDIR`, `HOME`, `DESTDIR` from buildcage itself,
 /// anything else (pkgsrc's `WRKDIR`, `PREFIX`, …) from `--set NAME=VALUE`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Vars {
     map: BTreeMap<String, String>,
 }

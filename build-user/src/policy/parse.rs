@@ -50,7 +50,7 @@ struct RawWrite {
 
 /// One file's keys, validated and expanded; `None` where the file is silent, so
 /// that inheritance can tell "not said" from "said the default".
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Layer {
     /// The name or path to inherit from, and where it was written.
     pub(crate) inherits: Option<(String, Location)>,

@@ -405,3 +405,33 @@ fn capabilities_are_named_checked_and_inherited() {
         "{never}"
     );
 }
+
+#[test]
+fn an_edited_parent_is_read_again_not_served_from_the_cache() {
+    let dir = temp_dir("edited");
+    fs::write(dir.join("base.toml"), "network = \"none\"\n").expect("write base");
+    fs::write(dir.join("child.toml"), "inherits = \"base\"\n").expect("write child");
+    let load = || load_file(&dir.join("child.toml"), &vars()).expect("valid chain");
+    assert_eq!(load().network, Network::None);
+    assert_eq!(load().network, Network::None, "the same, parsed or cached");
+    fs::write(dir.join("base.toml"), "network = \"loopback\"\n").expect("edit base");
+    assert_eq!(load().network, Network::Loopback);
+    // Other variables, another layer.
+    let mut other = vars();
+    other.set("TREE", "/elsewhere");
+    fs::write(
+        dir.join("base.toml"),
+        "write = [{ path = \"${TREE}\", mode = \"tree\" }]\n",
+    )
+    .expect("edit base");
+    let trees = |v: &Vars| {
+        load_file(&dir.join("child.toml"), v)
+            .expect("valid chain")
+            .write
+            .into_iter()
+            .map(|w| w.path)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(trees(&vars()), [PathBuf::from("/b/tree")]);
+    assert_eq!(trees(&other), [PathBuf::from("/elsewhere")]);
+}
