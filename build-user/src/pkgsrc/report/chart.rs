@@ -36,26 +36,28 @@ pub(super) fn top_offenders(offenders: &[(String, u64)]) -> Result<String, Chart
     let mut top: Vec<&(String, u64)> = offenders.iter().filter(|(_, n)| *n > 0).collect();
     top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     top.truncate(TOP);
-    let rows = u32::try_from(top.len().max(1)).unwrap_or(1);
+    // A segmented 0..n has n + 1 segments, one a row; at least two rows.
+    let rows = u32::try_from(top.len().max(2)).unwrap_or(2);
     let max = top.first().map_or(1, |(_, n)| *n).max(1);
     let mut svg = String::new();
     {
-        let height = 60 + 28 * rows;
+        let height = 80 + 28 * rows;
         let root = SVGBackend::with_string(&mut svg, (720, height)).into_drawing_area();
         root.fill(&WHITE).map_err(&err)?;
         let mut chart = ChartBuilder::on(&root)
             .caption("Top offenders (refused attempts)", ("sans-serif", 18))
             .margin(10)
-            .x_label_area_size(24)
+            .x_label_area_size(40)
             .y_label_area_size(220)
-            .build_cartesian_2d(0..max + max / 10 + 1, (0..rows).into_segmented())
+            .build_cartesian_2d(0..max + max / 10 + 1, (0..rows - 1).into_segmented())
             .map_err(&err)?;
         chart
             .configure_mesh()
             .disable_y_mesh()
-            .y_labels(top.len().max(1))
+            .y_labels(top.len().max(2))
             .y_label_formatter(&|y| match y {
-                SegmentValue::CenterOf(i) => usize::try_from(*i)
+                // The most refused at the top.
+                SegmentValue::CenterOf(row) => usize::try_from(rows - 1 - row.min(&(rows - 1)))
                     .ok()
                     .and_then(|i| top.get(i))
                     .map_or_else(String::new, |(name, _)| name.clone()),
@@ -66,13 +68,16 @@ pub(super) fn top_offenders(offenders: &[(String, u64)]) -> Result<String, Chart
             .map_err(&err)?;
         chart
             .draw_series(top.iter().zip(0u32..).map(|((_, n), i)| {
-                Rectangle::new(
+                let row = rows - 1 - i;
+                let mut bar = Rectangle::new(
                     [
-                        (0, SegmentValue::Exact(i)),
-                        (*n, SegmentValue::Exact(i + 1)),
+                        (0, SegmentValue::Exact(row)),
+                        (*n, SegmentValue::Exact(row + 1)),
                     ],
                     BAR.filled(),
-                )
+                );
+                bar.set_margin(4, 4, 0, 0);
+                bar
             }))
             .map_err(&err)?;
         root.present().map_err(&err)?;
