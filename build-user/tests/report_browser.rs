@@ -201,3 +201,51 @@ fn the_json_summary_of_the_fixture_adds_up() {
         .sum();
     assert_eq!(by_op, sum, "every refusal has its op");
 }
+
+/// Errors say what and end in a hint: no such directory, no log in it, a
+/// line buildcage did not write.
+#[test]
+fn a_missing_empty_or_damaged_bulk_log_is_an_error_with_a_hint() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report-errors");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let damaged = dir.join("damaged/hello-1.0");
+    std::fs::create_dir_all(&damaged).unwrap();
+    let good = std::fs::read_to_string(fixture().join("gen00-clean-1.0/buildcage.log")).unwrap();
+    std::fs::write(
+        damaged.join("buildcage.log"),
+        format!("{good}{{\"entry\":\"phase\",\n"),
+    )
+    .unwrap();
+    let report = |bulklog: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_buildcage"))
+            .arg("report")
+            .arg(bulklog)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8(out.stderr).unwrap())
+    };
+    let lines = good.lines().count();
+    for (bulklog, what) in [
+        (dir.join("none"), "cannot read the bulk log".to_owned()),
+        (
+            dir.join("empty"),
+            "holds no package's buildcage.log".to_owned(),
+        ),
+        (
+            dir.join("damaged"),
+            format!(
+                "hello-1.0/buildcage.log is not a buildcage.log as buildcage writes it: line {}",
+                lines + 1
+            ),
+        ),
+    ] {
+        let (code, err) = report(&bulklog);
+        assert_eq!(code, Some(125), "{err}");
+        assert!(err.contains(&what), "{what} in {err}");
+        assert!(
+            err.trim_end().lines().last().unwrap().starts_with("hint: "),
+            "{err}"
+        );
+    }
+}
