@@ -124,8 +124,8 @@ fn report(args: &[&str]) -> (Option<i32>, String) {
     run_with_stdin(cmd, "")
 }
 
-/// One package of each kind: the routine test (about 10 s a package under
-/// TCG, so the 52 are in the slow set).
+/// One package of each kind: the routine test. Under TCG a package takes
+/// 4 s (an idle host) to 20 s (a busy one), so the 52 are in the slow set.
 #[test]
 fn report_counts_what_each_package_tried() {
     let one_each: Vec<(String, Kind)> = packages(14)
