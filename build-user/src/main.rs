@@ -44,6 +44,8 @@ enum Command {
     Pkgsrc(cmd::pkgsrc::PkgsrcArgs),
     /// What each package of a bulk run does that it did not in an older run.
     Diff(cmd::diff::DiffArgs),
+    /// One self-contained HTML page (or JSON) of a bulk run's refused attempts, per package.
+    Report(cmd::report::ReportArgs),
     /// Write the man pages or a shell's completions (for packaging).
     #[command(hide = true)]
     Generate(cmd::generate::GenerateArgs),
@@ -162,6 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(args) => cmd::daemon::exec(args),
         Command::Pkgsrc(args) => cmd::pkgsrc::exec(args, !cli.quiet),
         Command::Diff(args) => cmd::diff::exec(&args),
+        Command::Report(args) => cmd::report::exec(&args),
         Command::Generate(args) => cmd::generate::exec(&args, Cli::command(), EXIT_STATUS),
     }
 }

@@ -59,6 +59,8 @@ fn one(e: &(dyn Error + 'static)) -> Option<String> {
         buildcage::session::SessionError,
         buildcage::pkgsrc::PkgsrcError,
         buildcage::pkgsrc::make::NeedsRoot,
+        buildcage::pkgsrc::bulk::BulkError,
+        buildcage::pkgsrc::report::RenderError,
     );
     None
 }

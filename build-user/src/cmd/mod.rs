@@ -7,6 +7,7 @@ pub(crate) mod generate;
 pub(crate) mod pkgsrc;
 pub(crate) mod policy;
 pub(crate) mod ps;
+pub(crate) mod report;
 pub(crate) mod run;
 pub(crate) mod stop;
 pub(crate) mod tail;

@@ -10,13 +10,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io,
     path::Path,
 };
 
 use buildcage_common::event::Op;
 
-use super::log::{self, Entry, PhaseEnd};
+use super::{
+    bulk::{self, BulkError, Lines},
+    log::{Entry, PhaseEnd},
+};
 
 /// One thing a package did.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -68,26 +70,11 @@ pub struct PackageDiff {
 }
 
 /// Every package's behaviour in a bulk log: `DIR/PKGNAME/buildcage.log`.
-pub fn load(bulklog: &Path) -> io::Result<BTreeMap<String, BTreeSet<Trait>>> {
-    let mut out = BTreeMap::new();
-    for dir in std::fs::read_dir(bulklog)? {
-        let dir = dir?.path();
-        let file = dir.join(log::LOG);
-        if !file.is_file() {
-            continue;
-        }
-        let entries = log::read(&file)?;
-        let package = entries
-            .iter()
-            .find_map(|e| match e {
-                Entry::Phase(p) => Some(p.package.clone()),
-                Entry::Event(_) => None,
-            })
-            .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_default();
-        out.insert(package, traits(&entries));
-    }
-    Ok(out)
+pub fn load(bulklog: &Path) -> Result<BTreeMap<String, BTreeSet<Trait>>, BulkError> {
+    Ok(bulk::load(bulklog, Lines::Skip)?
+        .into_iter()
+        .map(|p| (p.package, traits(&p.entries)))
+        .collect())
 }
 
 /// The behaviour in one package's log.

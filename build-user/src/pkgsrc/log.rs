@@ -171,26 +171,50 @@ pub enum Entry {
     Phase(Box<PhaseEnd>),
 }
 
+/// A line of a `buildcage.log` that is not one buildcage writes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {why}")]
+pub struct BadLine {
+    /// 1-based.
+    pub line: usize,
+    pub why: String,
+}
+
+/// Reads a `buildcage.log`, line by line: each line's entry, or why it could
+/// not be read. Lines of an entry kind this buildcage does not know (a newer
+/// one wrote them) are left out.
+pub fn parse(path: &Path) -> io::Result<Vec<Result<Entry, BadLine>>> {
+    let mut out = Vec::new();
+    for (index, line) in BufReader::new(File::open(path)?).lines().enumerate() {
+        let bad = |why: String| BadLine {
+            line: index + 1,
+            why,
+        };
+        let value = match serde_json::from_str::<serde_json::Value>(&line?) {
+            Ok(value) => value,
+            Err(e) => {
+                out.push(Err(bad(format!("not JSON: {e}"))));
+                continue;
+            }
+        };
+        let entry = match value.get("entry").and_then(|t| t.as_str()) {
+            Some("event") => serde_json::from_value(value).map(|r| Entry::Event(Box::new(r))),
+            Some("phase") => serde_json::from_value(value).map(|p| Entry::Phase(Box::new(p))),
+            Some(_) => continue,
+            None => {
+                out.push(Err(bad("no \"entry\" field".to_owned())));
+                continue;
+            }
+        };
+        out.push(entry.map_err(|e| bad(e.to_string())));
+    }
+    Ok(out)
+}
+
 /// Reads a `buildcage.log`; a line it cannot read (cut short by a crash) is
 /// skipped.
 pub fn read(path: &Path) -> io::Result<Vec<Entry>> {
-    let mut out = Vec::new();
-    for line in BufReader::new(File::open(path)?).lines() {
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line?) else {
-            continue;
-        };
-        let entry = match value.get("entry").and_then(|t| t.as_str()) {
-            Some("event") => serde_json::from_value(value)
-                .ok()
-                .map(|r| Entry::Event(Box::new(r))),
-            Some("phase") => serde_json::from_value(value)
-                .ok()
-                .map(|p| Entry::Phase(Box::new(p))),
-            _ => None,
-        };
-        out.extend(entry);
-    }
-    Ok(out)
+    Ok(parse(path)?.into_iter().filter_map(Result::ok).collect())
 }
 
 /// The summary of a package's log: a row per phase, then every refused

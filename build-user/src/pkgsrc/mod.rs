@@ -15,10 +15,12 @@
 //! in turn ([`make::steps`]). Each phase's events and its end go to the
 //! package's log ([`log`]).
 
+pub mod bulk;
 pub mod config;
 pub mod diff;
 pub mod log;
 pub mod make;
+pub mod report;
 pub mod vars;
 
 use std::{
