@@ -44,6 +44,10 @@ enum Command {
     Pkgsrc(cmd::pkgsrc::PkgsrcArgs),
     /// What each package of a bulk run does that it did not in an older run.
     Diff(cmd::diff::DiffArgs),
+    /// Check a package's signed provenance statement: signature, package and log digests.
+    Verify(cmd::verify::VerifyArgs),
+    /// Make the ed25519 key pair that signs packages' provenance statements.
+    Keygen(cmd::keygen::KeygenArgs),
     /// Write the man pages or a shell's completions (for packaging).
     #[command(hide = true)]
     Generate(cmd::generate::GenerateArgs),
@@ -77,7 +81,7 @@ const EXIT_STATUS: &[(&str, &str)] = &[
     ("2", "the command line is wrong"),
     (
         "1",
-        "doctor: this machine cannot confine builds; policy: a policy has an error, or was not found; diff: a package does something new (as diff(1) says files differ)",
+        "doctor: this machine cannot confine builds; policy: a policy has an error, or was not found; diff: a package does something new (as diff(1) says files differ); verify: the package, its log or its statement does not check out, or (--require-clean) it broke its policies",
     ),
 ];
 
@@ -162,6 +166,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(args) => cmd::daemon::exec(args),
         Command::Pkgsrc(args) => cmd::pkgsrc::exec(args),
         Command::Diff(args) => cmd::diff::exec(&args),
+        Command::Verify(args) => cmd::verify::exec(&args),
+        Command::Keygen(args) => cmd::keygen::exec(&args),
         Command::Generate(args) => cmd::generate::exec(&args, Cli::command(), EXIT_STATUS),
     }
 }

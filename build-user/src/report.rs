@@ -59,6 +59,10 @@ fn one(e: &(dyn Error + 'static)) -> Option<String> {
         buildcage::session::SessionError,
         buildcage::pkgsrc::PkgsrcError,
         buildcage::pkgsrc::make::NeedsRoot,
+        buildcage::kernel::secret::SecretError,
+        buildcage::provenance::ProvenanceError,
+        buildcage::provenance::key::KeyError,
+        buildcage::provenance::verify::VerifyError,
     );
     None
 }

@@ -14,7 +14,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs::{File, OpenOptions},
-    io::{self, BufRead as _, BufReader, Write as _},
+    io::{self, BufRead, BufReader, Write as _},
     path::{Path, PathBuf},
 };
 
@@ -56,6 +56,9 @@ pub struct PhaseEnd {
     /// which `buildcage diff` tells apart from what the package did.
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
+    /// The policy in full, for the package's provenance statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced: Option<crate::provenance::PolicyRecord>,
 }
 
 impl PhaseEnd {
@@ -174,8 +177,13 @@ pub enum Entry {
 /// Reads a `buildcage.log`; a line it cannot read (cut short by a crash) is
 /// skipped.
 pub fn read(path: &Path) -> io::Result<Vec<Entry>> {
+    parse(BufReader::new(File::open(path)?))
+}
+
+/// The entries of a log's text, as [`read`] gives them.
+pub fn parse(text: impl BufRead) -> io::Result<Vec<Entry>> {
     let mut out = Vec::new();
-    for line in BufReader::new(File::open(path)?).lines() {
+    for line in text.lines() {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(&line?) else {
             continue;
         };
@@ -322,6 +330,7 @@ mod tests {
             survivors: Vec::new(),
             exceptions: Vec::new(),
             vars: BTreeMap::new(),
+            enforced: None,
         }
     }
 
