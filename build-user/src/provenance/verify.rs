@@ -29,12 +29,9 @@ pub enum VerifyError {
     },
     #[error("{path} holds no DSSE envelope: {why}")]
     Envelope { path: PathBuf, why: String },
-    #[error("{path}: {source}")]
-    Signature {
-        path: PathBuf,
-        #[source]
-        source: dsse::OpenError,
-    },
+    /// Not a source: the reason is this error's whole message.
+    #[error("{path}: {why}")]
+    Signature { path: PathBuf, why: dsse::OpenError },
     #[error("{path}: the signed payload is not a buildcage in-toto Statement: {why}")]
     Statement { path: PathBuf, why: String },
     #[error("the statement is about {found}, not {expected}")]
@@ -114,9 +111,9 @@ pub fn verify(package: &Path, check: &Check) -> Result<Verified, VerifyError> {
         })?;
     let payload = envelope
         .open(&check.key)
-        .map_err(|source| VerifyError::Signature {
+        .map_err(|why| VerifyError::Signature {
             path: env_path.clone(),
-            source,
+            why,
         })?;
     let bad = |why: String| VerifyError::Statement {
         path: env_path.clone(),
@@ -200,4 +197,247 @@ fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     read_at(&dir, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        pkgsrc::{Phase, log::PhaseEnd},
+        provenance::{ProvenanceError, attest, key, statement::PolicyRecord},
+    };
+
+    fn end(phase: Phase, targets: &str, denials: u64, policy: bool) -> String {
+        let end = PhaseEnd {
+            package: "hello-1.0".to_owned(),
+            phase,
+            policy: format!("pkgsrc-{phase}"),
+            tool: "make".to_owned(),
+            targets: vec![targets.to_owned()],
+            uid: 0,
+            exit: 0,
+            denials,
+            lost: 0,
+            by_op: BTreeMap::from([("socket".to_owned(), denials)]),
+            survivors: Vec::new(),
+            exceptions: Vec::new(),
+            vars: BTreeMap::new(),
+            enforced: policy.then(|| PolicyRecord {
+                name: format!("pkgsrc-{phase}"),
+                source: format!("/usr/share/buildcage/policies/pkgsrc-{phase}.toml").into(),
+                text: "network = \"none\"\n".to_owned(),
+                sha256: statement::sha256(b"network = \"none\"\n"),
+                allow_write: Vec::new(),
+            }),
+        };
+        let mut line = serde_json::to_value(&end).unwrap();
+        line["entry"] = "phase".into();
+        format!("{line}\n")
+    }
+
+    /// A package directory, a log directory and a key pair in a scratch
+    /// directory.
+    struct Scene {
+        dir: PathBuf,
+        package: PathBuf,
+        packages: PathBuf,
+        logs: PathBuf,
+        key: PathBuf,
+        check: Check,
+    }
+
+    fn scene(name: &str, log: &str) -> Scene {
+        let dir = std::env::temp_dir().join(format!(
+            "buildcage-provenance-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let packages = dir.join("packages");
+        std::fs::create_dir_all(packages.join("All")).unwrap();
+        let package = packages.join("All/hello-1.0.tgz");
+        std::fs::write(&package, b"a package").unwrap();
+        let logs = dir.join("bulklog/hello-1.0");
+        std::fs::create_dir_all(&logs).unwrap();
+        std::fs::write(logs.join("buildcage.log"), log).unwrap();
+        let key = dir.join("provenance.key");
+        let public = key::generate(&key).unwrap();
+        Scene {
+            package,
+            packages,
+            logs,
+            key,
+            check: Check {
+                key: public,
+                statement: None,
+                log: None,
+                require_clean: true,
+            },
+            dir,
+        }
+    }
+
+    impl Drop for Scene {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn clean_log() -> String {
+        [
+            end(Phase::Fetch, "checksum", 0, true),
+            end(Phase::Build, "configure", 0, true),
+            end(Phase::Build, "package", 0, true),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn a_clean_package_verifies_and_each_change_is_named() {
+        let s = scene("tamper", &clean_log());
+        let done = attest(&s.key, &s.package, &s.packages, &s.logs).unwrap();
+        assert_eq!(done.violations, 0);
+        let v = verify(&s.package, &s.check).unwrap();
+        let p = &v.statement.predicate;
+        assert_eq!(v.statement.subject[0].name, "hello-1.0.tgz");
+        assert_eq!(p.phases.len(), 3);
+        assert_eq!(p.phases[2].policy.text, "network = \"none\"\n");
+        assert_eq!(p.log.name, "hello-1.0.tgz.buildcage.log");
+
+        // The package changed.
+        std::fs::write(&s.package, b"a packagf").unwrap();
+        let e = verify(&s.package, &s.check).unwrap_err();
+        assert!(matches!(e, VerifyError::Package { .. }), "{e}");
+        assert!(
+            e.to_string().contains("was changed after it was built"),
+            "{e}"
+        );
+        std::fs::write(&s.package, b"a package").unwrap();
+        verify(&s.package, &s.check).unwrap();
+
+        // The log copy changed.
+        let copy = log_copy_path(&s.package);
+        let text = std::fs::read_to_string(&copy).unwrap();
+        std::fs::write(&copy, text.replace("\"denials\":0", "\"denials\":1")).unwrap();
+        assert!(matches!(
+            verify(&s.package, &s.check),
+            Err(VerifyError::Log { .. })
+        ));
+        std::fs::write(&copy, text).unwrap();
+
+        // The statement changed: the signature no longer verifies.
+        let path = statement_path(&s.package);
+        let good = std::fs::read_to_string(&path).unwrap();
+        let mut env: Envelope = serde_json::from_str(good.trim()).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        use base64::Engine as _;
+        let payload = String::from_utf8(b64.decode(&env.payload).unwrap()).unwrap();
+        env.payload = b64.encode(payload.replace("\"total\":0", "\"total\":0 "));
+        std::fs::write(&path, serde_json::to_string(&env).unwrap()).unwrap();
+        let e = verify(&s.package, &s.check).unwrap_err();
+        assert!(matches!(e, VerifyError::Signature { .. }), "{e}");
+        std::fs::write(&path, &good).unwrap();
+
+        // Another key.
+        let other = Check {
+            key: ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key(),
+            ..s.check.clone()
+        };
+        assert!(matches!(
+            verify(&s.package, &other),
+            Err(VerifyError::Signature { .. })
+        ));
+
+        // Another package under this one's statement.
+        let renamed = s.packages.join("All/evil-1.0.tgz");
+        std::fs::copy(&s.package, &renamed).unwrap();
+        let e = verify(
+            &renamed,
+            &Check {
+                statement: Some(path.clone()),
+                log: Some(copy.clone()),
+                ..s.check.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is about hello-1.0.tgz, not evil-1.0.tgz"),
+            "{e}"
+        );
+
+        // No statement at all.
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            verify(&s.package, &s.check),
+            Err(VerifyError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn violations_are_recorded_and_require_clean_rejects_them() {
+        let log = [
+            end(Phase::Build, "configure", 3, true),
+            end(Phase::Build, "package", 0, true),
+        ]
+        .concat();
+        let s = scene("dirty", &log);
+        assert_eq!(
+            attest(&s.key, &s.package, &s.packages, &s.logs)
+                .unwrap()
+                .violations,
+            3
+        );
+        let e = verify(&s.package, &s.check).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("hello-1.0 broke its policies: 3 refused attempt(s), 0 process(es)"),
+            "{e}"
+        );
+        let lax = Check {
+            require_clean: false,
+            ..s.check.clone()
+        };
+        let v = verify(&s.package, &lax).unwrap();
+        assert_eq!(v.statement.predicate.violations.by_op["socket"], 3);
+    }
+
+    #[test]
+    fn signing_refuses_what_it_cannot_vouch_for() {
+        // A phase whose policy the log does not record.
+        let log = [end(Phase::Build, "package", 0, false)].concat();
+        let s = scene("nopolicy", &log);
+        assert!(matches!(
+            attest(&s.key, &s.package, &s.packages, &s.logs),
+            Err(ProvenanceError::NoPolicy { .. })
+        ));
+        // A package directory that a build swapped for a link outside
+        // PACKAGES.
+        let s = scene("link", &clean_log());
+        let outside = s.dir.join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::copy(&s.package, outside.join("hello-1.0.tgz")).unwrap();
+        std::fs::remove_dir_all(s.packages.join("All")).unwrap();
+        std::os::unix::fs::symlink(&outside, s.packages.join("All")).unwrap();
+        assert!(matches!(
+            attest(&s.key, &s.package, &s.packages, &s.logs),
+            Err(ProvenanceError::Unsafe { .. })
+        ));
+        assert!(!outside.join("hello-1.0.tgz.intoto.jsonl").exists());
+        // A symlink at the statement's place is replaced, not followed.
+        let s = scene("planted", &clean_log());
+        let target = s.dir.join("target");
+        std::fs::write(&target, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&target, statement_path(&s.package)).unwrap();
+        attest(&s.key, &s.package, &s.packages, &s.logs).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+        verify(&s.package, &s.check).unwrap();
+        // A key that is not one.
+        std::fs::write(&s.key, b"not a key").unwrap();
+        assert!(matches!(
+            attest(&s.key, &s.package, &s.packages, &s.logs),
+            Err(ProvenanceError::Key(key::KeyError::Parse { .. }))
+        ));
+    }
 }
