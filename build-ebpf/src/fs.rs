@@ -98,6 +98,13 @@ pub(crate) fn magic_of(d: Dentry) -> u64 {
     sb_field(d, offsets().sb_magic)
 }
 
+/// `inode->i_ino`.
+#[inline(always)]
+pub(crate) fn ino_of(i: *mut inode) -> u64 {
+    // SAFETY: i_ino is an unsigned long (u64 on the 64-bit targets buildcage runs on).
+    unsafe { field(i.cast::<u8>().cast_const(), offsets().inode_ino) }
+}
+
 /// `inode->i_mode`.
 #[inline(always)]
 pub(crate) fn mode_of(i: *mut inode) -> u16 {

@@ -164,8 +164,9 @@ fn check_modify(op: Op, dentry: Dentry) -> Verdict {
 
 // ---- files: hot hooks, per-cgroup ------------------------------------------
 
-/// `file_open(file)`: opening with write intent. Read-only opens are not the
-/// mission and pass at once.
+/// `file_open(file)`: opening with write intent; and, in every mode, a secret
+/// (the provenance signing key) or a block device (the disk the secret is
+/// on). Other read-only opens are not the mission and pass at once.
 #[lsm_cgroup(hook = "file_open")]
 pub(crate) fn file_open(ctx: LsmContext) -> i32 {
     if ctx.arg::<i32>(1) != 0 {
@@ -186,6 +187,15 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
             core::ptr::read_volatile(file.add(offsets.file_dentry as usize).cast()),
         )
     };
+    let inode = fs::inode_of(dentry);
+    if !inode.is_null() {
+        if maps::is_secret(fs::dev_of(dentry), fs::ino_of(inode)) {
+            return refuse_secret(dentry);
+        }
+        if f_mode & FMODE_WRITE == 0 && fs::mode_of(inode) & S_IFMT == S_IFBLK {
+            return check_file(Op::Open, dentry, |build| fs::may_open_device(build, dentry));
+        }
+    }
     if f_mode & FMODE_WRITE == 0 {
         return Verdict::Allow;
     }
@@ -197,7 +207,6 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
     {
         return Verdict::Allow;
     }
-    let inode = fs::inode_of(dentry);
     if f_flags & O_TMPFILE != 0 {
         // An unnamed new file in its directory (fs/namei.c: vfs_tmpfile). It is a
         // create there; in an `own` root the file is the build's own, so that it
@@ -229,6 +238,22 @@ fn try_file_open(ctx: &LsmContext) -> Verdict {
         return open_existing_with_o_creat(dentry);
     }
     check_modify(Op::Open, dentry)
+}
+
+/// A secret: refused in every mode, audit included (like bpf(2)), and with
+/// whatever credentials the kernel acts (an overlay's mounter's too): no
+/// policy lets a build read the key that signs what it produced.
+#[inline(always)]
+fn refuse_secret(dentry: Dentry) -> Verdict {
+    crate::report::decision(
+        current_build(),
+        Op::Open,
+        buildcage_common::Action::Deny,
+        Details::default(),
+        Some(dentry),
+        buildcage_common::event::EVENT_FLAG_SECRET,
+    );
+    Verdict::Deny
 }
 
 /// open(O_CREAT) of a file that exists. If the name was not in the dentry

@@ -70,7 +70,7 @@ static OFFSETS: Offsets = Offsets {
     msghdr_control: 0,
     msghdr_controllen: 0,
     sock_addr_sk: 0,
-    _pad: 0,
+    inode_ino: 0,
 };
 
 /// The offsets, read through a volatile load so that the verifier, not LLVM,

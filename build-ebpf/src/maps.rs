@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use buildcage_common::{
-    BuildPolicy, BuildStats, Counter, Event, InodeTag, Op, PortKey, RootKey, event::RING_BYTES,
-    policy::COUNTERS_LEN,
+    BuildPolicy, BuildStats, Counter, Event, InodeTag, Op, PortKey, RootKey, SecretKey,
+    event::RING_BYTES, policy::COUNTERS_LEN,
 };
 
 /// Builds that may exist at once in the instance.
@@ -193,6 +193,22 @@ pub(crate) fn take_create_refused(dentry: *const u8) -> bool {
     };
     let _ = CREATE_REFUSED.remove(key);
     seen == dentry as u64
+}
+
+/// Inodes no build may open, in any mode: the provenance signing key. Set by
+/// user space before a build starts (docs/security.md, "Provenance"), never by
+/// a program.
+#[map]
+static SECRETS: HashMap<SecretKey, u32> = HashMap::with_max_entries(64, 0);
+
+#[inline(always)]
+pub(crate) fn is_secret(dev: u32, ino: u64) -> bool {
+    SECRETS
+        .get_ptr(&SecretKey {
+            dev: u64::from(dev),
+            ino,
+        })
+        .is_some()
 }
 
 /// Loopback ports a process of a build bound or listens on, per build: the

@@ -17,4 +17,5 @@ pub mod kernel;
 pub mod pkgsrc;
 pub mod plan;
 pub mod policy;
+pub mod provenance;
 pub mod session;

@@ -46,6 +46,10 @@ enum Command {
     Diff(cmd::diff::DiffArgs),
     /// One self-contained HTML page (or JSON) of a bulk run's refused attempts, per package.
     Report(cmd::report::ReportArgs),
+    /// Check a package's signed provenance statement: signature, package and log digests.
+    Verify(cmd::verify::VerifyArgs),
+    /// Make the ed25519 key pair that signs packages' provenance statements.
+    Keygen(cmd::keygen::KeygenArgs),
     /// Write the man pages or a shell's completions (for packaging).
     #[command(hide = true)]
     Generate(cmd::generate::GenerateArgs),
@@ -79,7 +83,7 @@ const EXIT_STATUS: &[(&str, &str)] = &[
     ("2", "the command line is wrong"),
     (
         "1",
-        "doctor: this machine cannot confine builds; policy: a policy has an error, or was not found; diff: a package does something new (as diff(1) says files differ)",
+        "doctor: this machine cannot confine builds; policy: a policy has an error, or was not found; diff: a package does something new (as diff(1) says files differ); verify: the package, its log or its statement does not check out, or (--require-clean) it broke its policies",
     ),
 ];
 
@@ -165,6 +169,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pkgsrc(args) => cmd::pkgsrc::exec(args, !cli.quiet),
         Command::Diff(args) => cmd::diff::exec(&args),
         Command::Report(args) => cmd::report::exec(&args),
+        Command::Verify(args) => cmd::verify::exec(&args),
+        Command::Keygen(args) => cmd::keygen::exec(&args),
         Command::Generate(args) => cmd::generate::exec(&args, Cli::command(), EXIT_STATUS),
     }
 }

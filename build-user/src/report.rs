@@ -61,6 +61,10 @@ fn one(e: &(dyn Error + 'static)) -> Option<String> {
         buildcage::pkgsrc::make::NeedsRoot,
         buildcage::pkgsrc::bulk::BulkError,
         buildcage::pkgsrc::report::RenderError,
+        buildcage::kernel::secret::SecretError,
+        buildcage::provenance::ProvenanceError,
+        buildcage::provenance::key::KeyError,
+        buildcage::provenance::verify::VerifyError,
     );
     None
 }

@@ -212,6 +212,9 @@ pub const EVENT_FLAG_PATH_PARTIAL: u32 = 1 << 1;
 pub const EVENT_FLAG_WALK_EXHAUSTED: u32 = 1 << 2;
 /// Event flag: an internal error (a failed kernel read) denied.
 pub const EVENT_FLAG_ERROR: u32 = 1 << 3;
+/// Event flag: the file is a secret no build may open (the provenance
+/// signing key), whatever the policy says.
+pub const EVENT_FLAG_SECRET: u32 = 1 << 4;
 
 /// Path components an event carries, innermost first.
 pub const PATH_DEPTH: usize = 16;

@@ -10,7 +10,9 @@ pub mod event;
 pub mod policy;
 
 pub use event::{Action, Event, Op};
-pub use policy::{BuildPolicy, BuildStats, Counter, InodeTag, Offsets, PortKey, RootKey};
+pub use policy::{
+    BuildPolicy, BuildStats, Counter, InodeTag, Offsets, PortKey, RootKey, SecretKey,
+};
 
 /// Length of `task_struct::comm`, `TASK_COMM_LEN` in include/linux/sched.h.
 pub const COMM_LEN: usize = 16;

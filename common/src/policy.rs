@@ -145,7 +145,9 @@ pub struct Offsets {
     /// `offsetof(struct bpf_sock_addr_kern, sk)`: the socket behind a cgroup
     /// sock_addr program's context, whose cgroup says which build it is.
     pub sock_addr_sk: u32,
-    pub _pad: u32,
+    /// `offsetof(struct inode, i_ino)`: with the super block's `s_dev`, the
+    /// identity of a secret (`SecretKey`).
+    pub inode_ino: u32,
 }
 
 const _: () = assert!(size_of::<Offsets>() == 31 * 4);
@@ -188,6 +190,20 @@ pub struct PortKey {
 
 const _: () = assert!(size_of::<PortKey>() == 16);
 
+/// The key of `SECRETS`: an inode no build may open, in any mode (the
+/// provenance signing key), as the kernel names it: `dev` is its super
+/// block's `s_dev` (the kernel's encoding, `major << 20 | minor`), `ino` its
+/// `i_ino`. Keyed by number rather than by inode storage, so that the mark
+/// survives the inode leaving the cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SecretKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+const _: () = assert!(size_of::<SecretKey>() == 16);
+
 /// Anything beneath may be changed.
 pub const TAG_TREE: u32 = 1;
 /// New entries may be created beneath; only what the build created may change.
@@ -212,4 +228,5 @@ mod pod {
     unsafe impl aya::Pod for super::InodeTag {}
     unsafe impl aya::Pod for super::RootKey {}
     unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::SecretKey {}
 }

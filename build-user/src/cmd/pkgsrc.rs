@@ -134,7 +134,11 @@ fn run(
                 .unwrap_or_default()
         );
         code = end.exit;
+        let packaged = end.exit == 0;
         seen.push(Entry::Phase(Box::new(end)));
+        if packaged && let Some((pkgfile, packages)) = &job.packages {
+            sign(&config, &job, pkgfile, packages)?;
+        }
         if broke {
             eprintln!(
                 "buildcage: failing {}: fail_on_violation is set\nhint: read the summary; a package that needs more belongs under a wider policy, by the admin's choice",
@@ -207,11 +211,47 @@ async fn phase(
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
+        // The build loaded the same policy to run; one that cannot be loaded
+        // again leaves the phase without it, and signing refuses.
+        enforced: buildcage::provenance::PolicyRecord::of(&request)
+            .inspect_err(|e| tracing::warn!("cannot record the policy of this phase: {e}"))
+            .ok(),
     };
     if let Some(log) = log {
         log.finish(&end)?;
     }
     Ok((end, kept.0))
+}
+
+/// Writes the provenance statement of a package its phase just made, if
+/// pkgsrc.toml names a signing key. Every process of the phase is gone by
+/// now; a key that cannot be read or used fails the call (no unsigned
+/// package where a signed one is expected).
+fn sign(
+    config: &Config,
+    job: &Job,
+    pkgfile: &std::path::Path,
+    packages: &std::path::Path,
+) -> anyhow::Result<()> {
+    let Some(key) = &config.signing_key else {
+        tracing::info!(
+            "no signing_key in pkgsrc.toml: no provenance statement for {}",
+            pkgfile.display()
+        );
+        return Ok(());
+    };
+    let log_dir = job
+        .log_dir
+        .as_ref()
+        .ok_or(buildcage::provenance::ProvenanceError::NoLog)?;
+    let done = buildcage::provenance::attest(key, pkgfile, packages, log_dir)?;
+    eprintln!(
+        "buildcage: {}: signed, {} violation(s): {}",
+        job.package,
+        done.violations,
+        done.statement.display()
+    );
+    Ok(())
 }
 
 /// The package's log in `dir`, made if missing (by hand, below pkgsrc.toml's

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use buildcage_common::{
     Action, Event, Op,
-    event::{EVENT_FLAG_ERROR, EVENT_FLAG_NO_PPID, EVENT_FLAG_WALK_EXHAUSTED},
+    event::{EVENT_FLAG_ERROR, EVENT_FLAG_NO_PPID, EVENT_FLAG_SECRET, EVENT_FLAG_WALK_EXHAUSTED},
 };
 use serde::{Deserialize, Serialize};
 
@@ -77,8 +77,9 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_partial: Option<String>,
     /// Why the kernel refused, when it was not the policy alone:
-    /// `walk-exhausted` (the tree was deeper than the walk's budget) or
-    /// `internal-error` (fail closed).
+    /// `walk-exhausted` (the tree was deeper than the walk's budget),
+    /// `internal-error` (fail closed) or `secret` (the provenance signing
+    /// key, which no build may open).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -182,6 +183,8 @@ impl Record {
             Some("internal-error".to_owned())
         } else if event.flags & EVENT_FLAG_WALK_EXHAUSTED != 0 {
             Some("walk-exhausted".to_owned())
+        } else if event.flags & EVENT_FLAG_SECRET != 0 {
+            Some("secret".to_owned())
         } else {
             None
         };

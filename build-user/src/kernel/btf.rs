@@ -104,7 +104,7 @@ impl KernelBtf {
             msghdr_control: self.field_offset("msghdr", "msg_control")?,
             msghdr_controllen: self.field_offset("msghdr", "msg_controllen")?,
             sock_addr_sk: self.field_offset("bpf_sock_addr_kern", "sk")?,
-            _pad: 0,
+            inode_ino: self.field_offset("inode", "i_ino")?,
             unix_dentry: self.field_offset("unix_sock", "path")?
                 + self.field_offset("path", "dentry")?,
             file_flags: self.field_offset("file", "f_flags")?,

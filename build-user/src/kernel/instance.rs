@@ -131,7 +131,7 @@ pub const HOOKS: &[(&str, Attach)] = &[
 /// The maps pinned as `map_NAME` (bpffs reserves names with a dot:
 /// kernel/bpf/inode.c, bpf_lookup): what a lease, `ps` or a daemon reads and
 /// writes. The others are the programs' own scratch space.
-pub(crate) const PINNED_MAPS: [&str; 8] = [
+pub(crate) const PINNED_MAPS: [&str; 9] = [
     "BUILDS",
     "STATS",
     "RINGS",
@@ -140,6 +140,7 @@ pub(crate) const PINNED_MAPS: [&str; 8] = [
     "ROOT_KINDS",
     "BOUND",
     "COUNTERS",
+    "SECRETS",
 ];
 
 /// The lock of [`LOCK_FILE`], released when dropped.

@@ -6,6 +6,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod instance;
 pub mod lease;
+pub mod secret;
 pub mod sysfs;
 
 use std::{io, path::PathBuf};

@@ -34,6 +34,10 @@ pub struct Config {
     /// phase (policy `policies.build_network`). Off: such a package builds
     /// without network like any other, and the summary says so.
     pub allow_network_access: bool,
+    /// The ed25519 key (PKCS#8 PEM, `buildcage keygen`) that signs each
+    /// package's provenance statement; none: no statement. No build can open
+    /// it (docs/security.md, "Provenance").
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]

@@ -236,6 +236,7 @@ mod tests {
             survivors: Vec::new(),
             exceptions: Vec::new(),
             vars: [("WRKDIR".to_owned(), wrkdir.to_owned())].into(),
+            enforced: None,
         }
     }
 

@@ -14,7 +14,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs::{File, OpenOptions},
-    io::{self, BufRead as _, BufReader, Write as _},
+    io::{self, BufRead, BufReader, Write as _},
     path::{Path, PathBuf},
 };
 
@@ -56,6 +56,9 @@ pub struct PhaseEnd {
     /// which `buildcage diff` tells apart from what the package did.
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
+    /// The policy in full, for the package's provenance statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced: Option<crate::provenance::PolicyRecord>,
 }
 
 impl PhaseEnd {
@@ -184,8 +187,13 @@ pub struct BadLine {
 /// not be read. Lines of an entry kind this buildcage does not know (a newer
 /// one wrote them) are left out.
 pub fn parse(path: &Path) -> io::Result<Vec<Result<Entry, BadLine>>> {
+    lines(BufReader::new(File::open(path)?))
+}
+
+/// Each line of a log's text, as [`parse`] gives them.
+pub fn lines(text: impl BufRead) -> io::Result<Vec<Result<Entry, BadLine>>> {
     let mut out = Vec::new();
-    for (index, line) in BufReader::new(File::open(path)?).lines().enumerate() {
+    for (index, line) in text.lines().enumerate() {
         let bad = |why: String| BadLine {
             line: index + 1,
             why,
@@ -215,6 +223,12 @@ pub fn parse(path: &Path) -> io::Result<Vec<Result<Entry, BadLine>>> {
 /// skipped.
 pub fn read(path: &Path) -> io::Result<Vec<Entry>> {
     Ok(parse(path)?.into_iter().filter_map(Result::ok).collect())
+}
+
+/// The entries of a log's text, as [`read`] gives them: a line it cannot
+/// read is skipped.
+pub fn entries(text: impl BufRead) -> io::Result<Vec<Entry>> {
+    Ok(lines(text)?.into_iter().filter_map(Result::ok).collect())
 }
 
 /// The summary of a package's log: a row per phase, then every refused
@@ -346,6 +360,7 @@ mod tests {
             survivors: Vec::new(),
             exceptions: Vec::new(),
             vars: BTreeMap::new(),
+            enforced: None,
         }
     }
 

@@ -128,6 +128,9 @@ pub struct Job {
     pub touch: Option<PathBuf>,
     /// Where `buildcage.log` goes, if anywhere.
     pub log_dir: Option<PathBuf>,
+    /// The package file this phase makes, and PACKAGES, the root it may
+    /// write it in: signed once the phase succeeded (see [`crate::provenance`]).
+    pub packages: Option<(PathBuf, PathBuf)>,
     pub exceptions: Vec<String>,
 }
 
@@ -176,16 +179,17 @@ pub fn make_jobs(
                         .to_owned(),
                 );
             }
+            let packages = step.phase == Phase::Build
+                && step
+                    .targets
+                    .iter()
+                    .any(|t| t.starts_with("package") || t == "replace");
             let (allow_write, prepare) = match step.phase {
                 Phase::Fetch => (Vec::new(), vec![vars.distdir.clone()]),
                 Phase::Build => {
                     // Only a call that packages may write PACKAGES, so that no
                     // configure can touch the binary packages that later
                     // installs trust.
-                    let packages = step
-                        .targets
-                        .iter()
-                        .any(|t| t.starts_with("package") || t == "replace");
                     // A `clean` makes no WRKDIR: made here, by root, its parent
                     // would be root's, and pbulk's user could not make it again.
                     let cleaning = !step.targets.is_empty()
@@ -239,6 +243,7 @@ pub fn make_jobs(
                 prepare,
                 touch: (step.phase == Phase::Build).then(|| vars.wrklog.clone()),
                 log_dir: log_dir.clone(),
+                packages: packages.then(|| (vars.pkgfile.clone(), vars.packages.clone())),
                 exceptions,
             }
         })
@@ -296,6 +301,7 @@ pub fn package_job(config: &Config, tool: Tool, args: &[OsString]) -> Result<Job
         prepare: vec![install.prefix, install.pkg_dbdir, install.pkg_sysconfdir],
         touch: None,
         log_dir: package_log_dir(config, &package),
+        packages: None,
         exceptions: Vec::new(),
     })
 }

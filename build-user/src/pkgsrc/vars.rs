@@ -12,7 +12,7 @@ use std::{
 use super::{PkgsrcError, make::MakeArgs};
 
 /// The variables asked for, in the order `show-vars` prints them.
-pub const NAMES: [&str; 11] = [
+pub const NAMES: [&str; 12] = [
     "WRKDIR",
     "DESTDIR",
     "DISTDIR",
@@ -23,6 +23,7 @@ pub const NAMES: [&str; 11] = [
     "VARBASE",
     "PKG_SYSCONFDIR",
     "PKGNAME",
+    "PKGFILE",
     "ALLOW_NETWORK_ACCESS",
 ];
 
@@ -40,6 +41,9 @@ pub struct PkgVars {
     pub varbase: PathBuf,
     pub pkg_sysconfdir: PathBuf,
     pub pkgname: String,
+    /// The binary package `package` makes (`${PACKAGES}/All/${PKGNAME}.tgz`
+    /// by default, mk/package/package.mk).
+    pub pkgfile: PathBuf,
     /// The package sets `ALLOW_NETWORK_ACCESS` (pkgsrc's own marker for a
     /// build that needs the network after fetch).
     pub allow_network_access: bool,
@@ -115,6 +119,7 @@ impl PkgVars {
             varbase: path("VARBASE")?,
             pkg_sysconfdir: path("PKG_SYSCONFDIR")?,
             pkgname: pkgname.to_owned(),
+            pkgfile: path("PKGFILE")?,
             allow_network_access: !matches!(
                 value("ALLOW_NETWORK_ACCESS").to_ascii_lowercase().as_str(),
                 "" | "no" | "false"
@@ -183,6 +188,7 @@ mod tests {
 /var
 /usr/pkg/etc
 hello-1.0
+/w/packages/All/hello-1.0.tgz
 
 ";
 
@@ -191,6 +197,7 @@ hello-1.0
         let v = PkgVars::parse(PBULK).unwrap();
         assert_eq!(v.wrkdir, Path::new("/w/pkgsrc/devel/hello/work"));
         assert_eq!(v.pkgname, "hello-1.0");
+        assert_eq!(v.pkgfile, Path::new("/w/packages/All/hello-1.0.tgz"));
         assert!(!v.allow_network_access);
         assert_eq!(v.bulklog_dir().unwrap(), Path::new("/bulklog/hello-1.0"));
         assert!(

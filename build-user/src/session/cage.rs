@@ -90,6 +90,9 @@ impl Confined {
             .map(|r| r.open())
             .collect::<Result<Vec<_>, _>>()?;
         roots.iter().try_for_each(&check)?;
+        // Before the build exists: nothing of it ever runs while the key
+        // that signs its package is readable.
+        crate::kernel::secret::protect(&instance, &crate::provenance::secrets()?)?;
         let cg = BuildCgroup::create(instance.cgroup(), &format!("{}.{}", plan.name, asker.pid))?;
         let lease = match Lease::take_with(&instance, &lock, cg.id(), plan.policy, &roots, ring) {
             Ok(lease) => lease,

@@ -90,6 +90,9 @@ pub enum SessionError {
     /// The daemon, or its admin's rules, said no; or the daemon went away.
     #[error(transparent)]
     Daemon(#[from] crate::hint::Hinted),
+    /// A secret (the provenance signing key) that cannot be kept from builds.
+    #[error(transparent)]
+    Secret(#[from] crate::kernel::secret::SecretError),
 }
 
 impl crate::hint::Hint for SessionError {
@@ -103,6 +106,7 @@ impl crate::hint::Hint for SessionError {
             Self::Sink(_) => Some("check that the events file's disk is not full".to_owned()),
             Self::Runtime(_) => Some("please report this".to_owned()),
             Self::Daemon(e) => e.hint(),
+            Self::Secret(e) => e.hint(),
         }
     }
 }
