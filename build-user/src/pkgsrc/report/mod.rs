@@ -250,6 +250,7 @@ pub(crate) mod tests {
             survivors: Vec::new(),
             exceptions: Vec::new(),
             vars: BTreeMap::new(),
+            enforced: None,
         }))
     }
 
