@@ -15,7 +15,8 @@ use crate::util::{cache_dir, describe, home_dir, is_root, probe, run_quiet};
 /// pack it, xz for the 6.12 kernel's compressed modules; and for the pkgsrc fixture tests
 /// (the guest sees the host's /usr), NetBSD's make and curl, which its fetch phase uses;
 /// dpkg-shlibdeps, with which cargo-deb finds the .deb's dependencies (`dist`), and man,
-/// with which the VM test reads the installed man pages.
+/// with which the VM test reads the installed man pages; strace and bwrap, the peers
+/// `cargo xtask bench` measures buildcage against.
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -25,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "dpkg-dev",
     "man-db",
+    "strace",
+    "bubblewrap",
 ];
 
 /// The bpf-linker series aya 0.14 builds with.

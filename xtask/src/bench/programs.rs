@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
 
-use super::{as_f64, ms};
+use super::{as_f64, guest::Figures, ms};
 
 /// How many other builds are live while the loops run, phase by phase.
 pub(super) const LIVE: [u32; 3] = [0, 8, 64];
@@ -70,7 +70,10 @@ fn loop_ns(calls: &serde_json::Value, iters: u32) -> u64 {
 
 /// `after - before` of each program: runs and ns; programs that did not
 /// run are left out.
-fn deltas(before: &serde_json::Value, after: &serde_json::Value) -> BTreeMap<String, (u64, u64)> {
+pub(super) fn deltas(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+) -> BTreeMap<String, (u64, u64)> {
     let get = |v: &serde_json::Value, name: &str, field: &str| v[name][field].as_u64().unwrap_or(0);
     after
         .as_object()
@@ -87,14 +90,16 @@ fn deltas(before: &serde_json::Value, after: &serde_json::Value) -> BTreeMap<Str
 impl Programs {
     /// From the figures of the phase with program counters on: for each
     /// phase, `<label>-before`, `<label>-loop` and `<label>-after`.
-    pub(super) fn from(
-        counted: &BTreeMap<String, serde_json::Value>,
-        live: &[u32],
-        iters: u32,
-    ) -> Result<Self> {
+    pub(super) fn from(figures: &Figures, live: &[u32], iters: u32) -> Result<Self> {
+        let counted: BTreeMap<&str, &serde_json::Value> = figures
+            .of("progs")
+            .iter()
+            .map(|(label, v)| (label.as_str(), v))
+            .collect();
         let get = |key: String| {
             counted
-                .get(&key)
+                .get(key.as_str())
+                .copied()
                 .with_context(|| format!("no `{key}` figures from the phase with program counters"))
         };
         let mut phases = Vec::new();
@@ -168,6 +173,22 @@ impl Programs {
         out
     }
 
+    /// What a process outside every build pays, by the counters, with each
+    /// number of other builds live: `1 + share`, for the chart (one
+    /// measurement each, so no interval).
+    pub(super) fn bystander(&self) -> Vec<(String, f64)> {
+        self.phases
+            .iter()
+            .filter(|p| !p.inside)
+            .map(|p| {
+                (
+                    format!("bystander, {} builds live (counters)", p.live),
+                    1.0 + p.share(),
+                )
+            })
+            .collect()
+    }
+
     pub(super) fn json(&self) -> serde_json::Value {
         serde_json::Value::Array(
             self.phases
@@ -201,7 +222,7 @@ mod tests {
                 "file_ioctl": {"runs": ioctl.0, "ns": ioctl.1},
             })
         };
-        let mut counted = BTreeMap::new();
+        let mut counted = Figures::default();
         for live in LIVE {
             for inside in [false, true] {
                 let label = Phase::label(live, inside);
@@ -218,12 +239,12 @@ mod tests {
                         1000,
                     )
                 };
-                counted.insert(format!("{label}-before"), before);
-                counted.insert(format!("{label}-after"), after);
-                counted.insert(
-                    format!("{label}-loop"),
-                    serde_json::json!({"open+close": ns, "stat": ns}),
-                );
+                counted.take(&format!("BENCH: progs {label}-before {before}"));
+                counted.take(&format!("BENCH: progs {label}-after {after}"));
+                counted.take(&format!(
+                    "BENCH: progs {label}-loop {}",
+                    serde_json::json!({"open+close": ns, "stat": ns})
+                ));
             }
         }
         let p = Programs::from(&counted, &LIVE, 10).expect("figures");
@@ -238,7 +259,11 @@ mod tests {
         assert_eq!(inside.programs["file_open"], (100, 20_000));
         assert!((outside.share() - 0.02).abs() < 1e-9, "{}", outside.share());
         assert!((inside.share() - 0.5025).abs() < 1e-9, "{}", inside.share());
-        counted.remove("inside-64-loop");
+        counted
+            .by_kind
+            .get_mut("progs")
+            .expect("progs")
+            .retain(|(l, _)| l != "inside-64-loop");
         assert!(
             Programs::from(&counted, &LIVE, 10).is_err(),
             "a phase is missing"

@@ -1,0 +1,105 @@
+//! `docs/benchmarks.md`: the tables of one run, with what each measures and
+//! whether each target was met.
+
+use super::{
+    calls::Calls, events::Events, guest::Figures, guest::Sizes, programs::Programs,
+    project::Project, start::Report,
+};
+
+pub(super) fn page(
+    report: &Report,
+    calls: &Calls,
+    project: &Project,
+    events: &Events,
+    programs: &Programs,
+    figures: &Figures,
+    sizes: &Sizes,
+) -> String {
+    let note = |k: &str| figures.notes.get(k).map_or("not checked", String::as_str);
+    format!(
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench` (the exact command) from one run in the 6.12 test VM \
+         (QEMU TCG: absolute times are emulated, a few times to tens of times slower than \
+         hardware; the ratios, measured side by side in the same rounds, are what counts). \
+         Release builds. Every ratio is the median of per-round ratios, each taken within its \
+         round, with its 95% percentile-bootstrap interval in brackets (4000 resamples of the \
+         rounds, fixed seed: `xtask/src/bench/stats.rs`); *resolves 1%* says whether that \
+         interval is narrow enough (half-width ≤ 1% of the median) to tell a 1% difference. \
+         The raw figures are in [benchmarks.json](benchmarks.json).\n\n\
+         ![buildcage's overhead per workload](benchmarks.svg)\n\n\
+         ## The cost of a build\n\n\
+         {rounds} interleaved rounds. Each starts the same small command (`bench stamp`, which \
+         writes CLOCK_MONOTONIC as its `main` starts and as it ends) unconfined \
+         (fork+exec, `std::process::Command`), then in a build asked of the daemon through \
+         the library (`daemon build`: request, cgroup and lease, the command started in its \
+         cgroup, teardown), then through `buildcage run` with and without the daemon. \
+         *Setup* is from the start to the command's `main`, *teardown* from the command's end \
+         to everything cleaned up (the build's entries and cgroup removed), *total* both \
+         with the command.\n\n{start}\n\
+         The target for a build through the daemon is at most 2× a fork+exec: {target}.\n\n\
+         ## System calls, and the peers on them\n\n\
+         The system calls a build makes most, in loops run outside every build, inside one \
+         (through the daemon, `default` policy, in its tree), under \
+         `strace -f -e inject=socket:error=EPERM` (ptrace: every call stops twice) and under \
+         `bwrap --unshare-net` with / bound read-only and the tree writable, one after the \
+         other in each round. Inside a build `socket(inet)` is refused and reported, so its \
+         figure is the cost of a refusal and its event; strace refuses every socket. Under \
+         TCG these loops spread widely between rounds: they resolve tens of percent, not 1%; \
+         the per-program counters below carry the smaller claims.\n\n{calls}\n\
+         ## A real build: zlib\n\n\
+         zlib 1.2.13's release sources (Debian's `zlib_1.2.13.dfsg.orig.tar.bz2`, pinned by \
+         sha256, fetched by the bench itself) extracted, configured (`CFLAGS=-O0 ./configure \
+         --static`: -O0 keeps one emulated build near 30 s) and built with `make -j2 {targets}`, \
+         in a fresh tree each time: unconfined, through `buildcage run` (`default` policy), \
+         through `buildcage run --policy audit`, under strace and under bwrap, in turn, round \
+         after round.\n\n{project}\n\
+         ## Event throughput\n\n\
+         A build under the `audit` policy makes `socket(AF_INET)` calls, each allowed and \
+         reported, first paced at {pace}/s by one process ({paced} calls), then flat out by \
+         {procs} processes ({flat} calls). Its own session (through the library) counts what it \
+         received and what it missed by falling behind the daemon's bus; the kernel counts, \
+         per build and per CPU, the calls it judged (`denials`) and the events that did not \
+         fit in the ring (`lost`); a `buildcage tail --json` client follows the build, and \
+         counts its records and its `{{\"lost\": N}}` lines. Loss is counted exactly when each \
+         sum equals the calls made.\n\n{events}\n\
+         ## Where the time goes\n\n\
+         The kernel's own count of each program's runs and their time (`run_cnt`, \
+         `run_time_ns`, with `kernel.bpf_stats_enabled` on for these phases only), over one \
+         more run of the loops above outside every build, then one inside a build (with that \
+         build's start and end), while {live} other builds, each with its own tree, sit \
+         idle. Outside, only the globally attached programs run: that is what every other \
+         process on the machine pays (the bystander target is ≤ 1.01, i.e. a share under 1%). \
+         The trampoline's few ns per call are not counted. The first table is with no other \
+         build live. What these figures changed, before and after: \
+         [benchmarks-history.md](benchmarks-history.md).\n\n{programs}\n\
+         ## Peers not measured\n\n\
+         - `systemd-run --scope`: {systemd}. The test VM boots its own `/init`, not systemd, \
+           so there is no manager to ask for a scope.\n\
+         - `syd`: {syd} in the VM. It is not packaged for Debian 12, and building it from \
+           crates.io needs libseccomp's development files and a long compile on these shared \
+           2 cores; not attempted in this run.\n",
+        rounds = report.rounds(),
+        start = report.markdown(),
+        target = report.target(),
+        calls = calls.markdown(sizes.iters),
+        targets = sizes.make_targets,
+        project = project.markdown(),
+        pace = sizes.pace,
+        paced = sizes.paced,
+        procs = sizes.procs,
+        flat = sizes.flat,
+        events = events.markdown(),
+        live = sizes
+            .live
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        programs = programs.markdown(),
+        systemd = note("systemd"),
+        syd = match note("syd") {
+            "none" => "not installed",
+            _ => "installed",
+        },
+    )
+}
