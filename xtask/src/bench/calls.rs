@@ -136,10 +136,10 @@ mod tests {
     fn each_variant_is_taken_against_the_same_round_outside() {
         let mut f = Figures::default();
         for (outside, inside) in [(100, 110), (200, 220), (150, 165)] {
-            f.take(&format!("BENCH: sys outside {{\"stat\": {outside}}}"));
-            f.take(&format!("BENCH: sys buildcage {{\"stat\": {inside}}}"));
-            f.take(&format!("BENCH: sys strace {{\"stat\": {}}}", outside * 10));
-            f.take(&format!("BENCH: sys bwrap {{\"stat\": {outside}}}"));
+            let _ = f.take(&format!("BENCH: sys outside {{\"stat\": {outside}}}"));
+            let _ = f.take(&format!("BENCH: sys buildcage {{\"stat\": {inside}}}"));
+            let _ = f.take(&format!("BENCH: sys strace {{\"stat\": {}}}", outside * 10));
+            let _ = f.take(&format!("BENCH: sys bwrap {{\"stat\": {outside}}}"));
         }
         let calls = Calls::from(&f);
         assert_eq!(Calls::counts(&f), [3, 3, 3, 3]);

@@ -188,11 +188,11 @@ mod tests {
     #[test]
     fn loss_is_exact_only_when_everything_adds_up() {
         let mut f = Figures::default();
-        f.take(r#"BENCH: flood paced {"rate": 10000, "attempts": 100, "ns": 10000000, "procs": 1, "denials": 100, "lost": 0, "received": 100, "lagged": 0}"#);
-        f.take(r#"BENCH: tap paced {"records": 100, "lost": 0, "ns": 10000000}"#);
-        f.take(r#"BENCH: flood flat {"rate": 0, "attempts": 100, "ns": 5000000, "procs": 2, "denials": 100, "lost": 7, "received": 90, "lagged": 3}"#);
-        f.take(r#"BENCH: tap flat {"records": 80, "lost": 12, "ns": 5000000}"#);
-        f.take(r#"BENCH: denials outside {"attempts": 100, "ns": 2500000}"#);
+        let _ = f.take(r#"BENCH: flood paced {"rate": 10000, "attempts": 100, "ns": 10000000, "procs": 1, "denials": 100, "lost": 0, "received": 100, "lagged": 0}"#);
+        let _ = f.take(r#"BENCH: tap paced {"records": 100, "lost": 0, "ns": 10000000}"#);
+        let _ = f.take(r#"BENCH: flood flat {"rate": 0, "attempts": 100, "ns": 5000000, "procs": 2, "denials": 100, "lost": 7, "received": 90, "lagged": 3}"#);
+        let _ = f.take(r#"BENCH: tap flat {"records": 80, "lost": 12, "ns": 5000000}"#);
+        let _ = f.take(r#"BENCH: denials outside {"attempts": 100, "ns": 2500000}"#);
         let e = Events::from(&f).expect("figures");
         assert_eq!(e.floods[0].exact(), (true, true));
         // 80 + 12 + 7 = 99: one event unaccounted for.

@@ -38,41 +38,50 @@ pub(crate) struct Args {
     /// A few rounds, to check that the bench works; no figure is kept
     #[arg(long)]
     quick: bool,
+    /// Write the docs from the figure lines an earlier run kept (in
+    /// target/bench-figures.txt), without the VM
+    #[arg(long, value_name = "FILE", conflicts_with = "quick")]
+    from: Option<std::path::PathBuf>,
 }
 
 impl Args {
     /// The run CI makes: it checks that the bench works.
     pub(crate) fn quick() -> Self {
-        Self { quick: true }
+        Self {
+            quick: true,
+            from: None,
+        }
     }
 
     fn sizes(&self) -> guest::Sizes {
         if self.quick {
             guest::Sizes {
-                rounds: 3,
+                rounds: 2,
                 sys_rounds: 2,
-                iters: 200,
+                iters: 100,
                 live: programs::LIVE_QUICK.to_vec(),
                 build_rounds: 1,
+                strace_builds: 0,
                 counted_rounds: 1,
-                make_targets: "libz.a",
+                make_targets: "adler32.o",
                 pace: 10_000,
-                paced: 2_000,
-                flat: 4_000,
+                paced: 500,
+                flat: 1_000,
                 procs: 2,
             }
         } else {
             guest::Sizes {
-                rounds: 40,
-                sys_rounds: 10,
+                rounds: 20,
+                sys_rounds: 6,
                 iters: 2000,
                 live: programs::LIVE.to_vec(),
-                build_rounds: 5,
-                counted_rounds: 3,
-                make_targets: "libz.a example minigzip",
+                build_rounds: 2,
+                strace_builds: 1,
+                counted_rounds: 2,
+                make_targets: "libz.a example",
                 pace: 10_000,
-                paced: 100_000,
-                flat: 200_000,
+                paced: 20_000,
+                flat: 40_000,
                 procs: 2,
             }
         }
@@ -80,34 +89,23 @@ impl Args {
 }
 
 pub(crate) fn run(args: &Args) -> Result<ExitCode> {
-    let setup = crate::setup::run()?;
-    if setup != ExitCode::SUCCESS {
-        return Ok(setup);
-    }
-    let tarball = crate::sources::zlib_tarball()?;
-    let buildcage = build_release_bin("buildcage", "buildcage")?;
-    let bench = build_release_bin("buildcage-tests", "bench")?;
     let sizes = args.sizes();
-    let script = guest::script(
-        &guest::Paths {
-            buildcage: shell_quote_path(&buildcage)?,
-            bench: shell_quote_path(&bench)?,
-            tarball: shell_quote_path(&tarball)?,
+    let figures = match &args.from {
+        Some(file) => {
+            let mut figures = guest::Figures::default();
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .lines()
+                .for_each(|line| {
+                    figures.take(line);
+                });
+            figures
+        }
+        None => match in_vm(&sizes)? {
+            Some(figures) => figures,
+            None => return Ok(ExitCode::FAILURE),
         },
-        &sizes,
-    );
-    let mut figures = guest::Figures::default();
-    let status = crate::vm::run_in_vm_observed(
-        KernelSel::V6_12,
-        &workspace_root(),
-        &["sh".to_owned(), "-c".to_owned(), script],
-        &[],
-        Duration::from_secs(3600),
-        &mut |line| figures.take(line),
-    )?;
-    if status != 0 || figures.of("done").is_empty() {
-        bail!("the bench did not run to its end in the VM (exit status {status})");
-    }
+    };
     let counts = calls::Calls::counts(&figures);
     if counts.iter().any(|&c| c != sizes.sys_rounds) {
         bail!(
@@ -170,6 +168,46 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         println!("xtask: wrote docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks.svg");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the workloads in the VM; keeps the figure lines it printed in
+/// target/bench-figures.txt, so that the docs can be written again from
+/// them (`--from`). `None` when setup failed.
+fn in_vm(sizes: &guest::Sizes) -> Result<Option<guest::Figures>> {
+    if crate::setup::run()? != ExitCode::SUCCESS {
+        return Ok(None);
+    }
+    let tarball = crate::sources::zlib_tarball()?;
+    let buildcage = build_release_bin("buildcage", "buildcage")?;
+    let bench = build_release_bin("buildcage-tests", "bench")?;
+    let script = guest::script(
+        &guest::Paths {
+            buildcage: shell_quote_path(&buildcage)?,
+            bench: shell_quote_path(&bench)?,
+            tarball: shell_quote_path(&tarball)?,
+        },
+        sizes,
+    );
+    let mut figures = guest::Figures::default();
+    let mut kept = String::new();
+    let status = crate::vm::run_in_vm_observed(
+        KernelSel::V6_12,
+        &workspace_root(),
+        &["sh".to_owned(), "-c".to_owned(), script],
+        &[],
+        Duration::from_secs(3600),
+        &mut |line| {
+            if figures.take(line) {
+                kept.push_str(line.trim_end());
+                kept.push('\n');
+            }
+        },
+    )?;
+    write(&workspace_root().join("target/bench-figures.txt"), &kept)?;
+    if status != 0 || figures.of("done").is_empty() {
+        bail!("the bench did not run to its end in the VM (exit status {status})");
+    }
+    Ok(Some(figures))
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {

@@ -40,7 +40,7 @@ pub(super) fn page(
          ## System calls, and the peers on them\n\n\
          The system calls a build makes most, in loops run outside every build, inside one \
          (through the daemon, `default` policy, in its tree), under \
-         `strace -f -e inject=socket:error=EPERM` (ptrace: every call stops twice) and under \
+         `strace -f -e inject=socket:error=EPERM` (ptrace: every call stops twice; its loops make {strace_iters} calls, not {iters}, to keep a round short) and under \
          `bwrap --unshare-net` with / bound read-only and the tree writable, one after the \
          other in each round. Inside a build `socket(inet)` is refused and reported, so its \
          figure is the cost of a refusal and its event; strace refuses every socket. Under \
@@ -82,6 +82,8 @@ pub(super) fn page(
         start = report.markdown(),
         target = report.target(),
         calls = calls.markdown(sizes.iters),
+        strace_iters = sizes.strace_iters(),
+        iters = sizes.iters,
         targets = sizes.make_targets,
         project = project.markdown(),
         pace = sizes.pace,

@@ -239,9 +239,9 @@ mod tests {
                         1000,
                     )
                 };
-                counted.take(&format!("BENCH: progs {label}-before {before}"));
-                counted.take(&format!("BENCH: progs {label}-after {after}"));
-                counted.take(&format!(
+                let _ = counted.take(&format!("BENCH: progs {label}-before {before}"));
+                let _ = counted.take(&format!("BENCH: progs {label}-after {after}"));
+                let _ = counted.take(&format!(
                     "BENCH: progs {label}-loop {}",
                     serde_json::json!({"open+close": ns, "stat": ns})
                 ));
