@@ -142,7 +142,7 @@ impl Events {
     }
 
     /// Zero loss at a paced 10,000 a second, and at that rate for real.
-    fn target(&self) -> String {
+    pub(super) fn target(&self) -> String {
         let Some(p) = self.floods.iter().find(|f| f.rate > 0) else {
             return "not measured".to_owned();
         };

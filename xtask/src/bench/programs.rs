@@ -173,6 +173,16 @@ impl Programs {
         out
     }
 
+    /// The programs' share of the loops' time, and ns per program run, in the
+    /// phase with `live` other builds, outside every build or inside one.
+    pub(super) fn phase(&self, live: u32, inside: bool) -> Option<(f64, f64)> {
+        let p = self
+            .phases
+            .iter()
+            .find(|p| p.live == live && p.inside == inside)?;
+        Some((p.share(), as_f64(p.total_ns()) / as_f64(p.runs().max(1))))
+    }
+
     /// What a process outside every build pays, by the counters, with each
     /// number of other builds live: `1 + share`, for the chart (one
     /// measurement each, so no interval).

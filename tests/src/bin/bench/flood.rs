@@ -35,10 +35,10 @@ use buildcage::{
 fn generate(rate: u64, count: u64) -> Duration {
     let start = Instant::now();
     for i in 0..count {
-        if rate > 0 {
-            // Call i is due i/rate seconds after the start; sleep only when
-            // well ahead, since a short sleep costs more than the gap.
-            let due = Duration::from_nanos(i.saturating_mul(1_000_000_000) / rate);
+        // Call i is due i/rate seconds after the start (no rate: no pacing);
+        // sleep only when well ahead, since a short sleep costs more than the gap.
+        if let Some(due) = i.saturating_mul(1_000_000_000).checked_div(rate) {
+            let due = Duration::from_nanos(due);
             let ahead = due.saturating_sub(start.elapsed());
             if ahead > Duration::from_micros(200) {
                 std::thread::sleep(ahead);
