@@ -11,6 +11,9 @@ use super::stats::Estimate;
 
 /// Draws one bar per `(label, ratio)`: the overhead `ratio - 1` in percent.
 pub(super) fn draw(path: &Path, title: &str, bars: &[(String, Estimate)]) -> Result<()> {
+    // The first bar at the top: the chart counts from the bottom.
+    let bars: Vec<(String, Estimate)> = bars.iter().rev().cloned().collect();
+    let bars = bars.as_slice();
     let pct = |r: f64| (r - 1.0) * 100.0;
     let finite = |v: f64| if v.is_finite() { Some(v) } else { None };
     let values: Vec<f64> = bars
@@ -23,45 +26,42 @@ pub(super) fn draw(path: &Path, title: &str, bars: &[(String, Estimate)]) -> Res
     let high = values.iter().copied().fold(0.0, f64::max);
     let pad = ((high - low) * 0.08).max(1.0);
     let n = u32::try_from(bars.len()).map_err(|_| anyhow!("too many bars"))?;
-    let root = SVGBackend::new(path, (1000, 560)).into_drawing_area();
+    let height = 120 + 34 * n;
+    let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
-        .x_label_area_size(150)
-        .y_label_area_size(70)
-        .build_cartesian_2d((0..n).into_segmented(), (low - pad)..(high + pad))
+        .x_label_area_size(50)
+        .y_label_area_size(290)
+        .build_cartesian_2d((low - pad)..(high + pad), (0..n).into_segmented())
         .map_err(|e| err(&e))?;
     let names: Vec<&str> = bars.iter().map(|(l, _)| l.as_str()).collect();
     chart
         .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(bars.len())
-        .x_label_formatter(&|v| match v {
+        .disable_y_mesh()
+        .y_labels(bars.len())
+        .y_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) => usize::try_from(*i)
                 .ok()
                 .and_then(|i| names.get(i))
                 .map_or_else(String::new, |s| (*s).to_owned()),
             _ => String::new(),
         })
-        .x_label_style(
-            ("sans-serif", 13)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
-        .y_desc("overhead, % of unconfined (95% bootstrap interval)")
+        .y_label_style(("sans-serif", 14))
+        .x_desc("overhead, % of unconfined (95% bootstrap interval)")
         .draw()
         .map_err(|e| err(&e))?;
     let bar = |i: u32, v: f64| {
         let mut r = Rectangle::new(
             [
-                (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), v),
+                (0.0, SegmentValue::Exact(i)),
+                (v, SegmentValue::Exact(i + 1)),
             ],
             BLUE.mix(0.6).filled(),
         );
-        r.set_margin(0, 0, 8, 8);
+        r.set_margin(6, 6, 0, 0);
         r
     };
     chart
@@ -73,7 +73,7 @@ pub(super) fn draw(path: &Path, title: &str, bars: &[(String, Estimate)]) -> Res
         .map_err(|e| err(&e))?;
     chart
         .draw_series((0..n).zip(bars).filter_map(|(i, (_, e))| {
-            Some(ErrorBar::new_vertical(
+            Some(ErrorBar::new_horizontal(
                 SegmentValue::CenterOf(i),
                 pct(finite(e.low)?),
                 pct(e.median),
@@ -85,7 +85,7 @@ pub(super) fn draw(path: &Path, title: &str, bars: &[(String, Estimate)]) -> Res
         .map_err(|e| err(&e))?;
     chart
         .draw_series(LineSeries::new(
-            [(SegmentValue::Exact(0), 1.0), (SegmentValue::Exact(n), 1.0)],
+            [(1.0, SegmentValue::Exact(0)), (1.0, SegmentValue::Exact(n))],
             RED.stroke_width(1),
         ))
         .map_err(|e| err(&e))?

@@ -148,19 +148,21 @@ impl Events {
         };
         let lost = p.kernel_lost + p.lagged + p.tail_lost;
         let made = Flood::per_sec(p.attempts, p.ns);
-        let short = if made < as_f64(p.rate) * 0.98 {
+        let counted = if lost == 0 {
+            format!("0 of {} lost", p.attempts)
+        } else {
+            format!("{lost} of {} lost", p.attempts)
+        };
+        if made < as_f64(p.rate) * 0.98 {
             format!(
-                "; but the generator reached only {made:.0}/s of the {} asked ({:.0}% short): the emulated VM cannot make calls faster",
+                "not shown at {}/s: the VM made only {made:.0}/s ({:.0}% short); at that rate {counted}",
                 p.rate,
                 (1.0 - made / as_f64(p.rate)) * 100.0
             )
+        } else if lost == 0 {
+            format!("met at {made:.0}/s: {counted}")
         } else {
-            String::new()
-        };
-        if lost == 0 {
-            format!("met, 0 of {} lost{short}", p.attempts)
-        } else {
-            format!("not met: {lost} of {} lost{short}", p.attempts)
+            format!("not met at {made:.0}/s: {counted}")
         }
     }
 
@@ -197,7 +199,7 @@ mod tests {
         assert_eq!(e.floods[0].exact(), (true, true));
         // 80 + 12 + 7 = 99: one event unaccounted for.
         assert_eq!(e.floods[1].exact(), (true, false));
-        assert!(e.target().starts_with("met, 0 of 100 lost"));
+        assert_eq!(e.target(), "met at 10000/s: 0 of 100 lost");
         let md = e.markdown();
         assert!(
             md.contains(

@@ -18,6 +18,24 @@ pub(super) const LIVE: [u32; 3] = [0, 8, 64];
 /// The same, for `--quick`.
 pub(super) const LIVE_QUICK: [u32; 2] = [0, 2];
 
+/// The numbers of other builds live that the figures have phases for.
+pub(super) fn live(figures: &Figures) -> Vec<u32> {
+    let mut live: Vec<u32> = figures
+        .of("progs")
+        .iter()
+        .filter_map(|(label, _)| {
+            label
+                .strip_prefix("outside-")?
+                .strip_suffix("-before")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    live
+}
+
 /// One run of the loops, outside every build or inside one, with `live`
 /// other builds idle meanwhile.
 #[derive(Debug, PartialEq)]
@@ -183,6 +201,11 @@ impl Programs {
         Some((p.share(), as_f64(p.total_ns()) / as_f64(p.runs().max(1))))
     }
 
+    /// The most other builds live in any phase.
+    pub(super) fn most_live(&self) -> u32 {
+        self.phases.iter().map(|p| p.live).max().unwrap_or(0)
+    }
+
     /// What a process outside every build pays, by the counters, with each
     /// number of other builds live: `1 + share`, for the chart (one
     /// measurement each, so no interval).
@@ -257,6 +280,7 @@ mod tests {
                 ));
             }
         }
+        assert_eq!(live(&counted), LIVE);
         let p = Programs::from(&counted, &LIVE, 10).expect("figures");
         assert_eq!(p.phases.len(), 2 * LIVE.len());
         let (outside, inside) = (&p.phases[0], &p.phases[1]);
