@@ -151,7 +151,14 @@ impl Events {
         let counted = if lost == 0 {
             format!("0 of {} lost", p.attempts)
         } else {
-            format!("{lost} of {} lost", p.attempts)
+            format!(
+                "{} of {} lost in the kernel ({:.0}%: the ring was full), {} more missed by the tail, {} by the build's own session",
+                p.kernel_lost,
+                p.attempts,
+                as_f64(p.kernel_lost) / as_f64(p.attempts.max(1)) * 100.0,
+                p.tail_lost,
+                p.lagged
+            )
         };
         if made < as_f64(p.rate) * 0.98 {
             format!(

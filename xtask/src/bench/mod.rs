@@ -145,6 +145,13 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         for (v, _) in &mut bars {
             *v = format!("zlib build, {v}");
         }
+        bars.insert(
+            0,
+            (
+                "zlib build, buildcage (counters)".to_owned(),
+                project.counted_ratio(),
+            ),
+        );
         bars.extend(calls.of("buildcage"));
         bars.extend(
             programs

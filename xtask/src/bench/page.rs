@@ -150,13 +150,38 @@ pub(super) fn targets(
         })
         .collect::<Vec<_>>()
         .join("; ");
-    let flat = match (programs.phase(0, true), programs.phase(most, true)) {
-        (Some((_, a)), Some((_, b))) => format!(
-            "{:.0} ns per program run in a build with no other build live, {:.0} with {most}: {:+.0}%",
-            a,
-            b,
-            (b / a - 1.0) * 100.0
-        ),
+    let per_run: Vec<(u32, f64)> = super::programs::LIVE
+        .iter()
+        .filter_map(|&n| Some((n, programs.phase(n, true)?.1)))
+        .collect();
+    let flat = match (per_run.first(), per_run.last()) {
+        (Some(&(_, first)), Some(&(_, last))) if per_run.len() > 1 => {
+            let (lo, hi) = per_run
+                .iter()
+                .fold((f64::MAX, 0.0_f64), |(lo, hi), &(_, v)| {
+                    (lo.min(v), hi.max(v))
+                });
+            let rising = per_run.windows(2).all(|w| w[1].1 >= w[0].1);
+            let verdict = if hi / lo <= 1.10 {
+                "met: within 10%".to_owned()
+            } else if rising {
+                format!(
+                    "not met: rises {:+.0}% with the builds' number",
+                    (last / first - 1.0) * 100.0
+                )
+            } else {
+                format!(
+                    "not resolved: a {:.0}% spread that does not follow the builds' number (the emulator's load changed through the run)",
+                    (hi / lo - 1.0) * 100.0
+                )
+            };
+            let shown = per_run
+                .iter()
+                .map(|(n, v)| format!("{v:.0} ns with {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("ns per program run in a build: {shown} other builds live; {verdict}")
+        }
         _ => "not measured".to_owned(),
     };
     format!(
@@ -183,9 +208,16 @@ pub(super) fn targets(
            programs.\n\
          - **10,000 denials/s**: the emulated VM cannot make audited calls that fast (each \
            audited `socket()` with its event costs several unaudited ones, see *the effect on \
-           the build*, and the daemon, the session and the tail share the same two vCPUs with \
-           the generator). Zero loss is shown at the rate the VM reached; past it, flat out, \
-           the loss (if any) adds up exactly.\n",
+           the build*), and where it loses events the cause is the consumer: a build's ring is \
+           1 MiB (`RING_BYTES`) and each event about 1.1 KiB (its path buffer is 16 × 64 bytes \
+           even for a socket), so the ring holds under a thousand events, and the daemon, which \
+           decodes each one and hands it to every subscriber on the same two emulated vCPUs \
+           as the generator, drains fewer a second than the generator makes. Smaller records \
+           for events without a path, or a larger ring, would move that limit; both change the \
+           kernel side or the daemon, which this branch leaves alone. Past capacity, the \
+           kernel's per-CPU `lost` counter, the session's lag and the tail's `lost` lines \
+           account for every call: the *exact* columns check that the sums equal the calls \
+           made.\n",
         project.verdict(),
         report.target(),
         events.target(),
