@@ -25,7 +25,7 @@ pub(super) fn page(
          round, with its 95% percentile-bootstrap interval in brackets (4000 resamples of the \
          rounds, fixed seed: `xtask/src/bench/stats.rs`); *resolves 1%* says whether that \
          interval is narrow enough (half-width ≤ 1% of the median) to tell a 1% difference. \
-         The raw figures are in [benchmarks.json](benchmarks.json).\n\n\
+         The figures are in [benchmarks.json](benchmarks.json), and the lines the VM printed in [benchmarks-figures.txt](benchmarks-figures.txt) (`cargo xtask bench --from docs/benchmarks-figures.txt` writes these pages again from them).\n\n\
          ![buildcage's overhead per workload](benchmarks.svg)\n\n\
          The chart: buildcage's overhead on the zlib build and on each system call (inside \
          a build, against outside), with its 95% interval, and the bystander's share by the \
@@ -150,7 +150,8 @@ pub(super) fn targets(
         })
         .collect::<Vec<_>>()
         .join("; ");
-    let per_run: Vec<(u32, f64)> = super::programs::LIVE
+    let per_run: Vec<(u32, f64)> = programs
+        .live()
         .iter()
         .filter_map(|&n| Some((n, programs.phase(n, true)?.1)))
         .collect();

@@ -201,6 +201,13 @@ impl Programs {
         Some((p.share(), as_f64(p.total_ns()) / as_f64(p.runs().max(1))))
     }
 
+    /// The numbers of other builds live, phase by phase, in order.
+    pub(super) fn live(&self) -> Vec<u32> {
+        let mut live: Vec<u32> = self.phases.iter().map(|p| p.live).collect();
+        live.dedup();
+        live
+    }
+
     /// The most other builds live in any phase.
     pub(super) fn most_live(&self) -> u32 {
         self.phases.iter().map(|p| p.live).max().unwrap_or(0)

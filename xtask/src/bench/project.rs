@@ -144,15 +144,22 @@ impl Project {
         out.push_str(&format!(
             "\nWith the kernel's program counters on ({} build(s) in a build, `default` policy): \
              buildcage's programs took **{:.3}%** of the build's CPU time (user and system time \
-             of all its processes) [95% CI {:.3}–{:.3}%], and {:.3}% of its wall time: the \
+             of all its processes) {}, and {:.3}% of its wall time: the \
              confined/unconfined ratio these figures give is 1 + that share, with the \
              trampoline's few ns per call on top. \
              Target ≤ 1.01: **{}**.\n\n\
              | program | runs per build | ns per run |\n|---|---|---|\n",
             self.share_cpu.n,
             self.share_cpu.median * 100.0,
-            self.share_cpu.low * 100.0,
-            self.share_cpu.high * 100.0,
+            if self.share_cpu.low.is_nan() {
+                "(one build: no interval)".to_owned()
+            } else {
+                format!(
+                    "[95% CI {:.3}–{:.3}%]",
+                    self.share_cpu.low * 100.0,
+                    self.share_cpu.high * 100.0
+                )
+            },
             self.share_wall.median * 100.0,
             self.verdict()
         ));
