@@ -16,7 +16,8 @@ use crate::util::{cache_dir, describe, home_dir, is_root, probe, run_quiet};
 /// (the guest sees the host's /usr), NetBSD's make and curl, which its fetch phase uses;
 /// dpkg-shlibdeps, with which cargo-deb finds the .deb's dependencies (`dist`), and man,
 /// with which the VM test reads the installed man pages; chromium (and a font for it),
-/// the headless browser in which the host test of `buildcage report`'s page renders it.
+/// the headless browser in which the host test of `buildcage report`'s page renders it;
+/// strace and bwrap, the peers `cargo xtask bench` measures buildcage against.
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -28,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "man-db",
     "chromium",
     "fonts-dejavu-core",
+    "strace",
+    "bubblewrap",
 ];
 
 /// The bpf-linker series aya 0.14 builds with.

@@ -11,12 +11,30 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
 
-use super::{as_f64, ms};
+use super::{as_f64, guest::Figures, ms};
 
 /// How many other builds are live while the loops run, phase by phase.
 pub(super) const LIVE: [u32; 3] = [0, 8, 64];
 /// The same, for `--quick`.
 pub(super) const LIVE_QUICK: [u32; 2] = [0, 2];
+
+/// The numbers of other builds live that the figures have phases for.
+pub(super) fn live(figures: &Figures) -> Vec<u32> {
+    let mut live: Vec<u32> = figures
+        .of("progs")
+        .iter()
+        .filter_map(|(label, _)| {
+            label
+                .strip_prefix("outside-")?
+                .strip_suffix("-before")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    live
+}
 
 /// One run of the loops, outside every build or inside one, with `live`
 /// other builds idle meanwhile.
@@ -70,7 +88,10 @@ fn loop_ns(calls: &serde_json::Value, iters: u32) -> u64 {
 
 /// `after - before` of each program: runs and ns; programs that did not
 /// run are left out.
-fn deltas(before: &serde_json::Value, after: &serde_json::Value) -> BTreeMap<String, (u64, u64)> {
+pub(super) fn deltas(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+) -> BTreeMap<String, (u64, u64)> {
     let get = |v: &serde_json::Value, name: &str, field: &str| v[name][field].as_u64().unwrap_or(0);
     after
         .as_object()
@@ -87,14 +108,16 @@ fn deltas(before: &serde_json::Value, after: &serde_json::Value) -> BTreeMap<Str
 impl Programs {
     /// From the figures of the phase with program counters on: for each
     /// phase, `<label>-before`, `<label>-loop` and `<label>-after`.
-    pub(super) fn from(
-        counted: &BTreeMap<String, serde_json::Value>,
-        live: &[u32],
-        iters: u32,
-    ) -> Result<Self> {
+    pub(super) fn from(figures: &Figures, live: &[u32], iters: u32) -> Result<Self> {
+        let counted: BTreeMap<&str, &serde_json::Value> = figures
+            .of("progs")
+            .iter()
+            .map(|(label, v)| (label.as_str(), v))
+            .collect();
         let get = |key: String| {
             counted
-                .get(&key)
+                .get(key.as_str())
+                .copied()
                 .with_context(|| format!("no `{key}` figures from the phase with program counters"))
         };
         let mut phases = Vec::new();
@@ -168,6 +191,44 @@ impl Programs {
         out
     }
 
+    /// The programs' share of the loops' time, and ns per program run, in the
+    /// phase with `live` other builds, outside every build or inside one.
+    pub(super) fn phase(&self, live: u32, inside: bool) -> Option<(f64, f64)> {
+        let p = self
+            .phases
+            .iter()
+            .find(|p| p.live == live && p.inside == inside)?;
+        Some((p.share(), as_f64(p.total_ns()) / as_f64(p.runs().max(1))))
+    }
+
+    /// The numbers of other builds live, phase by phase, in order.
+    pub(super) fn live(&self) -> Vec<u32> {
+        let mut live: Vec<u32> = self.phases.iter().map(|p| p.live).collect();
+        live.dedup();
+        live
+    }
+
+    /// The most other builds live in any phase.
+    pub(super) fn most_live(&self) -> u32 {
+        self.phases.iter().map(|p| p.live).max().unwrap_or(0)
+    }
+
+    /// What a process outside every build pays, by the counters, with each
+    /// number of other builds live: `1 + share`, for the chart (one
+    /// measurement each, so no interval).
+    pub(super) fn bystander(&self) -> Vec<(String, f64)> {
+        self.phases
+            .iter()
+            .filter(|p| !p.inside)
+            .map(|p| {
+                (
+                    format!("bystander, {} builds live (counters)", p.live),
+                    1.0 + p.share(),
+                )
+            })
+            .collect()
+    }
+
     pub(super) fn json(&self) -> serde_json::Value {
         serde_json::Value::Array(
             self.phases
@@ -201,7 +262,7 @@ mod tests {
                 "file_ioctl": {"runs": ioctl.0, "ns": ioctl.1},
             })
         };
-        let mut counted = BTreeMap::new();
+        let mut counted = Figures::default();
         for live in LIVE {
             for inside in [false, true] {
                 let label = Phase::label(live, inside);
@@ -218,14 +279,15 @@ mod tests {
                         1000,
                     )
                 };
-                counted.insert(format!("{label}-before"), before);
-                counted.insert(format!("{label}-after"), after);
-                counted.insert(
-                    format!("{label}-loop"),
-                    serde_json::json!({"open+close": ns, "stat": ns}),
-                );
+                let _ = counted.take(&format!("BENCH: progs {label}-before {before}"));
+                let _ = counted.take(&format!("BENCH: progs {label}-after {after}"));
+                let _ = counted.take(&format!(
+                    "BENCH: progs {label}-loop {}",
+                    serde_json::json!({"open+close": ns, "stat": ns})
+                ));
             }
         }
+        assert_eq!(live(&counted), LIVE);
         let p = Programs::from(&counted, &LIVE, 10).expect("figures");
         assert_eq!(p.phases.len(), 2 * LIVE.len());
         let (outside, inside) = (&p.phases[0], &p.phases[1]);
@@ -238,7 +300,11 @@ mod tests {
         assert_eq!(inside.programs["file_open"], (100, 20_000));
         assert!((outside.share() - 0.02).abs() < 1e-9, "{}", outside.share());
         assert!((inside.share() - 0.5025).abs() < 1e-9, "{}", inside.share());
-        counted.remove("inside-64-loop");
+        counted
+            .by_kind
+            .get_mut("progs")
+            .expect("progs")
+            .retain(|(l, _)| l != "inside-64-loop");
         assert!(
             Programs::from(&counted, &LIVE, 10).is_err(),
             "a phase is missing"

@@ -22,8 +22,11 @@
 //! `bench syscalls ITERS DIR`: see `syscalls.rs`.
 //!
 //! `bench programs`: see `programs.rs`.
+//!
+//! `bench denials`, `bench flood`, `bench tap`: see `flood.rs`.
 #![expect(clippy::print_stdout, reason = "the figures are its stdout")]
 
+mod flood;
 mod programs;
 mod syscalls;
 
@@ -148,6 +151,9 @@ fn main() -> ExitCode {
     if let (Some("stamp"), Some(file)) = (args.first().map(String::as_str), args.get(1)) {
         return stamp(Path::new(file));
     }
+    if let Some(code) = flood_main(&args) {
+        return code;
+    }
     if args.first().map(String::as_str) == Some("programs") {
         if !programs::counting() {
             eprintln!("bench programs: kernel.bpf_stats_enabled is not 1: no run is counted");
@@ -262,4 +268,58 @@ fn main() -> ExitCode {
         serde_json::json!({ "unit": "us", "rounds": rounds, "workloads": workloads })
     );
     ExitCode::SUCCESS
+}
+
+/// `bench denials`, `bench flood` and `bench tap`, or `None` for the others.
+fn flood_main(args: &[String]) -> Option<ExitCode> {
+    let num = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
+    let done = |r: Result<(), String>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    match args.first().map(String::as_str)? {
+        "denials" => Some(match (num(1), num(2), num(3), args.get(4)) {
+            (Some(rate), Some(count), Some(procs), Some(out)) => {
+                done(flood::denials(rate, count, procs, Path::new(out)))
+            }
+            _ => {
+                eprintln!("bench denials RATE COUNT PROCS OUT");
+                ExitCode::from(2)
+            }
+        }),
+        "tap" => {
+            println!("{}", flood::tap());
+            Some(ExitCode::SUCCESS)
+        }
+        "flood" => Some(match (args.get(1), num(2), num(3), num(4), args.get(5)) {
+            (Some(name), Some(rate), Some(count), Some(procs), Some(tree)) => {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    eprintln!("bench: no tokio runtime");
+                    return Some(ExitCode::FAILURE);
+                };
+                let socket = protocol::socket_path();
+                done(
+                    runtime
+                        .block_on(flood::flood(
+                            &socket,
+                            name,
+                            [rate, count, procs],
+                            Path::new(tree),
+                        ))
+                        .map(|json| println!("{json}")),
+                )
+            }
+            _ => {
+                eprintln!("bench flood NAME RATE COUNT PROCS TREE");
+                ExitCode::from(2)
+            }
+        }),
+        _ => None,
+    }
 }
