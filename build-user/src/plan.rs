@@ -101,6 +101,64 @@ impl Request {
     }
 }
 
+impl Request {
+    /// The policy's variables: `--set`, then the tree (`tree`, resolved),
+    /// `$HOME` and `$TMPDIR` where `--set` left them out, then the defaults.
+    fn vars(&self, tree: &Path) -> Result<Vars, PolicyError> {
+        let mut vars = Vars::from_set_args(&self.set)?;
+        let asker = [
+            ("TREE", Some(tree.display().to_string())),
+            ("HOME", self.home.clone()),
+            ("TMPDIR", self.tmpdir.clone().filter(|t| t.starts_with('/'))),
+        ];
+        for (name, value) in asker {
+            if let Some(value) = value
+                && vars.get(name).is_none()
+            {
+                vars.set(name, value);
+            }
+        }
+        vars.fill_defaults()?;
+        Ok(vars)
+    }
+}
+
+/// The policy a phase ran under, in full: inheritance applied and variables
+/// expanded (what `buildcage policy show` prints), the write roots the shim
+/// added, and the SHA-256 of that text: what a package's provenance
+/// statement records of each phase.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyRecord {
+    /// As asked for (`pkgsrc-build`).
+    pub name: String,
+    /// The file it was found in.
+    pub source: PathBuf,
+    pub text: String,
+    pub sha256: String,
+    /// Directories the shim made writable on top (PACKAGES, for `package`).
+    pub allow_write: Vec<PathBuf>,
+}
+
+impl PolicyRecord {
+    /// The policy of a build asked for with `request` (after
+    /// [`Request::here`]), loaded with the variables its plan has.
+    pub fn of(request: &Request) -> Result<Self, PolicyError> {
+        let tree = request.tree.clone().unwrap_or_default();
+        let policy = policy::load(&request.policy, &request.vars(&tree)?)?;
+        let text = policy.to_toml();
+        Ok(Self {
+            name: request.policy.clone(),
+            source: policy.source.clone(),
+            sha256: format!(
+                "{:x}",
+                <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())
+            ),
+            text,
+            allow_write: request.allow_write.clone(),
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("cannot read the current directory")]
@@ -154,23 +212,7 @@ impl ConfinementPlan {
                     .map_err(|e| PlanError::AllowWrite(d.clone(), e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut vars = Vars::from_set_args(&request.set)?;
-        let asker = [
-            ("TREE", Some(tree.display().to_string())),
-            ("HOME", request.home.clone()),
-            (
-                "TMPDIR",
-                request.tmpdir.clone().filter(|t| t.starts_with('/')),
-            ),
-        ];
-        for (name, value) in asker {
-            if let Some(value) = value
-                && vars.get(name).is_none()
-            {
-                vars.set(name, value);
-            }
-        }
-        vars.fill_defaults()?;
+        let vars = request.vars(&tree)?;
         let policy = policy::load(&request.policy, &vars)?;
         let absent = policy.check_roots_exist()?;
         let mut roots = kernel_roots(&policy, &absent);

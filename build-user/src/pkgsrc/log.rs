@@ -58,7 +58,7 @@ pub struct PhaseEnd {
     pub vars: BTreeMap<String, String>,
     /// The policy in full, for the package's provenance statement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enforced: Option<crate::provenance::PolicyRecord>,
+    pub enforced: Option<crate::plan::PolicyRecord>,
 }
 
 impl PhaseEnd {

@@ -4,16 +4,13 @@
 //! the policy it ran under, in full, the violations, buildcage and the
 //! kernel, and the digest of the package's `buildcage.log`.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::collections::BTreeMap;
 
 use sha2::Digest as _;
 
 use super::{ProvenanceError, dsse::hex};
-use crate::{
-    pkgsrc::log::{Entry, PhaseEnd},
-    plan::Request,
-    policy::{self, PolicyError, Vars},
-};
+use crate::pkgsrc::log::{Entry, PhaseEnd};
+pub use crate::plan::PolicyRecord;
 
 /// `_type` of every v1 Statement.
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
@@ -100,57 +97,6 @@ pub struct PhaseRecord {
     pub lost: u64,
     pub left_running: u64,
     pub policy: PolicyRecord,
-}
-
-/// The policy a phase ran under, in full: inheritance applied and variables
-/// expanded (what `buildcage policy show` prints), the write roots the shim
-/// added, and the SHA-256 of that text.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PolicyRecord {
-    /// As asked for (`pkgsrc-build`).
-    pub name: String,
-    /// The file it was found in.
-    pub source: PathBuf,
-    pub text: String,
-    pub sha256: String,
-    /// Directories the shim made writable on top (PACKAGES, for `package`).
-    pub allow_write: Vec<PathBuf>,
-}
-
-impl PolicyRecord {
-    /// The policy of a build asked for with `request` (after
-    /// [`Request::here`]), loaded as the build's plan loads it.
-    pub fn of(request: &Request) -> Result<Self, PolicyError> {
-        let mut vars = Vars::from_set_args(&request.set)?;
-        let asker = [
-            (
-                "TREE",
-                request.tree.as_ref().map(|t| t.display().to_string()),
-            ),
-            ("HOME", request.home.clone()),
-            (
-                "TMPDIR",
-                request.tmpdir.clone().filter(|t| t.starts_with('/')),
-            ),
-        ];
-        for (name, value) in asker {
-            if let Some(value) = value
-                && vars.get(name).is_none()
-            {
-                vars.set(name, value);
-            }
-        }
-        vars.fill_defaults()?;
-        let policy = policy::load(&request.policy, &vars)?;
-        let text = policy.to_toml();
-        Ok(Self {
-            name: request.policy.clone(),
-            source: policy.source.clone(),
-            sha256: sha256(text.as_bytes()),
-            text,
-            allow_write: request.allow_write.clone(),
-        })
-    }
 }
 
 /// What broke the policies, summed over the phases.
