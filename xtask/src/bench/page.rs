@@ -204,9 +204,10 @@ pub(super) fn targets(
            call.\n\
          - **Setup**: a build through the daemon costs its request, cgroup, lease and map \
            entries, and its teardown, against one fork+exec; under TCG each of those kernel \
-           round trips is emulated. Daemon build creation is being made cheaper on another \
-           branch; this one measures it and changes neither the daemon nor the kernel \
-           programs.\n\
+           round trips is emulated; on a busy machine the rounds spread widely. What the \
+           daemon no longer does on a build's start (reaping, the registration, parsing the \
+           policy again), and its before and after: \
+           [benchmarks-history.md](benchmarks-history.md).\n\
          - **10,000 denials/s**: the emulated VM cannot make audited calls that fast (each \
            audited `socket()` with its event costs several unaudited ones, see *the effect on \
            the build*), and where it loses events the cause is the consumer: a build's ring is \
