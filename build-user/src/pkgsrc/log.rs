@@ -231,17 +231,22 @@ pub fn entries(text: impl BufRead) -> io::Result<Vec<Entry>> {
     Ok(lines(text)?.into_iter().filter_map(Result::ok).collect())
 }
 
-/// The summary of a package's log: a row per phase, then every refused
-/// attempt (alike ones counted together), every process left behind, and
-/// every exception.
-pub fn render(entries: &[Entry]) -> String {
-    let phases: Vec<&PhaseEnd> = entries
+/// The phase lines of a log, in order.
+pub fn phases(entries: &[Entry]) -> Vec<&PhaseEnd> {
+    entries
         .iter()
         .filter_map(|e| match e {
             Entry::Phase(p) => Some(&**p),
             Entry::Event(_) => None,
         })
-        .collect();
+        .collect()
+}
+
+/// The summary of a package's log: a row per phase, then every refused
+/// attempt (alike ones counted together), every process left behind, and
+/// every exception.
+pub fn render(entries: &[Entry]) -> String {
+    let phases = phases(entries);
     let package = phases.first().map_or("?", |p| p.package.as_str());
     let mut out = format!("buildcage summary: {package}\n\n");
     let _ = writeln!(

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use sha2::Digest as _;
 
 use super::{ProvenanceError, dsse::hex};
-use crate::pkgsrc::log::{Entry, PhaseEnd};
+use crate::pkgsrc::log::{self, Entry};
 pub use crate::plan::PolicyRecord;
 
 /// `_type` of every v1 Statement.
@@ -131,13 +131,7 @@ impl Statement {
         log: &[u8],
         entries: &[Entry],
     ) -> Result<Self, ProvenanceError> {
-        let ends: Vec<&PhaseEnd> = entries
-            .iter()
-            .filter_map(|e| match e {
-                Entry::Phase(p) => Some(&**p),
-                Entry::Event(_) => None,
-            })
-            .collect();
+        let ends = log::phases(entries);
         let package = ends
             .last()
             .map(|p| p.package.clone())
