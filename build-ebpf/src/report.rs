@@ -1,14 +1,16 @@
 //! Building and sending events.
 //!
-//! An event is about 1 KiB, twice the BPF stack, so it is filled in place in the
-//! ring buffer, field by field, never built on the stack.
+//! An event with a path is about 1 KiB, twice the BPF stack, so it is filled
+//! in place in the ring buffer, field by field, never built on the stack. An
+//! event without one is only its 96-byte [`Event`]: a socket refusal does not
+//! carry an empty path buffer through the ring.
 
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
     bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
 };
 use buildcage_common::{
-    Action, Event, Op,
+    Action, Event, Op, PathEvent,
     event::{EVENT_FLAG_NO_PPID, EVENT_FLAG_PATH_PARTIAL, NAME_LEN, PATH_DEPTH},
 };
 
@@ -53,18 +55,50 @@ pub(crate) fn decision(
         maps::count(build, Stat::Lost);
         return;
     };
-    let Some(mut entry) = ring.reserve(0) else {
-        maps::count(build, Stat::Lost);
-        return;
-    };
-    let e: *mut Event = entry.as_mut_ptr();
+    if let Some(dentry) = dentry {
+        let Some(mut entry) = ring.reserve_untyped::<PathEvent>(0) else {
+            maps::count(build, Stat::Lost);
+            return;
+        };
+        let e: *mut PathEvent = entry.as_mut_ptr();
+        let mut flags = flags;
+        // SAFETY: `e` points at a reserved ring buffer record of
+        // size_of::<PathEvent>().
+        unsafe {
+            let (depth, complete) = fill_names(dentry, &mut (*e).names);
+            if !complete {
+                flags |= EVENT_FLAG_PATH_PARTIAL;
+            }
+            fill(&raw mut (*e).event, build, op, action, details, flags);
+            (*e).event.dev = fs::dev_of(dentry);
+            (*e).event.depth = depth;
+        }
+        entry.submit(0);
+    } else {
+        let Some(mut entry) = ring.reserve_untyped::<Event>(0) else {
+            maps::count(build, Stat::Lost);
+            return;
+        };
+        // SAFETY: a reserved ring buffer record of size_of::<Event>().
+        unsafe { fill(entry.as_mut_ptr(), build, op, action, details, flags) };
+        entry.submit(0);
+    }
+}
+
+/// Fills in everything of an event but its path.
+///
+/// # Safety
+///
+/// `e` must point at a writable Event in a reserved ring buffer record.
+#[inline(always)]
+unsafe fn fill(e: *mut Event, build: u64, op: Op, action: Action, details: Details, flags: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut flags = flags;
     let ppid = parent_tgid().unwrap_or_else(|| {
         flags |= EVENT_FLAG_NO_PPID;
         0
     });
-    // SAFETY: `e` points at a reserved ring buffer record of size_of::<Event>().
+    // SAFETY: per this function's contract.
     unsafe {
         (*e).time_ns = bpf_ktime_get_boot_ns();
         (*e).build = build;
@@ -81,37 +115,33 @@ pub(crate) fn decision(
         (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*e).dev = 0;
         (*e).depth = 0;
-        if let Some(dentry) = dentry {
-            (*e).dev = fs::dev_of(dentry);
-            let (depth, complete) = fill_names(dentry, &mut (*e).names);
-            (*e).depth = depth;
-            if !complete {
-                flags |= EVENT_FLAG_PATH_PARTIAL;
-            }
-        }
         (*e).flags = flags;
     }
-    entry.submit(0);
 }
 
 /// Copies the names from `dentry` up to its file system's root, innermost first.
-/// Returns how many were written and whether the root was reached.
+/// Returns how many were written and whether they are the whole path: the
+/// root reached, and no name filling its slot, which may have been cut.
 #[inline(always)]
 fn fill_names(dentry: Dentry, names: &mut [[u8; NAME_LEN]; PATH_DEPTH]) -> (u32, bool) {
     let mut d = dentry;
+    let mut cut = false;
     let mut i = 0;
     while i < PATH_DEPTH {
         let slot = &mut names[i];
         // SAFETY: reads of kernel memory go through the probe helper, which
         // fails safely.
         let copied = unsafe { bpf_probe_read_kernel_str_bytes(fs::name_of(d), slot) };
-        if copied.is_err() {
+        let Ok(copied) = copied else {
             return (i as u32, false);
-        }
+        };
+        // A name that fills its slot may be longer than the slot; a 63-byte
+        // name is taken for one, which only withholds the mount's path.
+        cut |= copied.len() >= NAME_LEN - 1;
         i += 1;
         let parent = fs::parent_of(d);
         if parent.is_null() || parent == d {
-            return (i as u32, true);
+            return (i as u32, !cut);
         }
         d = parent;
     }

@@ -198,8 +198,11 @@ impl TryFrom<u32> for Action {
     }
 }
 
-/// The size of each build's ring buffer: 1 MiB holds about 900 events, which
-/// user space drains as they come; past that, losses are counted exactly.
+/// The size of each build's ring buffer. A record is an [`Event`] (96
+/// bytes) or, for a file, a [`PathEvent`] (1120 bytes), plus the ring's 8-byte
+/// header: 1 MiB holds about 10,000 events without a path (a socket), or
+/// about 900 with one. User space drains it as records come; past that,
+/// losses are counted exactly.
 /// The kernel programs declare it, user space creates each ring with it.
 pub const RING_BYTES: u32 = 1 << 20;
 
@@ -256,15 +259,26 @@ pub struct Event {
     /// File events: `super_block::s_dev` of the file system, in the kernel's
     /// encoding (major << 20 | minor), so user space can find the mount point.
     pub dev: u32,
-    /// File events: how many of `names` are filled.
+    /// File events: how many of [`PathEvent::names`] are filled.
     pub depth: u32,
-    /// File events: the path's components, innermost first, each NUL padded. The
-    /// last one filled is the file system's root ("/") unless the path is partial.
+}
+
+const _: () = assert!(size_of::<Event>() == 8 * 2 + 4 * 10 + 16 + COMM_LEN + 4 * 2);
+
+/// A decision about a file: the [`Event`], then the names of the file's
+/// path. Only file events carry them: a record without a path (a socket, a
+/// signal) is an [`Event`] alone, a tenth of the size, so that a flood of
+/// refused sockets fills the ring ten times slower.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PathEvent {
+    pub event: Event,
+    /// The path's components, innermost first, each NUL padded. The last one
+    /// filled is the file system's root ("/") unless the path is partial.
     pub names: [[u8; NAME_LEN]; PATH_DEPTH],
 }
 
-const _: () =
-    assert!(size_of::<Event>() == 8 * 2 + 4 * 10 + 16 + COMM_LEN + 4 * 2 + NAME_LEN * PATH_DEPTH);
+const _: () = assert!(size_of::<PathEvent>() == size_of::<Event>() + NAME_LEN * PATH_DEPTH);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers and byte arrays, and the size assertion above shows

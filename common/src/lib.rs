@@ -9,7 +9,7 @@
 pub mod event;
 pub mod policy;
 
-pub use event::{Action, Event, Op};
+pub use event::{Action, Event, Op, PathEvent};
 pub use policy::{
     BuildPolicy, BuildStats, Counter, InodeTag, Offsets, PortKey, RootKey, SecretKey,
 };

@@ -161,6 +161,71 @@ fn writes_to_system_files_are_refused() {
     assert!(!x.exists(), "a refused create leaves no empty file behind");
 }
 
+/// An event carries at most 16 names of at most 63 bytes each
+/// (`PATH_DEPTH`, `NAME_LEN`), packed after it in its ring record: a deeper
+/// path, or one with a longer name, is reported as the tail it is, never as
+/// a whole path it is not.
+#[test]
+fn deep_and_long_paths_are_reported_as_tails() {
+    let tree = scratch("fs-deep");
+    let deep = (0..20).fold(scratch("fs-deep-outside"), |p, i| p.join(format!("l{i}")));
+    std::fs::create_dir_all(&deep).unwrap();
+    let long_name = "n".repeat(100);
+    let long = outside_dir(&long_name);
+    let short = outside_dir("short");
+    let (deep_x, long_x, short_x) = (deep.join("x"), long.join("x"), short.join("x"));
+    let (words, events) = confined_ops(
+        &tree,
+        &[deep_x.clone(), long_x.clone(), short_x.clone()]
+            .iter()
+            .map(|p| vec!["create".to_owned(), p.to_str().unwrap().to_owned()])
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(words, ["EPERM", "EPERM", "EPERM"]);
+    for p in [&deep_x, &long_x, &short_x] {
+        assert!(!p.exists(), "{} was created", p.display());
+    }
+    let creates: Vec<&serde_json::Value> = events.iter().filter(|e| e["op"] == "create").collect();
+    assert_eq!(creates.len(), 3, "{events:?}");
+    // The innermost 16 names: x and l19 down to l5.
+    let tail = (5..20)
+        .map(|i| format!("l{i}"))
+        .collect::<Vec<_>>()
+        .join("/");
+    assert_eq!(
+        creates[0]["path_partial"],
+        format!("…/{tail}/x"),
+        "{:?}",
+        creates[0]
+    );
+    assert!(creates[0].get("path").is_none(), "{:?}", creates[0]);
+    // The long name cut at 63 bytes, the path marked partial though its
+    // root was reached.
+    assert_eq!(
+        creates[1]["path_partial"],
+        format!("…/etc/{}/x", &format!("buildcage-test-{long_name}")[..63]),
+        "{:?}",
+        creates[1]
+    );
+    assert!(creates[1].get("path").is_none(), "{:?}", creates[1]);
+    assert_eq!(
+        creates[2]["path"],
+        short_x.to_str().unwrap(),
+        "{:?}",
+        creates[2]
+    );
+    std::fs::remove_dir(&long).unwrap();
+    std::fs::remove_dir(&short).unwrap();
+}
+
+/// A directory under /etc, outside every build, made anew.
+fn outside_dir(name: &str) -> PathBuf {
+    let p = PathBuf::from(format!("/etc/buildcage-test-{name}"));
+    drop(std::fs::remove_dir_all(&p));
+    std::fs::create_dir(&p).unwrap();
+    p
+}
+
 #[test]
 fn renames_across_the_tree_boundary_are_refused() {
     let tree = scratch("fs-rename");

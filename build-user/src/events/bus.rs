@@ -269,14 +269,15 @@ impl Reader {
 
     fn drain(&self, ring: &mut Ring) {
         while let Some(item) = ring.next() {
-            let decoded = Record::raw(&item).and_then(|event| {
+            let decoded = Record::raw(&item).and_then(|(event, names)| {
                 // A record of the build this ring served before: one of its
                 // last tasks ran a program after that build's reader had
                 // stopped. It is neither this build's nor a loss of this build's.
                 if event.build != self.build {
                     return Ok(None);
                 }
-                Record::from_event(&event, &self.origin.name, &self.clock, &self.mounts).map(Some)
+                Record::from_event(&event, names, &self.origin.name, &self.clock, &self.mounts)
+                    .map(Some)
             });
             match decoded {
                 Ok(None) => {}

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use buildcage_common::event::{EVENT_FLAG_PATH_PARTIAL, NAME_LEN, PATH_DEPTH};
+use buildcage_common::event::{EVENT_FLAG_PATH_PARTIAL, NAME_LEN};
 
 /// One line of mountinfo, as much as paths need.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,24 +59,25 @@ impl Mounts {
         Self { mounts }
     }
 
-    /// Builds the path from the names of an event (innermost first).
-    pub fn resolve(
-        &self,
-        dev: u32,
-        names: &[[u8; NAME_LEN]; PATH_DEPTH],
-        depth: u32,
-        flags: u32,
-    ) -> EventPath {
-        let depth = usize::try_from(depth).unwrap_or(0).min(PATH_DEPTH);
-        let parts: Vec<String> = names[..depth]
-            .iter()
+    /// Builds the path from the names that follow an event in its record:
+    /// innermost first, each in a NUL-padded slot of `NAME_LEN` bytes.
+    pub fn resolve(&self, dev: u32, names: &[u8], flags: u32) -> EventPath {
+        let parts: Vec<String> = names
+            .chunks(NAME_LEN)
             .map(|n| {
                 let len = n.iter().position(|&b| b == 0).unwrap_or(n.len());
                 String::from_utf8_lossy(&n[..len]).into_owned()
             })
             .collect();
         if flags & EVENT_FLAG_PATH_PARTIAL != 0 || parts.is_empty() {
-            let tail: Vec<&str> = parts.iter().rev().map(String::as_str).collect();
+            // A path with a name cut short still reaches the root, which
+            // is not a name to show.
+            let tail: Vec<&str> = parts
+                .iter()
+                .rev()
+                .map(String::as_str)
+                .filter(|&p| p != "/")
+                .collect();
             return EventPath::Partial(format!("…/{}", tail.join("/")));
         }
         // The outermost name is the file system's root ("/"); skip it.
@@ -110,12 +111,16 @@ impl Mounts {
 mod tests {
     use super::*;
 
-    fn names(parts: &[&str]) -> [[u8; NAME_LEN]; PATH_DEPTH] {
-        let mut out = [[0u8; NAME_LEN]; PATH_DEPTH];
-        for (slot, part) in out.iter_mut().zip(parts) {
-            slot[..part.len()].copy_from_slice(part.as_bytes());
-        }
-        out
+    /// Names as the kernel writes them after an event.
+    fn names(parts: &[&str]) -> Vec<u8> {
+        parts
+            .iter()
+            .flat_map(|p| {
+                let mut slot = [0u8; NAME_LEN];
+                slot[..p.len()].copy_from_slice(p.as_bytes());
+                slot
+            })
+            .collect()
     }
 
     const INFO: &str = "22 1 0:21 / / rw - overlay overlay rw\n\
@@ -127,17 +132,17 @@ mod tests {
         let m = Mounts::parse(INFO);
         let tmp_dev = 35;
         assert_eq!(
-            m.resolve(tmp_dev, &names(&["evil", "cron.d", "/"]), 3, 0),
+            m.resolve(tmp_dev, &names(&["evil", "cron.d", "/"]), 0),
             EventPath::Full("/tmp/cron.d/evil".to_owned())
         );
         let root_dev = 21;
         assert_eq!(
-            m.resolve(root_dev, &names(&["passwd", "etc", "/"]), 3, 0),
+            m.resolve(root_dev, &names(&["passwd", "etc", "/"]), 0),
             EventPath::Full("/etc/passwd".to_owned())
         );
         let sda1 = (8 << 20) | 1;
         assert_eq!(
-            m.resolve(sda1, &names(&["x", "build", "srv", "/"]), 4, 0),
+            m.resolve(sda1, &names(&["x", "build", "srv", "/"]), 0),
             EventPath::Full("/work/x".to_owned())
         );
     }
@@ -146,12 +151,21 @@ mod tests {
     fn partial_paths_are_marked_not_invented() {
         let m = Mounts::parse(INFO);
         assert_eq!(
-            m.resolve(21, &names(&["c", "b"]), 2, EVENT_FLAG_PATH_PARTIAL),
+            m.resolve(21, &names(&["c", "b"]), EVENT_FLAG_PATH_PARTIAL),
             EventPath::Partial("…/b/c".to_owned())
+        );
+        // A name cut short: the root is reached, but the path is a tail.
+        assert_eq!(
+            m.resolve(
+                21,
+                &names(&["x", "long", "etc", "/"]),
+                EVENT_FLAG_PATH_PARTIAL
+            ),
+            EventPath::Partial("…/etc/long/x".to_owned())
         );
         // A device no mount shows.
         assert_eq!(
-            m.resolve(99, &names(&["f", "/"]), 2, 0),
+            m.resolve(99, &names(&["f", "/"]), 0),
             EventPath::Partial("…/f".to_owned())
         );
     }

@@ -4,7 +4,10 @@ use std::time::{Duration, SystemTime};
 
 use buildcage_common::{
     Action, Event, Op,
-    event::{EVENT_FLAG_ERROR, EVENT_FLAG_NO_PPID, EVENT_FLAG_SECRET, EVENT_FLAG_WALK_EXHAUSTED},
+    event::{
+        EVENT_FLAG_ERROR, EVENT_FLAG_NO_PPID, EVENT_FLAG_SECRET, EVENT_FLAG_WALK_EXHAUSTED,
+        NAME_LEN, PATH_DEPTH,
+    },
 };
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +17,10 @@ use super::paths::{EventPath, Mounts};
 pub enum EventError {
     #[error("event of {got} bytes, expected {want}: the kernel programs and this binary disagree")]
     Size { got: usize, want: usize },
+    #[error(
+        "event with {depth} names in a record of {got} bytes: the kernel programs and this binary disagree"
+    )]
+    Names { depth: u32, got: usize },
     #[error("event with unknown op {0}")]
     Op(u32),
     #[error("event with unknown action {0}")]
@@ -115,11 +122,13 @@ impl Record {
         clock: &Clock,
         mounts: &Mounts,
     ) -> Result<Self, EventError> {
-        Self::from_event(&Self::raw(bytes)?, build, clock, mounts)
+        let (event, names) = Self::raw(bytes)?;
+        Self::from_event(&event, names, build, clock, mounts)
     }
 
-    /// The kernel's event in a ring record, as it wrote it.
-    pub fn raw(bytes: &[u8]) -> Result<Event, EventError> {
+    /// The kernel's event in a ring record, as it wrote it, and the names of
+    /// its path that follow it.
+    pub fn raw(bytes: &[u8]) -> Result<(Event, &[u8]), EventError> {
         let want = size_of::<Event>();
         if bytes.len() < want {
             return Err(EventError::Size {
@@ -129,11 +138,22 @@ impl Record {
         }
         // SAFETY: Event is Pod (plain integers, no padding) and the length is checked;
         // ring buffer records are 8-byte aligned but read_unaligned does not care.
-        Ok(unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() })
+        let event = unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() };
+        let slots = usize::try_from(event.depth)
+            .ok()
+            .filter(|&d| d <= PATH_DEPTH);
+        let names = slots
+            .and_then(|d| bytes.get(want..want + d * NAME_LEN))
+            .ok_or(EventError::Names {
+                depth: event.depth,
+                got: bytes.len(),
+            })?;
+        Ok((event, names))
     }
 
     pub fn from_event(
         event: &Event,
+        names: &[u8],
         build: &str,
         clock: &Clock,
         mounts: &Mounts,
@@ -169,7 +189,7 @@ impl Record {
         let (path, path_partial) = if event.depth == 0 {
             (None, None)
         } else {
-            match mounts.resolve(event.dev, &event.names, event.depth, event.flags) {
+            match mounts.resolve(event.dev, names, event.flags) {
                 EventPath::Full(p) => (Some(p), None),
                 EventPath::Partial(p) => (None, Some(p)),
             }
@@ -360,8 +380,20 @@ mod tests {
             comm,
             dev: 0,
             depth: 0,
-            names: [[0; 64]; 16],
         }
+    }
+
+    /// A ring record as the kernel writes it: the event, then its names.
+    fn record(event: Event, names: &[&str]) -> Vec<u8> {
+        let mut bytes = vec![0u8; size_of::<Event>()];
+        // SAFETY: `bytes` holds size_of::<Event>() bytes; Event is Pod.
+        unsafe { bytes.as_mut_ptr().cast::<Event>().write_unaligned(event) };
+        for name in names {
+            let mut slot = [0u8; NAME_LEN];
+            slot[..name.len()].copy_from_slice(name.as_bytes());
+            bytes.extend(slot);
+        }
+        bytes
     }
 
     #[test]
@@ -371,6 +403,7 @@ mod tests {
         };
         let rec = Record::from_event(
             &event(Op::Socket, Action::Deny),
+            &[],
             "hello",
             &clock,
             &Mounts::default(),
@@ -402,13 +435,10 @@ mod tests {
         let mut e = event(Op::Create, Action::Deny);
         e.dev = 21;
         e.depth = 4;
-        e.names[0][..4].copy_from_slice(b"evil");
-        e.names[1][..6].copy_from_slice(b"cron.d");
-        e.names[2][..3].copy_from_slice(b"etc");
-        e.names[3][0] = b'/';
+        let bytes = record(e, &["evil", "cron.d", "etc", "/"]);
         // The file system's /etc, bind-mounted as this namespace's root.
         let mounts = Mounts::parse("22 1 0:21 /etc / rw - overlay overlay rw\n");
-        let rec = Record::from_event(&e, "b", &Clock::now(), &mounts).expect("decode");
+        let rec = Record::decode(&bytes, "b", &Clock::now(), &mounts).expect("decode");
         assert_eq!(rec.path.as_deref(), Some("/cron.d/evil"));
         assert_eq!(rec.what(), "create(/cron.d/evil)");
         let json = serde_json::to_value(&rec).expect("json");
@@ -423,15 +453,28 @@ mod tests {
         let mut e = event(Op::Socket, Action::Deny);
         e.op = 99;
         assert_eq!(
-            Record::from_event(&e, "b", &clock, &Mounts::default())
+            Record::from_event(&e, &[], "b", &clock, &Mounts::default())
                 .unwrap_err()
                 .to_string(),
             "event with unknown op 99"
         );
         let mut e = event(Op::Socket, Action::Deny);
         e.action = 0;
-        assert!(Record::from_event(&e, "b", &clock, &Mounts::default()).is_err());
+        assert!(Record::from_event(&e, &[], "b", &clock, &Mounts::default()).is_err());
         assert!(Record::decode(&[0u8; 8], "b", &clock, &Mounts::default()).is_err());
+        // More names than the record holds.
+        let mut e = event(Op::Create, Action::Deny);
+        e.depth = 2;
+        let bytes = record(e, &["short"]);
+        assert_eq!(
+            Record::decode(&bytes, "b", &clock, &Mounts::default())
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "event with 2 names in a record of {} bytes: the kernel programs and this binary disagree",
+                size_of::<Event>() + NAME_LEN
+            )
+        );
     }
 
     #[test]
