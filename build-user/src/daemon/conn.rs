@@ -2,7 +2,7 @@
 //! requests. A connection that asked for a build is that build's supervisor:
 //! when it closes before its command ended, the build is reaped.
 
-use std::{error::Error, sync::Arc, time::Duration};
+use std::{error::Error, io, sync::Arc, time::Duration};
 
 use tokio::{
     net::UnixStream,
@@ -38,6 +38,44 @@ type Opened = (
 
 fn failed(err: &(dyn Error + 'static), hint: Option<String>) -> Reply {
     Reply::error(err, hint)
+}
+
+fn record_reply(record: &Record) -> Reply {
+    Reply::Record {
+        record: Box::new(record.clone()),
+    }
+}
+
+/// Most replies one write carries.
+const BATCH: usize = 256;
+
+/// Queues on `wire` what `rx` already holds, up to [`BATCH`] replies, as
+/// `reply` makes them (`None`: not for this subscriber): under a burst of
+/// denials a subscriber gets its records many to a write, and the daemon
+/// makes one system call where it made hundreds. Returns how many replies
+/// it queued, and how many records the subscriber had missed among them.
+fn queue_ready<T: Clone>(
+    wire: &mut Wire,
+    rx: &mut broadcast::Receiver<T>,
+    reply: impl Fn(T) -> Option<Reply>,
+) -> io::Result<(usize, u64)> {
+    let (mut queued, mut lost) = (0, 0);
+    while queued < BATCH {
+        let next = match rx.try_recv() {
+            Ok(item) => match reply(item) {
+                Some(r) => r,
+                None => continue,
+            },
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                lost += n;
+                Reply::Lost { count: n }
+            }
+            Err(_) => break,
+        };
+        wire.queue(&next)?;
+        queued += 1;
+    }
+    Ok((queued, lost))
 }
 
 /// A reply that says which of the admin's rules refused the request.
@@ -304,10 +342,9 @@ impl Conn<'_> {
                 Some(why) = kills.recv() => Event::Kill(why),
                 () = self.shutdown.cancelled() => Event::Shutdown,
             };
+            let burst = matches!(event, Event::Record(_));
             let reply = match event {
-                Event::Record(Ok(record)) => Reply::Record {
-                    record: Box::new((*record).clone()),
-                },
+                Event::Record(Ok(record)) => record_reply(&record),
                 Event::Record(Err(broadcast::error::RecvError::Lagged(n))) => {
                     lost += n;
                     Reply::Lost { count: n }
@@ -347,7 +384,15 @@ impl Conn<'_> {
                 // The build stays confined, and its state stays for the next daemon.
                 Event::Shutdown => return,
             };
-            if self.wire.send(&reply).await.is_err() {
+            let mut queue = || {
+                self.wire.queue(&reply)?;
+                if burst {
+                    lost +=
+                        queue_ready(&mut self.wire, &mut records, |r| Some(record_reply(&r)))?.1;
+                }
+                io::Result::Ok(())
+            };
+            if queue().is_err() || self.wire.flush().await.is_err() {
                 tracing::debug!(build = id, lost, "the client stopped reading");
             }
         }
@@ -391,14 +436,12 @@ impl Conn<'_> {
         }
         self.daemon.slots().remove(&id);
         loop {
-            let reply = match records.try_recv() {
-                Ok(record) => Reply::Record {
-                    record: Box::new((*record).clone()),
-                },
-                Err(broadcast::error::TryRecvError::Lagged(n)) => Reply::Lost { count: n },
-                Err(_) => break,
-            };
-            if self.wire.send(&reply).await.is_err() {
+            match queue_ready(&mut self.wire, &mut records, |r| Some(record_reply(&r))) {
+                Ok((0, _)) => break,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            if self.wire.flush().await.is_err() {
                 return;
             }
         }
@@ -483,18 +526,25 @@ impl Conn<'_> {
         };
         let admits = |r: &Routed| rights.may_watch(r.uid) && filter.admits(&r.record);
         let (past, mut live) = self.daemon.bus.follow(filter.since_start);
-        for routed in past.iter().filter(|r| admits(r)) {
-            let reply = Reply::Record {
-                record: Box::new((*routed.record).clone()),
-            };
-            if self.wire.send(&reply).await.is_err() {
+        for batch in past
+            .iter()
+            .filter(|r| admits(r))
+            .collect::<Vec<_>>()
+            .chunks(BATCH)
+        {
+            for routed in batch {
+                if self.wire.queue(&record_reply(&routed.record)).is_err() {
+                    return true;
+                }
+            }
+            if self.wire.flush().await.is_err() {
                 return true;
             }
         }
         loop {
             let reply = tokio::select! {
                 r = live.recv() => match r {
-                    Ok(routed) if admits(&routed) => Reply::Record { record: Box::new((*routed.record).clone()) },
+                    Ok(routed) if admits(&routed) => record_reply(&routed.record),
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(n)) => Reply::Lost { count: n },
                     Err(broadcast::error::RecvError::Closed) => return true,
@@ -505,7 +555,12 @@ impl Conn<'_> {
                 },
                 () = self.shutdown.cancelled() => return true,
             };
-            if self.wire.send(&reply).await.is_err() {
+            let queued = self.wire.queue(&reply).and_then(|()| {
+                queue_ready(&mut self.wire, &mut live, |r| {
+                    admits(&r).then(|| record_reply(&r.record))
+                })
+            });
+            if queued.is_err() || self.wire.flush().await.is_err() {
                 return true;
             }
         }

@@ -190,6 +190,8 @@ pub struct Wire {
     stream: UnixStream,
     codec: LengthDelimitedCodec,
     buf: BytesMut,
+    /// Frames queued, not yet written.
+    out: BytesMut,
     sender: Option<Sender>,
 }
 
@@ -201,6 +203,7 @@ impl Wire {
                 .max_frame_length(MAX_FRAME)
                 .new_codec(),
             buf: BytesMut::new(),
+            out: BytesMut::new(),
             sender: None,
         }
     }
@@ -220,10 +223,24 @@ impl Wire {
         &self.stream
     }
 
-    /// Sends one message. Not cancel safe: a frame is written whole.
+    /// Sends one message, and whatever was queued before it. Not cancel
+    /// safe: a frame is written whole.
     pub async fn send<T: serde::Serialize>(&mut self, msg: &T) -> io::Result<()> {
-        let frame = frame(msg)?;
-        self.send_frames(&frame).await
+        self.queue(msg)?;
+        self.flush().await
+    }
+
+    /// Queues one message, to go out with the next [`Wire::flush`]: a burst
+    /// of records in one write, not one write each.
+    pub fn queue<T: serde::Serialize>(&mut self, msg: &T) -> io::Result<()> {
+        let json = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        self.codec.encode(Bytes::from(json), &mut self.out)
+    }
+
+    /// Writes what was queued. Not cancel safe.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        let out = self.out.split();
+        self.stream.write_all(&out).await
     }
 
     /// Sends whole frames made with [`frame`], in one write. Not cancel
