@@ -78,13 +78,26 @@ impl OpLoop {
         self.programs.values().map(|p| p.0).sum()
     }
 
-    /// The op with the programs over the op without them: the loop's time
-    /// over the same less the programs' time. Infinite if the programs
-    /// took the whole loop (the counters and the clock disagree).
-    fn ratio(&self) -> f64 {
-        let (t, p) = (as_f64(self.ns), as_f64(self.programs_ns()));
-        if p < t { t / (t - p) } else { f64::INFINITY }
+    fn ns_per_call(&self) -> f64 {
+        as_f64(self.ns) / as_f64(self.calls)
     }
+
+    fn programs_ns_per_call(&self) -> f64 {
+        as_f64(self.programs_ns()) / as_f64(self.calls)
+    }
+
+    /// The op with the programs over the op without them.
+    fn ratio(&self) -> f64 {
+        without(self.ns, self.programs_ns())
+    }
+}
+
+/// `loop_ns` over the same less `programs_ns`: the work with the programs
+/// over the work without them. Infinite if the programs took the whole loop
+/// (the counters and the clock disagree).
+fn without(loop_ns: u64, programs_ns: u64) -> f64 {
+    let (t, p) = (as_f64(loop_ns), as_f64(programs_ns));
+    if p < t { t / (t - p) } else { f64::INFINITY }
 }
 
 /// One round of the loops, outside every build or inside one, with `live`
@@ -130,7 +143,8 @@ pub(super) fn deltas(
         .collect()
 }
 
-/// Whether `e` is at most `limit`: by where its interval lies.
+/// Whether `e` is at most `limit`, by where its interval lies: wholly
+/// under it, wholly over it, or across it (not resolved).
 fn verdict(e: &Estimate, limit: f64) -> &'static str {
     if e.low.is_nan() {
         "not resolved (one round)"
@@ -139,7 +153,7 @@ fn verdict(e: &Estimate, limit: f64) -> &'static str {
     } else if e.low > limit {
         "missed"
     } else {
-        "not resolved: the interval straddles it"
+        "not resolved"
     }
 }
 
@@ -234,10 +248,20 @@ impl Programs {
     }
 
     /// The programs' share of all the loops' time, round by round.
-    pub(super) fn share(&self, live: u32, inside: bool) -> Estimate {
+    fn share(&self, live: u32, inside: bool) -> Estimate {
         let per_round: Vec<f64> = self
             .of(live, inside)
             .map(|r| as_f64(r.programs_ns()) / as_f64(r.loop_ns().max(1)))
+            .collect();
+        Estimate::of(&per_round)
+    }
+
+    /// What a process outside every build pays with `live` other builds
+    /// live: all the loops of a round with the programs over without them.
+    fn bystander(&self, live: u32) -> Estimate {
+        let per_round: Vec<f64> = self
+            .of(live, false)
+            .map(|r| without(r.loop_ns(), r.programs_ns()))
             .collect();
         Estimate::of(&per_round)
     }

@@ -70,6 +70,11 @@ fn each_ratio_is_the_loop_over_the_loop_without_the_programs() {
     assert_eq!(p.ratio("stat", 0, false).median, 1.0);
     // Outside, 10 of the 2700 ns per call of the loops are the programs'.
     assert!((p.share(8, false).median - 10.0 / 2700.0).abs() < 1e-12);
+    assert_eq!(
+        p.bystander_target(),
+        "met: 1.0037 [1.0037–1.0037] (the counters, 3 rounds: the programs took 0.37% \
+         [0.37–0.37%] of the loops' time)"
+    );
     let target = p.per_op_target();
     assert!(target.starts_with("missed for stat ("), "{target}");
     assert!(
