@@ -44,6 +44,11 @@ fn figures(inside: impl Fn(u32, u64) -> [(&'static str, u64); 3]) -> Figures {
     f
 }
 
+/// The same, read.
+fn counted(inside: impl Fn(u32, u64) -> [(&'static str, u64); 3]) -> Programs {
+    Programs::from(&figures(inside)).expect("figures")
+}
+
 #[test]
 fn each_ratio_is_the_loop_over_the_loop_without_the_programs() {
     let f = figures(|_, r| [("open+close", 50 + r), ("stat", 200 + r), (DENIED, 500)]);
@@ -100,10 +105,7 @@ fn each_ratio_is_the_loop_over_the_loop_without_the_programs() {
 
 #[test]
 fn the_per_op_verdict_follows_the_intervals() {
-    let met = Programs::from(&figures(|_, r| {
-        [("open+close", 50 + r), ("stat", 60 + r), (DENIED, 500)]
-    }))
-    .expect("figures");
+    let met = counted(|_, r| [("open+close", 50 + r), ("stat", 60 + r), (DENIED, 500)]);
     assert!(
         met.per_op_target().starts_with("met for all 2 allowed ops"),
         "{}",
@@ -111,17 +113,20 @@ fn the_per_op_verdict_follows_the_intervals() {
     );
     // stat at 1.0, 1.099 and 1.25 in its three rounds: the interval holds
     // 1.10 within it.
-    let wide = Programs::from(&figures(|_, r| {
+    let wide = counted(|_, r| {
         [
             ("open+close", 50),
             (
                 "stat",
-                [0, 90, 200][usize::from(r == 1) + 2 * usize::from(r == 2)],
+                match r {
+                    0 => 0,
+                    1 => 90,
+                    _ => 200,
+                },
             ),
             (DENIED, 500),
         ]
-    }))
-    .expect("figures");
+    });
     assert!(
         wide.per_op_target().starts_with("not resolved for stat"),
         "{}",
@@ -131,10 +136,7 @@ fn the_per_op_verdict_follows_the_intervals() {
 
 #[test]
 fn flat_means_the_intervals_overlap_at_every_number_of_builds() {
-    let flat = Programs::from(&figures(|_, r| {
-        [("open+close", 50 + r), ("stat", 60 + r), (DENIED, 500)]
-    }))
-    .expect("figures");
+    let flat = counted(|_, r| [("open+close", 50 + r), ("stat", 60 + r), (DENIED, 500)]);
     let verdict = flat.flat_target();
     assert!(
         verdict.starts_with("flat: for each of the 3 ops"),
@@ -145,11 +147,10 @@ fn flat_means_the_intervals_overlap_at_every_number_of_builds() {
         "{verdict}"
     );
     // open+close's programs take three times as long with 64 builds live.
-    let rising = Programs::from(&figures(|live, r| {
+    let rising = counted(|live, r| {
         let open = if live == 64 { 150 } else { 50 };
         [("open+close", open + r), ("stat", 60 + r), (DENIED, 500)]
-    }))
-    .expect("figures");
+    });
     let verdict = rising.flat_target();
     assert!(verdict.starts_with("not flat for 1 of 3 ops"), "{verdict}");
     assert!(
