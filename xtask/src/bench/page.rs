@@ -72,7 +72,7 @@ pub(super) fn page(
          `run_time_ns`, with `kernel.bpf_stats_enabled` on for these phases only), read \
          before and after each op's loop (`bench counted`: the loop paced over a pipe by a process outside the build, since a confined process may \
          not call bpf(2)), in rounds of the loops outside every build and then inside one, \
-         while {live} other builds, each with its own policy instance and tree, sit idle. \
+         while {live} other builds, each with its own tree, sit idle. \
          Outside, only the globally attached programs run: that is what every other process \
          on the machine pays (the bystander target is ≤ 1.01, all the loops of a round over \
          the same less the programs' time, i.e. a share under about 1%). Each \
@@ -80,9 +80,9 @@ pub(super) fn page(
          op with the programs over the op without them), taken within each loop, so that the \
          emulator's speed, which moves both alike, cancels; its interval is over the rounds. \
          Programs that other processes ran during a loop count against it. The trampoline's \
-         few ns per call are not counted. The first tables are with no other build live; the \
-         second is the per-op cost against the number of builds live (*flat* when the \
-         intervals overlap); the last sums all the loops of a round, with the raw ns per \
+         few ns per call are not counted. The first table (per op) and the third (per \
+         program) are with no other build live; the second is the per-op cost against the \
+         number of builds live (*flat* when the intervals overlap); the last sums all the loops of a round, with the raw ns per \
          program run, which follows the emulator's load rather than the builds' number and \
          carries no claim. What these figures changed, before and after: \
          [benchmarks-history.md](benchmarks-history.md).\n\n{programs}\n\
