@@ -25,6 +25,10 @@ pub(super) struct Sizes {
     /// Of those, the rounds that also build under strace (some 5× slower).
     pub(super) strace_builds: usize,
     pub(super) counted_rounds: usize,
+    /// Rounds of the loops with the counters read around each op, at each
+    /// number of other builds live (`live`); their calls per op are
+    /// `prog_iters()`.
+    pub(super) prog_rounds: usize,
     pub(super) make_targets: &'static str,
     /// Denials paced at `pace` a second, and as fast as `procs` processes
     /// can make them.
@@ -46,6 +50,13 @@ impl Sizes {
     /// is per call either way).
     pub(super) fn strace_iters(&self) -> u32 {
         (self.iters / 40).max(10)
+    }
+
+    /// The counters need fewer calls than the clock to tell an op's cost
+    /// (each loop's ratio is exact to the ns the kernel counts): half the
+    /// calls of the other loops keeps the rounds short.
+    pub(super) fn prog_iters(&self) -> u32 {
+        (self.iters / 2).max(10)
     }
 }
 
@@ -145,18 +156,14 @@ flood flat 0 {flat} {procs}
 {bench} denials 0 {flat} {procs} "$tree/denials-outside.json"
 emit denials outside "$(cat "$tree/denials-outside.json")"
 
-# 8: the kernel counts program runs only in this part: counting costs time.
-# Each phase runs the loops once, outside every build or inside one, while
-# N other builds (each with its own tree) sit idle.
-phase() {{
-  emit progs "$1-before" "$({bench} programs)"
-  if [ "$2" = inside ]; then
-    out=$({buildcage} run --tree "$tree/sys-buildcage" -- {bench} syscalls {iters} "$tree/sys-buildcage" 2>/dev/null)
-  else
-    out=$({bench} syscalls {iters} "$tree/sys-outside")
-  fi
-  emit progs "$1-loop" "$out"
-  emit progs "$1-after" "$({bench} programs)"
+# 2 and 8: the kernel counts program runs only in this part: counting costs
+# time. First the counted zlib builds; then rounds of the loops, once
+# outside every build and once inside one, with the counters read around
+# each op's loop (`bench counted`), while N other builds (each with its own
+# tree) sit idle.
+counted() {{
+  out=$({bench} counted {prog_iters} "$3" $1 2> "$tree/counted.err") || {{ cat "$tree/counted.err"; exit 1; }}
+  emit progs $1-$2 "$out"
 }}
 echo 1 > /proc/sys/kernel/bpf_stats_enabled
 for r in $(seq 1 {counted_rounds}); do
@@ -175,8 +182,10 @@ for n in {live}; do
   until [ "$(ls -d /sys/fs/cgroup/buildcage/*/idle* 2>/dev/null | wc -l)" -ge $n ]; do
     i=$((i+1)); [ $i -lt 1200 ] || {{ echo "the idle builds did not start"; exit 1; }}; sleep 0.1
   done
-  phase outside-$n outside
-  phase inside-$n inside
+  for r in $(seq 1 {prog_rounds}); do
+    counted outside $n "$tree/sys-outside"
+    counted inside $n "$tree/sys-buildcage"
+  done
   if [ -n "$pids" ]; then kill $pids; wait $pids || true; fi
 done
 echo 0 > /proc/sys/kernel/bpf_stats_enabled
@@ -190,6 +199,8 @@ emit done all "{{}}"
         build_rounds = s.build_rounds,
         strace_builds = s.strace_builds,
         counted_rounds = s.counted_rounds,
+        prog_rounds = s.prog_rounds,
+        prog_iters = s.prog_iters(),
         make_targets = s.make_targets,
         pace = s.pace,
         paced = s.paced,
@@ -262,6 +273,7 @@ mod tests {
             build_rounds: 1,
             strace_builds: 1,
             counted_rounds: 1,
+            prog_rounds: 1,
             make_targets: "libz.a",
             pace: 1,
             paced: 1,

@@ -8,8 +8,9 @@
 //! outside every build, inside one and under the peers strace and bwrap
 //! (1, `calls`); a real C project built the same ways (3, `project`); event
 //! throughput (7, `events`); and where the time goes, by the kernel's own
-//! per-program counters, with 0, 8 and 64 other builds live (2 and 8,
-//! `programs`). The guest's side is `guest` and `tests/src/bin/bench`.
+//! per-program counters read around each op's loop, with 0, 8 and 64 other
+//! builds live (2 and 8, `programs`): they carry the per-op and flatness
+//! targets, which wall-clock loops under emulation cannot resolve. The guest's side is `guest` and `tests/src/bin/bench`.
 //! Writes `docs/benchmarks.md`, `.json` and `.svg` (`chart`); `--quick` only
 //! checks that every workload runs, asserts no figure and writes nothing.
 
@@ -63,6 +64,7 @@ impl Args {
                 build_rounds: 1,
                 strace_builds: 0,
                 counted_rounds: 1,
+                prog_rounds: 2,
                 make_targets: "adler32.o",
                 pace: 10_000,
                 paced: 500,
@@ -78,6 +80,7 @@ impl Args {
                 build_rounds: 2,
                 strace_builds: 1,
                 counted_rounds: 2,
+                prog_rounds: 6,
                 make_targets: "libz.a example",
                 pace: 10_000,
                 paced: 20_000,
@@ -116,7 +119,7 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     let calls = calls::Calls::from(&figures);
     let project = project::Project::from(&figures)?;
     let events = events::Events::from(&figures)?;
-    let programs = programs::Programs::from(&figures, &programs::live(&figures), sizes.iters)?;
+    let programs = programs::Programs::from(&figures)?;
     let page = page::page(
         &report, &calls, &project, &events, &programs, &figures, &sizes,
     );
@@ -153,12 +156,7 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
             ),
         );
         bars.extend(calls.of("buildcage"));
-        bars.extend(
-            programs
-                .bystander()
-                .into_iter()
-                .map(|(label, r)| (label, stats::Estimate::of(&[r]))),
-        );
+        bars.extend(programs.bars());
         chart::draw(
             &docs.join("benchmarks.svg"),
             "buildcage's overhead per workload (6.12 VM, QEMU TCG)",
@@ -212,6 +210,14 @@ fn in_vm(sizes: &guest::Sizes) -> Result<Option<guest::Figures>> {
             "the system-call loops ran {counts:?} time(s) ({}), of {}",
             guest::SYS_VARIANTS.join(", "),
             sizes.sys_rounds
+        );
+    }
+    let phases = programs::Programs::from(&figures)?.rounds();
+    if phases.len() != 2 * sizes.live.len() || phases.values().any(|&n| n != sizes.prog_rounds) {
+        bail!(
+            "the counted loops ran {phases:?} time(s), of {} each with {:?} other builds live",
+            sizes.prog_rounds,
+            sizes.live
         );
     }
     Ok(Some(figures))

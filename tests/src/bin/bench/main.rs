@@ -19,9 +19,10 @@
 //! times of every round, in microseconds. `$BUILDCAGE_BIN` is the buildcage
 //! to run; `$BUILDCAGE_SOCKET` the daemon.
 //!
-//! `bench syscalls ITERS DIR`: see `syscalls.rs`.
+//! `bench syscalls ITERS DIR [paced]`: see `syscalls.rs`.
 //!
-//! `bench programs`: see `programs.rs`.
+//! `bench programs`, `bench counted ITERS DIR inside|outside`: see
+//! `programs.rs`.
 //!
 //! `bench denials`, `bench flood`, `bench tap`: see `flood.rs`.
 #![expect(clippy::print_stdout, reason = "the figures are its stdout")]
@@ -170,24 +171,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    if args.first().map(String::as_str) == Some("syscalls") {
-        let (Some(iters), Some(dir)) = (
-            args.get(1).and_then(|r| r.parse::<u32>().ok()),
-            args.get(2).map(PathBuf::from),
-        ) else {
-            eprintln!("bench syscalls ITERS DIR");
-            return ExitCode::from(2);
-        };
-        return match syscalls::run(iters, &dir) {
-            Some(json) => {
-                println!("{json}");
-                ExitCode::SUCCESS
-            }
-            None => {
-                eprintln!("bench: cannot set up {}", dir.display());
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = loops_main(&args) {
+        return code;
     }
     let (Some("create"), Some(rounds), Some(tree)) = (
         args.first().map(String::as_str),
@@ -268,6 +253,59 @@ fn main() -> ExitCode {
         serde_json::json!({ "unit": "us", "rounds": rounds, "workloads": workloads })
     );
     ExitCode::SUCCESS
+}
+
+/// `bench syscalls` and `bench counted`, or `None` for the others.
+fn loops_main(args: &[String]) -> Option<ExitCode> {
+    let (Some(iters), Some(dir)) = (
+        args.get(1).and_then(|r| r.parse::<u32>().ok()),
+        args.get(2).map(PathBuf::from),
+    ) else {
+        return match args.first().map(String::as_str)? {
+            "syscalls" | "counted" => {
+                eprintln!(
+                    "bench syscalls ITERS DIR [paced] | bench counted ITERS DIR inside|outside"
+                );
+                Some(ExitCode::from(2))
+            }
+            _ => None,
+        };
+    };
+    let json = match (
+        args.first().map(String::as_str)?,
+        args.get(3).map(String::as_str),
+    ) {
+        ("syscalls", None) => {
+            syscalls::run(iters, &dir).ok_or_else(|| format!("cannot set up {}", dir.display()))
+        }
+        ("syscalls", Some("paced")) => {
+            return Some(match syscalls::paced(iters, &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bench syscalls: {e}");
+                    ExitCode::FAILURE
+                }
+            });
+        }
+        ("counted", Some(place @ ("inside" | "outside"))) => {
+            programs::counted(iters, &dir, place == "inside")
+        }
+        ("syscalls" | "counted", _) => {
+            eprintln!("bench syscalls ITERS DIR [paced] | bench counted ITERS DIR inside|outside");
+            return Some(ExitCode::from(2));
+        }
+        _ => return None,
+    };
+    Some(match json {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 /// `bench denials`, `bench flood` and `bench tap`, or `None` for the others.
