@@ -1,6 +1,6 @@
 //! `buildcage tail`: follow the events of live builds, through the daemon.
 
-use std::{io::Write as _, process::ExitCode};
+use std::{io::BufWriter, process::ExitCode};
 
 use buildcage::{
     daemon::{
@@ -69,11 +69,13 @@ async fn follow(args: TailArgs) -> anyhow::Result<ExitCode> {
         .await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let stdout = std::io::stdout();
+    // Buffered, and flushed whenever no more has arrived: a burst of
+    // records goes out in a few writes, each line still whole and at once.
+    let stdout = BufWriter::new(std::io::stdout().lock());
     let mut sink: Box<dyn Sink> = if args.json {
-        Box::new(JsonLines::new(stdout.lock()))
+        Box::new(JsonLines::batched(stdout))
     } else {
-        Box::new(Human::tagged(stdout.lock()))
+        Box::new(Human::tagged(stdout))
     };
     loop {
         let reply = tokio::select! {
@@ -83,16 +85,10 @@ async fn follow(args: TailArgs) -> anyhow::Result<ExitCode> {
         };
         let written = match reply {
             Reply::Record { record } => sink.record(&record),
-            Reply::Lost { count } if args.json => {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{}", serde_json::json!({ "lost": count })).and_then(|()| out.flush())
-            }
-            Reply::Lost { count } => writeln!(
-                std::io::stdout().lock(),
-                "buildcage: missed {count} event(s): this tail fell behind"
-            ),
+            Reply::Lost { count } => sink.lost(count),
             _ => Ok(()),
-        };
+        }
+        .and_then(|()| if client.ready() { Ok(()) } else { sink.flush() });
         if let Err(e) = written {
             // `buildcage tail | head` ends quietly.
             if e.kind() == std::io::ErrorKind::BrokenPipe {

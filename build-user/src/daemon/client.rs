@@ -118,6 +118,11 @@ impl Client {
         self.recv().await
     }
 
+    /// Whether the next reply has arrived already (see [`Wire::ready`]).
+    pub fn ready(&mut self) -> bool {
+        self.greeted && self.wire.ready().unwrap_or(true)
+    }
+
     async fn recv(&mut self) -> Result<Reply, Hinted> {
         match self.wire.recv::<Reply>().await {
             Ok(Some(Reply::Error { causes, hint })) => Err(refused(&causes, hint)),

@@ -387,8 +387,7 @@ impl Conn<'_> {
             let mut queue = || {
                 self.wire.queue(&reply)?;
                 if burst {
-                    lost +=
-                        queue_ready(&mut self.wire, &mut records, |r| Some(record_reply(&r)))?.1;
+                    lost += queue_ready(self.wire, &mut records, |r| Some(record_reply(&r)))?.1;
                 }
                 io::Result::Ok(())
             };
@@ -436,7 +435,7 @@ impl Conn<'_> {
         }
         self.daemon.slots().remove(&id);
         loop {
-            match queue_ready(&mut self.wire, &mut records, |r| Some(record_reply(&r))) {
+            match queue_ready(self.wire, &mut records, |r| Some(record_reply(&r))) {
                 Ok((0, _)) => break,
                 Ok(_) => {}
                 Err(_) => return,
@@ -556,7 +555,7 @@ impl Conn<'_> {
                 () = self.shutdown.cancelled() => return true,
             };
             let queued = self.wire.queue(&reply).and_then(|()| {
-                queue_ready(&mut self.wire, &mut live, |r| {
+                queue_ready(self.wire, &mut live, |r| {
                     admits(&r).then(|| record_reply(&r.record))
                 })
             });

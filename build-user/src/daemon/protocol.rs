@@ -190,6 +190,8 @@ pub struct Wire {
     stream: UnixStream,
     codec: LengthDelimitedCodec,
     buf: BytesMut,
+    /// A whole frame taken out of `buf` by [`Wire::ready`], next to be read.
+    pending: Option<BytesMut>,
     /// Frames queued, not yet written.
     out: BytesMut,
     sender: Option<Sender>,
@@ -203,6 +205,7 @@ impl Wire {
                 .max_frame_length(MAX_FRAME)
                 .new_codec(),
             buf: BytesMut::new(),
+            pending: None,
             out: BytesMut::new(),
             sender: None,
         }
@@ -253,7 +256,11 @@ impl Wire {
     /// safe: what was read stays in the buffer.
     pub async fn recv<T: serde::de::DeserializeOwned>(&mut self) -> io::Result<Option<T>> {
         loop {
-            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+            if let Some(frame) = self
+                .pending
+                .take()
+                .map_or_else(|| self.codec.decode(&mut self.buf), |frame| Ok(Some(frame)))?
+            {
                 return serde_json::from_slice(&frame)
                     .map(Some)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
@@ -262,6 +269,16 @@ impl Wire {
                 return Ok(None);
             }
         }
+    }
+
+    /// Whether a whole message has arrived already, so that
+    /// [`Wire::recv`] returns it without waiting: a reader that writes what
+    /// it gets flushes its output once no more is waiting, not after each.
+    pub fn ready(&mut self) -> io::Result<bool> {
+        if self.pending.is_none() {
+            self.pending = self.codec.decode(&mut self.buf)?;
+        }
+        Ok(self.pending.is_some())
     }
 
     async fn read_more(&mut self) -> io::Result<usize> {

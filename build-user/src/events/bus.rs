@@ -26,8 +26,10 @@ use super::{
 };
 use crate::kernel::lease::Ring;
 
-/// Records a subscriber may fall behind by before it starts to lose them.
-pub const CAPACITY: usize = 4096;
+/// Records a subscriber may fall behind by before it starts to lose them:
+/// as many as a build's ring holds without a path (about 10,000), so that a
+/// burst the kernel could keep, a session or a tail can too.
+pub const CAPACITY: usize = 16384;
 
 /// Records the bus keeps of each build for late followers.
 pub const HISTORY: usize = 16384;

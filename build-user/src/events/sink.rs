@@ -110,6 +110,12 @@ pub trait Sink {
     fn end(&mut self, _end: &End) -> io::Result<()> {
         Ok(())
     }
+
+    /// No more is waiting to be written: what was written should be seen
+    /// now (a sink that buffers a burst writes it out here).
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `buildcage: deny socket(inet6, stream) pid 4242 curl`.
@@ -166,26 +172,48 @@ impl<W: Write> Sink for Human<W> {
     fn notice(&mut self, notice: &Notice) -> io::Result<()> {
         self.write_line(format!("buildcage: {notice}"))
     }
+
+    fn lost(&mut self, count: u64) -> io::Result<()> {
+        self.write_line(format!(
+            "buildcage: missed {count} event(s): this reader fell behind"
+        ))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// `--events FILE`, `tail --json`: one JSON object per event, one per line,
-/// flushed as written so that a reader sees each decision as it happens.
+/// flushed as written so that a reader sees each decision as it happens, or,
+/// [`JsonLines::batched`], once no more is waiting.
 #[derive(Debug)]
 pub struct JsonLines<W: Write = BufWriter<File>> {
     out: W,
+    flush_each: bool,
 }
 
 impl JsonLines {
     pub fn create(path: &Path) -> io::Result<Self> {
-        Ok(Self {
-            out: BufWriter::new(File::create(path)?),
-        })
+        Ok(Self::new(BufWriter::new(File::create(path)?)))
     }
 }
 
 impl<W: Write> JsonLines<W> {
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self {
+            out,
+            flush_each: true,
+        }
+    }
+
+    /// Flushed only by [`Sink::flush`], which its caller makes once no more
+    /// records are waiting: a burst goes out in a few writes, not one a line.
+    pub fn batched(out: W) -> Self {
+        Self {
+            out,
+            flush_each: false,
+        }
     }
 }
 
@@ -193,6 +221,23 @@ impl<W: Write> Sink for JsonLines<W> {
     fn record(&mut self, record: &Record) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, record)?;
         self.out.write_all(b"\n")?;
+        if self.flush_each {
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A missed stretch: `{"lost": N}`, a line of its own kind.
+    fn lost(&mut self, count: u64) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, &serde_json::json!({ "lost": count }))?;
+        self.out.write_all(b"\n")?;
+        if self.flush_each {
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 }
@@ -223,6 +268,29 @@ mod tests {
         assert_eq!(
             out,
             b"buildcage: deny socket(inet6, stream) pid 4242 curl\n"
+        );
+    }
+
+    #[test]
+    fn a_missed_stretch_is_a_line_of_its_own() {
+        let mut out = Vec::new();
+        let mut json = JsonLines::batched(&mut out);
+        json.record(&socket_denial("curl", "inet"))
+            .expect("a Vec takes every write");
+        json.lost(7).expect("a Vec takes every write");
+        json.flush().expect("a Vec takes every write");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains(r#""op":"socket""#), "{text}");
+        assert_eq!(lines[1], r#"{"lost":7}"#);
+        let mut out = Vec::new();
+        Human::tagged(&mut out)
+            .lost(3)
+            .expect("a Vec takes every write");
+        assert_eq!(
+            out,
+            b"buildcage: missed 3 event(s): this reader fell behind\n"
         );
     }
 }
