@@ -61,17 +61,20 @@ pub(crate) fn decision(
             return;
         };
         let e: *mut PathEvent = entry.as_mut_ptr();
-        let mut flags = flags;
         // SAFETY: `e` points at a reserved ring buffer record of
         // size_of::<PathEvent>().
         unsafe {
-            let (depth, complete) = fill_names(dentry, &mut (*e).names);
-            if !complete {
-                flags |= EVENT_FLAG_PATH_PARTIAL;
-            }
+            // The event first and the names last: each way out of the names'
+            // loop then has only the depth and a flag left to write, so the
+            // verifier walks what follows the loop once per exit, not the
+            // whole event.
             fill(&raw mut (*e).event, build, op, action, details, flags);
             (*e).event.dev = fs::dev_of(dentry);
+            let (depth, complete) = fill_names(dentry, &mut (*e).names);
             (*e).event.depth = depth;
+            if !complete {
+                (*e).event.flags |= EVENT_FLAG_PATH_PARTIAL;
+            }
         }
         entry.submit(0);
     } else {
@@ -120,28 +123,25 @@ unsafe fn fill(e: *mut Event, build: u64, op: Op, action: Action, details: Detai
 }
 
 /// Copies the names from `dentry` up to its file system's root, innermost first.
-/// Returns how many were written and whether they are the whole path: the
-/// root reached, and no name filling its slot, which may have been cut.
+/// Returns how many were written and whether the root was reached. (A name
+/// that fills its slot may have been cut: user space sees that in the slot,
+/// and the verifier need not track it here.)
 #[inline(always)]
 fn fill_names(dentry: Dentry, names: &mut [[u8; NAME_LEN]; PATH_DEPTH]) -> (u32, bool) {
     let mut d = dentry;
-    let mut cut = false;
     let mut i = 0;
     while i < PATH_DEPTH {
         let slot = &mut names[i];
         // SAFETY: reads of kernel memory go through the probe helper, which
         // fails safely.
         let copied = unsafe { bpf_probe_read_kernel_str_bytes(fs::name_of(d), slot) };
-        let Ok(copied) = copied else {
+        if copied.is_err() {
             return (i as u32, false);
-        };
-        // A name that fills its slot may be longer than the slot; a 63-byte
-        // name is taken for one, which only withholds the mount's path.
-        cut |= copied.len() >= NAME_LEN - 1;
+        }
         i += 1;
         let parent = fs::parent_of(d);
         if parent.is_null() || parent == d {
-            return (i as u32, !cut);
+            return (i as u32, true);
         }
         d = parent;
     }

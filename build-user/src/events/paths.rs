@@ -62,14 +62,18 @@ impl Mounts {
     /// Builds the path from the names that follow an event in its record:
     /// innermost first, each in a NUL-padded slot of `NAME_LEN` bytes.
     pub fn resolve(&self, dev: u32, names: &[u8], flags: u32) -> EventPath {
-        let parts: Vec<String> = names
+        let names: Vec<&[u8]> = names
             .chunks(NAME_LEN)
-            .map(|n| {
-                let len = n.iter().position(|&b| b == 0).unwrap_or(n.len());
-                String::from_utf8_lossy(&n[..len]).into_owned()
-            })
+            .map(|n| &n[..n.iter().position(|&b| b == 0).unwrap_or(n.len())])
             .collect();
-        if flags & EVENT_FLAG_PATH_PARTIAL != 0 || parts.is_empty() {
+        // A name that fills its slot (NAME_LEN - 1 bytes and the NUL) may
+        // have been cut by the kernel: the path is then only known as a tail.
+        let cut = names.iter().any(|n| n.len() >= NAME_LEN - 1);
+        let parts: Vec<String> = names
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        if flags & EVENT_FLAG_PATH_PARTIAL != 0 || cut || parts.is_empty() {
             // A path with a name cut short still reaches the root, which
             // is not a name to show.
             let tail: Vec<&str> = parts

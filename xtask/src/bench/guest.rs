@@ -146,7 +146,8 @@ flood() {{
   tl=$!
   sleep 2
   mkdir "$tree/flood-$1"
-  emit flood $1 "$({bench} flood "flood-$1" $2 $3 $4 "$tree/flood-$1")"
+  # A flood that cannot end (a reader stuck) fails the run in minutes, not at the VM's timeout.
+  emit flood $1 "$(timeout 900 {bench} flood "flood-$1" $2 $3 $4 "$tree/flood-$1")"
   wait $tap
   kill $tl; wait $tl || true
   emit tap $1 "$(cat "$tree/tap-$1.json")"

@@ -80,7 +80,12 @@ pub(super) fn page(
          op with the programs over the op without them), taken within each loop, so that the \
          emulator's speed, which moves both alike, cancels; its interval is over the rounds. \
          Programs that other processes ran during a loop count against it. The trampoline's \
-         few ns per call are not counted. The first table (per op) and the third (per \
+         few ns per call are not counted. The loops' tree is on the VM's root, an overlay \
+         (tmpfs over virtiofs), where each file call meets the inode hooks twice: once on the \
+         overlay's inode and once on its upper layer's, which overlayfs calls with its \
+         mounter's credentials (fs/overlayfs/dir.c: ovl_create_real; fs/overlayfs/file.c: ovl_open_realfile): hence \
+         two runs of `file_open` or `inode_mkdir` per call, and a file op's × is that of a \
+         build on an overlay, above one on a plain file system. The first table (per op) and the third (per \
          program) are with no other build live; the second is the per-op cost against the \
          number of builds live (*flat* when the intervals overlap); the last sums all the loops of a round, with the raw ns per \
          program run, which follows the emulator's load rather than the builds' number and \
@@ -155,16 +160,17 @@ pub(super) fn targets(
            [benchmarks-history.md](benchmarks-history.md).\n\
          - **10,000 denials/s**: the emulated VM cannot make audited calls that fast (each \
            audited `socket()` with its event costs several unaudited ones, see *the effect on \
-           the build*), and where it loses events the cause is the consumer: a build's ring is \
-           1 MiB (`RING_BYTES`) and each event about 1.1 KiB (its path buffer is 16 × 64 bytes \
-           even for a socket), so the ring holds under a thousand events, and the daemon, which \
-           decodes each one and hands it to every subscriber on the same two emulated vCPUs \
-           as the generator, drains fewer a second than the generator makes. Smaller records \
-           for events without a path, or a larger ring, would move that limit; both change the \
-           kernel side or the daemon, which this branch leaves alone. Past capacity, the \
-           kernel's per-CPU `lost` counter, the session's lag and the tail's `lost` lines \
+           the build*). What holds events between the kernel and a reader: a build's ring is \
+           1 MiB (`RING_BYTES`), and an event without a path takes 104 bytes of it (a file \
+           event, with its 16 × 64-byte path, 1.1 KiB), so the ring holds about 10,000 \
+           refused sockets, a second of them at 10,000/s with no reader at all; the daemon \
+           sends each subscriber its records many to a write, and lets it fall behind by \
+           16,384 before it loses any; `tail` writes a burst in a few writes. Past capacity, \
+           the kernel's per-CPU `lost` counter, the session's lag and the tail's `lost` lines \
            account for every call: the *exact* columns check that the sums equal the calls \
-           made.\n",
+           made. Before these changes (events of 1.1 KiB each, one write per record), the \
+           same paced flood lost 39% in the kernel: \
+           [benchmarks-history.md](benchmarks-history.md).\n",
         project.verdict(),
         programs.bystander_target(),
         programs.per_op_target(),
