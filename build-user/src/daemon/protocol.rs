@@ -236,8 +236,8 @@ impl Wire {
     /// Queues one message, to go out with the next [`Wire::flush`]: a burst
     /// of records in one write, not one write each.
     pub fn queue<T: serde::Serialize>(&mut self, msg: &T) -> io::Result<()> {
-        let json = serde_json::to_vec(msg).map_err(io::Error::other)?;
-        self.codec.encode(Bytes::from(json), &mut self.out)
+        self.out.extend_from_slice(&frame(msg)?);
+        Ok(())
     }
 
     /// Writes what was queued. Not cancel safe.
