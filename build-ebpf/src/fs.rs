@@ -127,29 +127,21 @@ const CAP_SYS_ADMIN: u32 = 21;
 #[inline(always)]
 pub(crate) fn fs_acting_as_mounter() -> bool {
     let o = offsets();
-    // SAFETY: probe reads of the current task and its credentials, at offsets
-    // from this kernel's BTF.
+    // SAFETY: bpf_get_current_task_btf gives a BTF-typed `struct task_struct *`,
+    // so `cred` and `real_cred` (`const struct cred *`) are plain loads the
+    // verifier checks against the kernel's BTF, as is `cap_effective` (a
+    // `kernel_cap_t`, one u64 since Linux 6.3 and two u32s before, low word
+    // first); a helper call for each would cost more on every file check.
     unsafe {
-        let task = aya_ebpf::helpers::bpf_get_current_task() as *const u8;
-        let Ok(cred) = aya_ebpf::helpers::bpf_probe_read_kernel::<*const u8>(
-            task.add(o.task_cred as usize).cast(),
-        ) else {
-            return false;
-        };
-        let Ok(real) = aya_ebpf::helpers::bpf_probe_read_kernel::<*const u8>(
-            task.add(o.task_real_cred as usize).cast(),
-        ) else {
-            return false;
-        };
-        if cred == real {
+        let task = aya_ebpf::helpers::bpf_get_current_task_btf()
+            .cast::<u8>()
+            .cast_const();
+        let cred: *const u8 = field(task, o.task_cred);
+        let real: *const u8 = field(task, o.task_real_cred);
+        if cred == real || cred.is_null() || real.is_null() {
             return false;
         }
-        let caps = |c: *const u8| {
-            aya_ebpf::helpers::bpf_probe_read_kernel::<u64>(
-                c.add(o.cred_cap_effective as usize).cast(),
-            )
-            .unwrap_or(0)
-        };
+        let caps = |c: *const u8| field::<u64>(c, o.cred_cap_effective);
         let admin = 1u64 << CAP_SYS_ADMIN;
         caps(cred) & admin != 0 && caps(real) & admin == 0
     }

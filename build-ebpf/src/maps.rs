@@ -3,7 +3,7 @@
 use aya_ebpf::{
     btf_maps::{HashOfMaps, InodeStorage, RingBuf},
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use buildcage_common::{
     BuildPolicy, BuildStats, Counter, Event, InodeTag, Op, PortKey, RootKey, SecretKey,
@@ -200,6 +200,22 @@ pub(crate) fn take_create_refused(dentry: *const u8) -> bool {
 /// a program.
 #[map]
 static SECRETS: HashMap<SecretKey, u32> = HashMap::with_max_entries(64, 0);
+
+/// Whether `SECRETS` may hold anything (entry 0, non-zero once user space
+/// marks its first secret, never cleared, like the secrets themselves). Most
+/// instances have no secret (no signing key is configured), and every open of
+/// a build would pay a hash of the key and a walk of its bucket for nothing;
+/// an array's lookup is a bounds check and a load, which the verifier inlines
+/// (kernel/bpf/arraymap.c: array_map_gen_lookup).
+#[map]
+static ANY_SECRET: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether a secret may be open-able at all; a missing entry (which an array
+/// of one never lacks) counts as yes (fail closed).
+#[inline(always)]
+pub(crate) fn any_secret() -> bool {
+    ANY_SECRET.get(0).is_none_or(|on| *on != 0)
+}
 
 #[inline(always)]
 pub(crate) fn is_secret(dev: u32, ino: u64) -> bool {

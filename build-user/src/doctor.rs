@@ -169,7 +169,12 @@ pub fn run_checks() -> Vec<Check> {
 fn hooks_check(btf: &KernelBtf) -> Check {
     let lsm_hooks: Vec<&str> = HOOKS
         .iter()
-        .filter(|(_, attach)| matches!(attach, Attach::Cgroup | Attach::Global))
+        .filter(|(_, attach)| {
+            matches!(
+                attach,
+                Attach::Cgroup | Attach::Global | Attach::CgroupElseGlobal(_)
+            )
+        })
         .map(|(hook, _)| *hook)
         .collect();
     let missing: Vec<String> = lsm_hooks

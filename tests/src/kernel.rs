@@ -237,3 +237,39 @@ pub fn build_cgroups_named(name: &str) -> Vec<String> {
     found.sort();
     found
 }
+
+/// Whether the kernel still has a program named `name` (as bpf_prog_info
+/// gives it: at most 15 bytes), whoever loaded it. A program is freed only
+/// after its links, and with them its hold on a cgroup LSM slot.
+pub fn program_named(name: &str) -> bool {
+    loaded_programs().any(|p| match p {
+        Ok(info) => info.name_as_str() == Some(name),
+        Err(e) if vanished(&e) => false,
+        Err(e) => panic!("the kernel's programs: {e}"),
+    })
+}
+
+/// Retires every instance of this cgroup tree by hand, as a start does an
+/// idle one: unpins it (its programs detach once nothing holds them) and
+/// removes its cgroup. Asserts that no build is left beneath any.
+pub fn retire_instances() {
+    let dirs = match instance_dirs() {
+        Ok(dirs) => dirs,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("{PIN_ROOT}: {e}"),
+    };
+    for dir in dirs {
+        let tag = tag_of(&dir).to_owned();
+        assert_eq!(build_cgroups(&tag), 0, "instance {tag} serves no build");
+        let pins = Path::new(PIN_ROOT).join(&dir);
+        for pin in std::fs::read_dir(&pins).unwrap_or_else(|e| panic!("{}: {e}", pins.display())) {
+            let pin = pin
+                .unwrap_or_else(|e| panic!("{}: {e}", pins.display()))
+                .path();
+            std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+        }
+        std::fs::remove_dir(&pins).unwrap_or_else(|e| panic!("{}: {e}", pins.display()));
+        let cgroup = Path::new(CGROUP_ROOT).join(&tag);
+        std::fs::remove_dir(&cgroup).unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()));
+    }
+}

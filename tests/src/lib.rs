@@ -8,6 +8,7 @@
 pub mod daemon;
 pub mod kernel;
 pub mod pkgsrc;
+pub mod slots;
 pub mod watch;
 use std::{
     path::PathBuf,

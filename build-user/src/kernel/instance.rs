@@ -75,6 +75,9 @@ pub enum Attach {
     Cgroup,
     /// Plain BPF LSM: runs for every task, returns at once outside the builds.
     Global,
+    /// `Cgroup` while one of the 10 slots is free; otherwise `Global`, with
+    /// the twin program named here (the same check, for every task).
+    CgroupElseGlobal(&'static str),
     /// A cgroup socket program (not an LSM hook, and not one of the 10): runs
     /// after a bind of a build's succeeded. Its ELF section says inet4 or inet6.
     PostBind,
@@ -103,7 +106,10 @@ pub const HOOKS: &[(&str, Attach)] = &[
     ("inode_setxattr", Attach::Global),
     ("inode_removexattr", Attach::Global),
     ("file_ioctl", Attach::Global),
-    ("socket_create", Attach::Global),
+    (
+        "socket_create",
+        Attach::CgroupElseGlobal("socket_create_global"),
+    ),
     ("socket_bind", Attach::Global),
     ("post_bind4", Attach::PostBind),
     ("post_bind6", Attach::PostBind),
@@ -131,7 +137,7 @@ pub const HOOKS: &[(&str, Attach)] = &[
 /// The maps pinned as `map_NAME` (bpffs reserves names with a dot:
 /// kernel/bpf/inode.c, bpf_lookup): what a lease, `ps` or a daemon reads and
 /// writes. The others are the programs' own scratch space.
-pub(crate) const PINNED_MAPS: [&str; 9] = [
+pub(crate) const PINNED_MAPS: [&str; 10] = [
     "BUILDS",
     "STATS",
     "RINGS",
@@ -141,6 +147,7 @@ pub(crate) const PINNED_MAPS: [&str; 9] = [
     "BOUND",
     "COUNTERS",
     "SECRETS",
+    "ANY_SECRET",
 ];
 
 /// The lock of [`LOCK_FILE`], released when dropped.
@@ -351,33 +358,35 @@ impl Instance {
                 .ok_or(KernelError::Missing(program))?;
             let attach_err = |source| KernelError::Attach {
                 program,
-                cgroup: self.cgroup.clone(),
+                target: format!("cgroup {}", self.cgroup.display()),
                 source,
             };
-            let link: FdLink = match attach {
-                Attach::Cgroup => {
-                    let prog: &mut LsmCgroup = prog
-                        .try_into()
-                        .map_err(|source| KernelError::Load { program, source })?;
-                    prog.load(hook, &btf)
-                        .map_err(|source| load_error(program, source))?;
-                    let id = prog.attach(&dir).map_err(attach_err)?;
-                    prog.take_link(id)
-                        .map_err(|source| KernelError::Load { program, source })?
-                        .into()
-                }
-                Attach::PostBind => cgroup_sock_link!(CgroupSock, prog, program, attach_err),
-                Attach::SockAddr => cgroup_sock_link!(CgroupSockAddr, prog, program, attach_err),
-                Attach::Global => {
-                    let prog: &mut Lsm = prog
-                        .try_into()
-                        .map_err(|source| KernelError::Load { program, source })?;
-                    prog.load(hook, &btf)
-                        .map_err(|source| load_error(program, source))?;
-                    let id = prog.attach().map_err(attach_err)?;
-                    prog.take_link(id)
-                        .map_err(|source| KernelError::Load { program, source })?
-                        .into()
+            let (program, link): (&'static str, FdLink) = match attach {
+                Attach::Cgroup => (
+                    program,
+                    lsm_link(prog, hook, &btf, Some((&dir, &self.cgroup)), program)?,
+                ),
+                Attach::PostBind => (
+                    program,
+                    cgroup_sock_link!(CgroupSock, prog, program, attach_err),
+                ),
+                Attach::SockAddr => (
+                    program,
+                    cgroup_sock_link!(CgroupSockAddr, prog, program, attach_err),
+                ),
+                Attach::Global => (program, lsm_link(prog, hook, &btf, None, program)?),
+                Attach::CgroupElseGlobal(twin) => {
+                    match lsm_link(prog, hook, &btf, Some((&dir, &self.cgroup)), program) {
+                        Ok(link) => (program, link),
+                        Err(e) if e.no_cgroup_slot() => {
+                            tracing::warn!(
+                                "{hook}: no cgroup LSM slot is free (other programs hold the kernel's 10), so it runs for every task: each socket(2) outside the builds pays a lookup\nhint: `bpftool cgroup tree` shows the programs that hold them; builds are confined either way"
+                            );
+                            let prog = ebpf.program_mut(twin).ok_or(KernelError::Missing(twin))?;
+                            (twin, lsm_link(prog, hook, &btf, None, twin)?)
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             };
             let path = self.pins.join(program);
@@ -482,6 +491,42 @@ fn unpin_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Loads the LSM program `prog` (`program` in the object) for `hook`, and
+/// attaches it to the cgroup `dir` (`BPF_LSM_CGROUP`), or to every task.
+fn lsm_link(
+    prog: &mut aya::programs::Program,
+    hook: &str,
+    btf: &Btf,
+    cgroup: Option<(&File, &Path)>,
+    program: &'static str,
+) -> Result<FdLink, KernelError> {
+    let load = |source| KernelError::Load { program, source };
+    let attach_err = |source| KernelError::Attach {
+        program,
+        target: cgroup.map_or_else(
+            || "every task".to_owned(),
+            |(_, path)| format!("cgroup {}", path.display()),
+        ),
+        source,
+    };
+    Ok(match cgroup {
+        Some((dir, _)) => {
+            let prog: &mut LsmCgroup = prog.try_into().map_err(load)?;
+            prog.load(hook, btf)
+                .map_err(|source| load_error(program, source))?;
+            let id = prog.attach(dir).map_err(attach_err)?;
+            prog.take_link(id).map_err(load)?.into()
+        }
+        None => {
+            let prog: &mut Lsm = prog.try_into().map_err(load)?;
+            prog.load(hook, btf)
+                .map_err(|source| load_error(program, source))?;
+            let id = prog.attach().map_err(attach_err)?;
+            prog.take_link(id).map_err(load)?.into()
+        }
+    })
 }
 
 /// The program that serves `hook` on this kernel: before Linux 6.3,

@@ -32,10 +32,11 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("cannot attach `{program}` to cgroup {cgroup}")]
+    #[error("cannot attach `{program}` to {target}")]
     Attach {
         program: &'static str,
-        cgroup: PathBuf,
+        /// "cgroup PATH", or "every task".
+        target: String,
         #[source]
         source: aya::programs::ProgramError,
     },
@@ -77,6 +78,19 @@ pub enum KernelError {
     },
 }
 
+impl KernelError {
+    /// Whether a cgroup LSM attach failed for want of a slot: the kernel has
+    /// 10 for all programs (CGROUP_LSM_NUM), and answers EINVAL when another
+    /// hook would need an 11th (kernel/bpf/cgroup.c: __cgroup_bpf_attach,
+    /// bpf_cgroup_atype_find).
+    pub(crate) fn no_cgroup_slot(&self) -> bool {
+        matches!(self, Self::Attach {
+            source: aya::programs::ProgramError::SyscallError(e),
+            ..
+        } if e.io_error.raw_os_error() == Some(libc::EINVAL))
+    }
+}
+
 impl crate::hint::Hint for KernelError {
     fn hint(&self) -> Option<String> {
         Some(match self {
@@ -86,7 +100,7 @@ impl crate::hint::Hint for KernelError {
                 "run `buildcage doctor` to see what this kernel lacks".to_owned()
             }
             Self::LoadPermission { .. } => "this kernel does not allow BPF trampoline programs (BPF LSM, fentry, fexit), not even to root. Boot a kernel with CONFIG_BPF_LSM=y, CONFIG_BPF_JIT=y and `bpf` in lsm=, or run `cargo xtask demo`, which uses a VM".to_owned(),
-            Self::Attach { .. } => "BPF_LSM_CGROUP needs Linux 6.0 or newer".to_owned(),
+            Self::Attach { .. } => "BPF_LSM_CGROUP needs Linux 6.0 or newer, and one of the kernel's 10 cgroup LSM slots per hook (`bpftool cgroup tree` shows which programs hold them)".to_owned(),
             Self::Pin { .. } => "buildcage pins its programs so that a build stays confined if it dies; mount bpffs with `mount -t bpf bpf /sys/fs/bpf`".to_owned(),
             Self::Map { .. } | Self::Missing(_) => "please report this".to_owned(),
             Self::Root { path, .. } => format!(

@@ -19,13 +19,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use buildcage_common::SecretKey;
 
 use super::instance::Instance;
 
 /// The map, pinned as `map_SECRETS`.
 pub const MAP: &str = "SECRETS";
+/// Its switch, pinned as `map_ANY_SECRET`: while its one entry is 0, the
+/// programs skip the lookup in `SECRETS`. Turned on before the first entry
+/// is added, never off.
+pub const SWITCH: &str = "ANY_SECRET";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -41,6 +45,12 @@ pub enum SecretError {
     NoMap { path: PathBuf },
     #[error("cannot read {path} to find the secrets to keep from builds: {why}")]
     Settings { path: PathBuf, why: String },
+    #[error("cannot turn on the kernel's check of secrets, so it cannot keep {path} from builds")]
+    Switch {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("cannot mark {path} as a secret in the kernel")]
     Map {
         path: PathBuf,
@@ -56,6 +66,7 @@ impl crate::hint::Hint for SecretError {
             Self::Identify { .. } => "buildcage needs Linux 5.14 or newer (the inode number in /proc/self/fdinfo)".to_owned(),
             Self::NoMap { .. } => "stop the builds of the older buildcage, so that this one's instance is loaded".to_owned(),
             Self::Settings { .. } => "fix pkgsrc.toml (docs/pkgsrc.md lists its keys): no build starts while its signing key may be unprotected".to_owned(),
+            Self::Switch { .. } => "run buildcage as root, with the instance it loaded; no build starts while the key may be unprotected".to_owned(),
             Self::Map { .. } => "at most 64 secrets are kept; please report this".to_owned(),
         })
     }
@@ -141,9 +152,20 @@ pub fn protect(instance: &Instance, secrets: &[Secret]) -> Result<(), SecretErro
     let no_map = || SecretError::NoMap {
         path: first.path.clone(),
     };
-    let data = MapData::from_pin(instance.map_pin(MAP)).map_err(|_| no_map())?;
-    let map = Map::from_map_data(data).map_err(|_| no_map())?;
-    let mut map: HashMap<MapData, SecretKey, u32> = HashMap::try_from(map).map_err(|_| no_map())?;
+    let open = |name: &str| {
+        MapData::from_pin(instance.map_pin(name))
+            .and_then(Map::from_map_data)
+            .map_err(|_| no_map())
+    };
+    let mut switch: Array<MapData, u32> = Array::try_from(open(SWITCH)?).map_err(|_| no_map())?;
+    let mut map: HashMap<MapData, SecretKey, u32> =
+        HashMap::try_from(open(MAP)?).map_err(|_| no_map())?;
+    // On before any entry: the programs look an open up in `SECRETS` only
+    // once the switch is on.
+    switch.set(0, 1, 0).map_err(|source| SecretError::Switch {
+        path: first.path.clone(),
+        source,
+    })?;
     for secret in secrets {
         if map.get(&secret.key, 0).is_ok() {
             continue;
