@@ -177,6 +177,8 @@ pub(crate) fn nearest_tag(build: u64, d: Dentry) -> Found {
                 let tag = unsafe { *tag };
                 let kind = if tag.root == 0 {
                     None
+                } else if tag.granted == build && build != 0 {
+                    Some(tag.kind)
                 } else {
                     root_kind(build, tag.root)
                 };

@@ -101,7 +101,7 @@ pub(crate) fn current_build() -> u64 {
 /// ever outside it.
 #[inline(always)]
 pub(crate) fn in_a_build() -> bool {
-    maps::policy(current_build()).is_some()
+    maps::beneath_instance() && maps::policy(current_build()).is_some()
 }
 
 /// A decision, before it is turned into the return convention of the program kind.

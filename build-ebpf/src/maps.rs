@@ -3,7 +3,7 @@
 use aya_ebpf::{
     btf_maps::{HashOfMaps, InodeStorage, RingBuf},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, CgroupArray, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use buildcage_common::{
     BuildPolicy, BuildStats, Counter, Event, InodeTag, Op, PortKey, RootKey, SecretKey,
@@ -54,6 +54,21 @@ pub(crate) fn ring_key(build: u64) -> Option<u64> {
 /// What happens outside any known build.
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+/// The instance's cgroup (entry 0), beneath which every build's is, set by
+/// user space before any program is attached.
+#[map]
+static INSTANCE: CgroupArray = CgroupArray::with_max_entries(1, 0);
+
+/// Whether the current task may be in a build: its cgroup is beneath the
+/// instance's. A test of the task's cgroup's ancestors at the instance's
+/// level (include/linux/cgroup.h: cgroup_is_descendant), no hash of a key,
+/// so that a process outside every build pays less in the global programs.
+/// Unset (it never is once attached), this says yes: `BUILDS` decides.
+#[inline(always)]
+pub(crate) fn beneath_instance() -> bool {
+    INSTANCE.current_task_under_cgroup(0).unwrap_or(true)
+}
 
 #[inline(always)]
 pub(crate) fn policy(build: u64) -> Option<BuildPolicy> {
@@ -155,7 +170,10 @@ pub(crate) fn tag_owned(ino: *mut aya_ebpf::bindings::inode, owner: u64) {
     if ino.is_null() {
         return;
     }
-    let mut tag = InodeTag { root: 0, owner };
+    let mut tag = InodeTag {
+        owner,
+        ..InodeTag::default()
+    };
     // SAFETY: `ino` is the hook's BTF-typed inode pointer.
     let slot = unsafe { ROOTS.get_or_insert_ptr_mut(ino, Some(&mut tag)) };
     if slot.is_null() {

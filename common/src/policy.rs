@@ -164,9 +164,17 @@ pub struct InodeTag {
     pub root: u64,
     /// The build (cgroup id) that created the inode in an `own` root, or 0.
     pub owner: u64,
+    /// The build this root was last granted to, or 0, and what it lets that
+    /// build do (`TAG_*`), the same as its `ROOT_KINDS` entry: a check of
+    /// that build reads it here, without a lookup (most roots serve one
+    /// build). It grants nothing once that build is gone, since cgroup ids
+    /// never repeat within a boot, and inode storage does not outlive one.
+    pub granted: u64,
+    pub kind: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<InodeTag>() == 16);
+const _: () = assert!(size_of::<InodeTag>() == 32);
 
 /// The key of `ROOT_KINDS`: root `root` of build `build`. The value is a `TAG_*`.
 #[repr(C)]

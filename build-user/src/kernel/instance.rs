@@ -25,13 +25,14 @@
 use std::{
     fs::{self, File},
     io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::LazyLock,
 };
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, MapData},
+    maps::{Array, CgroupArray, MapData},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, LsmCgroup, links::FdLink},
 };
 use buildcage_common::Offsets;
@@ -297,6 +298,7 @@ impl Instance {
             .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)
             .map_err(KernelError::Object)?;
+        self.set_cgroup(&mut ebpf)?;
         self.attach_all(&mut ebpf, &offsets)?;
         // The maps after the programs: a kernel that refuses them says so first.
         for name in PINNED_MAPS {
@@ -320,6 +322,24 @@ impl Instance {
             path: path.clone(),
             source,
         })
+    }
+
+    /// Names the instance's cgroup to the programs (`INSTANCE`), before they
+    /// are attached: the global ones then pass a task outside it at once.
+    fn set_cgroup(&self, ebpf: &mut Ebpf) -> Result<(), KernelError> {
+        let dir = File::open(&self.cgroup).map_err(|source| KernelError::Io {
+            action: "cannot open",
+            path: self.cgroup.clone(),
+            source,
+        })?;
+        let map = ebpf
+            .map_mut("INSTANCE")
+            .ok_or(KernelError::Missing("INSTANCE"))?;
+        let map_err = |source| KernelError::Map { build: 0, source };
+        CgroupArray::try_from(map)
+            .map_err(map_err)?
+            .set(0, dir.as_fd(), 0)
+            .map_err(map_err)
     }
 
     fn attach_all(&self, ebpf: &mut Ebpf, offsets: &Offsets) -> Result<(), KernelError> {

@@ -200,24 +200,29 @@ impl Maps {
             path: root.path.clone(),
             source,
         };
-        let id = match self.roots.get(file, 0) {
+        let found = self.roots.get(file, 0);
+        let owner = found.as_ref().map_or(0, |t| t.owner);
+        let id = match found {
             Ok(tag) if tag.root != 0 => tag.root,
-            found => {
-                let owner = found.map(|t| t.owner).unwrap_or(0);
-                let id = new_root_id().map_err(|e| KernelError::Io {
-                    action: "cannot draw a root id for",
-                    path: root.path.clone(),
-                    source: std::io::Error::other(e),
-                })?;
-                self.roots
-                    .insert(file, InodeTag { root: id, owner }, 0)
-                    .map_err(root_err)?;
-                id
-            }
+            _ => new_root_id().map_err(|e| KernelError::Io {
+                action: "cannot draw a root id for",
+                path: root.path.clone(),
+                source: std::io::Error::other(e),
+            })?,
         };
+        // The grant first, then the tag that names it: a check never finds
+        // a kind on the inode that `ROOT_KINDS` does not also give.
         self.root_kinds
             .insert(RootKey { build, root: id }, root.kind, 0)
-            .map_err(root_err)
+            .map_err(root_err)?;
+        let tag = InodeTag {
+            root: id,
+            owner,
+            granted: build,
+            kind: root.kind,
+            _pad: 0,
+        };
+        self.roots.insert(file, tag, 0).map_err(root_err)
     }
 }
 
