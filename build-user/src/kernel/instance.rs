@@ -298,8 +298,13 @@ impl Instance {
             .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)
             .map_err(KernelError::Object)?;
-        self.set_cgroup(&mut ebpf)?;
-        self.attach_all(&mut ebpf, &offsets)?;
+        let dir = File::open(&self.cgroup).map_err(|source| KernelError::Io {
+            action: "cannot open",
+            path: self.cgroup.clone(),
+            source,
+        })?;
+        set_cgroup(&mut ebpf, &dir)?;
+        self.attach_all(&mut ebpf, &offsets, &dir)?;
         // The maps after the programs: a kernel that refuses them says so first.
         for name in PINNED_MAPS {
             let path = self.map_pin(name);
@@ -324,31 +329,13 @@ impl Instance {
         })
     }
 
-    /// Names the instance's cgroup to the programs (`INSTANCE`), before they
-    /// are attached: the global ones then pass a task outside it at once.
-    fn set_cgroup(&self, ebpf: &mut Ebpf) -> Result<(), KernelError> {
-        let dir = File::open(&self.cgroup).map_err(|source| KernelError::Io {
-            action: "cannot open",
-            path: self.cgroup.clone(),
-            source,
-        })?;
-        let map = ebpf
-            .map_mut("INSTANCE")
-            .ok_or(KernelError::Missing("INSTANCE"))?;
-        let map_err = |source| KernelError::Map { build: 0, source };
-        CgroupArray::try_from(map)
-            .map_err(map_err)?
-            .set(0, dir.as_fd(), 0)
-            .map_err(map_err)
-    }
-
-    fn attach_all(&self, ebpf: &mut Ebpf, offsets: &Offsets) -> Result<(), KernelError> {
+    fn attach_all(
+        &self,
+        ebpf: &mut Ebpf,
+        offsets: &Offsets,
+        dir: &File,
+    ) -> Result<(), KernelError> {
         let btf = Btf::from_sys_fs().map_err(KernelError::AyaBtf)?;
-        let dir = File::open(&self.cgroup).map_err(|source| KernelError::Io {
-            action: "cannot open",
-            path: self.cgroup.clone(),
-            source,
-        })?;
         // Loads a cgroup socket program (of type `$ty`) and attaches it to the
         // instance's cgroup through a BPF link, which can be pinned.
         macro_rules! cgroup_sock_link {
@@ -359,7 +346,7 @@ impl Instance {
                 })?;
                 prog.load().map_err(|source| load_error($program, source))?;
                 let id = prog
-                    .attach(&dir, CgroupAttachMode::Single)
+                    .attach(dir, CgroupAttachMode::Single)
                     .map_err($attach_err)?;
                 let link = prog.take_link(id).map_err(|source| KernelError::Load {
                     program: $program,
@@ -384,7 +371,7 @@ impl Instance {
             let (program, link): (&'static str, FdLink) = match attach {
                 Attach::Cgroup => (
                     program,
-                    lsm_link(prog, hook, &btf, Some((&dir, &self.cgroup)), program)?,
+                    lsm_link(prog, hook, &btf, Some((dir, &self.cgroup)), program)?,
                 ),
                 Attach::PostBind => (
                     program,
@@ -396,7 +383,7 @@ impl Instance {
                 ),
                 Attach::Global => (program, lsm_link(prog, hook, &btf, None, program)?),
                 Attach::CgroupElseGlobal(twin) => {
-                    match lsm_link(prog, hook, &btf, Some((&dir, &self.cgroup)), program) {
+                    match lsm_link(prog, hook, &btf, Some((dir, &self.cgroup)), program) {
                         Ok(link) => (program, link),
                         Err(e) if e.no_cgroup_slot() => {
                             tracing::warn!(
@@ -511,6 +498,19 @@ fn unpin_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Names the instance's cgroup (`dir`) to the programs (`INSTANCE`), before
+/// they are attached: the global ones then pass a task outside it at once.
+fn set_cgroup(ebpf: &mut Ebpf, dir: &File) -> Result<(), KernelError> {
+    let map = ebpf
+        .map_mut("INSTANCE")
+        .ok_or(KernelError::Missing("INSTANCE"))?;
+    let map_err = |source| KernelError::Map { build: 0, source };
+    CgroupArray::try_from(map)
+        .map_err(map_err)?
+        .set(0, dir.as_fd(), 0)
+        .map_err(map_err)
 }
 
 /// Loads the LSM program `prog` (`program` in the object) for `hook`, and

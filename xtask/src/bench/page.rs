@@ -87,8 +87,8 @@ pub(super) fn page(
          ovl_open_realfile): hence two runs of `file_open` or `inode_mkdir` per call. On a \
          plain tmpfs the programs run once per call, but the call itself costs less, and the \
          ×s come out a little higher, not lower (one 6.12 boot, 3 rounds of 1000 calls each \
-         way: open-write+close 1.13 on the overlay, 1.15 on tmpfs; open+close 1.05 and \
-         1.04). The first table (per op) and the third (per \
+         way, with the programs of `5c4c615`, before the cheaper checks in the history: \
+         open-write+close 1.13 on the overlay, 1.15 on tmpfs; open+close 1.05 and 1.04). The first table (per op) and the third (per \
          program) are with no other build live; the second is the per-op cost against the \
          number of builds live (*flat* when the intervals overlap); the last sums all the loops of a round, with the raw ns per \
          program run, which follows the emulator's load rather than the builds' number and \
