@@ -13,9 +13,10 @@ use crate::{
     hint::Hint,
     kernel::{
         Host,
+        attach::{Attach, HOOKS},
         btf::KernelBtf,
         cgroup::{self, BuildCgroup},
-        instance::{self, Attach, HOOKS, Instance},
+        instance::{self, Instance},
         lease::Lease,
         sysfs,
     },

@@ -70,6 +70,15 @@ fn assert_refused_socket(out: &Output, events: &[serde_json::Value]) {
     assert_eq!(event["pid"].as_u64(), Some(pid), "{event}");
 }
 
+/// The instance attached `socket_create` as the program `attached`, and
+/// not as `other`: its pinned links say which.
+fn assert_socket_create_pinned_as(attached: &str, other: &str) {
+    let (_, pins) = kernel::instance();
+    let links = kernel::link_pins(&pins);
+    assert!(links.contains_key(attached), "{links:?}");
+    assert!(!links.contains_key(other), "{links:?}");
+}
+
 #[test]
 fn with_a_cgroup_slot_taken_socket_create_runs_for_every_task_and_still_refuses() {
     let base = scratch_in(Path::new("/var/tmp"), "slots");
@@ -90,10 +99,7 @@ fn with_a_cgroup_slot_taken_socket_create_runs_for_every_task_and_still_refuses(
         "the start says why: {}",
         stderr(&out)
     );
-    let (_, pins) = kernel::instance();
-    let links = kernel::link_pins(&pins);
-    assert!(links.contains_key("socket_create_global"), "{links:?}");
-    assert!(!links.contains_key("socket_create"), "{links:?}");
+    assert_socket_create_pinned_as("socket_create_global", "socket_create");
 
     // The slot given back: the next instance takes it.
     drop(occupier);
@@ -109,8 +115,5 @@ fn with_a_cgroup_slot_taken_socket_create_runs_for_every_task_and_still_refuses(
         "{}",
         stderr(&out)
     );
-    let (_, pins) = kernel::instance();
-    let links = kernel::link_pins(&pins);
-    assert!(links.contains_key("socket_create"), "{links:?}");
-    assert!(!links.contains_key("socket_create_global"), "{links:?}");
+    assert_socket_create_pinned_as("socket_create", "socket_create_global");
 }

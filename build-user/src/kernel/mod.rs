@@ -2,6 +2,7 @@
 //! file systems, build cgroups, the instance of the programs, and each build's
 //! lease on it.
 
+pub mod attach;
 pub mod btf;
 pub mod cgroup;
 pub mod instance;
