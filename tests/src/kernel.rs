@@ -24,6 +24,8 @@ use buildcage_common::{BuildPolicy, BuildStats, PortKey, RootKey};
 
 /// Where buildcage pins its instances, one directory per version tag.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/buildcage";
+/// The host's cgroup2 mount.
+const HOST_CGROOT: &str = "/sys/fs/cgroup";
 /// Where the instances' cgroups are, one per version tag, with the builds
 /// beneath.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/buildcage";
@@ -130,7 +132,7 @@ pub fn map_entries(pins: &Path, name: &str) -> usize {
 /// The one instance: its tag and its pin directory. Asserts that there is
 /// exactly one, and that its cgroup, [`CGROUP_ROOT`]`/<tag>`, exists.
 pub fn instance() -> (String, PathBuf) {
-    let dirs = instance_dirs().unwrap_or_else(|e| panic!("{PIN_ROOT}: {e}"));
+    let dirs = instance_dirs(Path::new(HOST_CGROOT)).unwrap_or_else(|e| panic!("{PIN_ROOT}: {e}"));
     let [dir] = <[String; 1]>::try_from(dirs)
         .unwrap_or_else(|dirs| panic!("one shared instance in {PIN_ROOT}: {dirs:?}"));
     let tag = tag_of(&dir).to_owned();
@@ -143,7 +145,7 @@ pub fn instance() -> (String, PathBuf) {
 
 /// The tags of this cgroup tree's pinned instances, sorted.
 pub fn instance_tags() -> Vec<String> {
-    let mut tags: Vec<String> = instance_dirs()
+    let mut tags: Vec<String> = instance_dirs(Path::new(HOST_CGROOT))
         .unwrap_or_else(|e| panic!("{PIN_ROOT}: {e}"))
         .iter()
         .map(|d| tag_of(d).to_owned())
@@ -152,13 +154,13 @@ pub fn instance_tags() -> Vec<String> {
     tags
 }
 
-/// The pin directories of this cgroup tree's instances, by name: the
-/// directories in [`PIN_ROOT`] named `<tag>-<view>`, where a tag is `v` and
-/// hex digits and the view is the id of the cgroup2 root the instance serves
-/// (the inode number of `/sys/fs/cgroup`; a container's instance has
-/// another).
-fn instance_dirs() -> std::io::Result<Vec<String>> {
-    let ours = std::fs::metadata("/sys/fs/cgroup")?.ino();
+/// The pin directories of the instances that serve the cgroup2 root
+/// `cgroot` (as the host sees it), by name: the directories in [`PIN_ROOT`]
+/// named `<tag>-<view>`, where a tag is `v` and hex digits and the view is
+/// the root's id (the inode number of `/sys/fs/cgroup` for the host's; a
+/// container's instance has its cgroup namespace root's).
+fn instance_dirs(cgroot: &Path) -> std::io::Result<Vec<String>> {
+    let ours = std::fs::metadata(cgroot)?.ino();
     let is_ours = |name: &str| {
         name.split_once('-').is_some_and(|(tag, view)| {
             tag.strip_prefix('v')
@@ -201,8 +203,12 @@ pub fn link_pins(pins: &Path) -> BTreeMap<String, u64> {
 
 /// The build cgroups beneath the cgroup of the instance `tag`.
 pub fn build_cgroups(tag: &str) -> usize {
-    let dir = Path::new(CGROUP_ROOT).join(tag);
-    std::fs::read_dir(&dir)
+    subcgroups(&Path::new(CGROUP_ROOT).join(tag))
+}
+
+/// The cgroups directly beneath `dir`.
+fn subcgroups(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -249,18 +255,88 @@ pub fn program_named(name: &str) -> bool {
     })
 }
 
-/// Retires every instance of this cgroup tree by hand, as a start does an
-/// idle one: unpins it (its programs detach once nothing holds them) and
+/// Who keeps the programs named `name` loaded, as far as /proc tells: every
+/// open fd of a program or link of theirs (its fdinfo names the program's
+/// id), and every bpffs mount, where a pin would keep them too. For the
+/// message of a test that waited in vain for them to go.
+pub fn holders(name: &str) -> String {
+    let ids: Vec<u32> = loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| info.name_as_str() == Some(name))
+        .map(|info| info.id())
+        .collect();
+    let mut found = format!("programs named {name}: ids {ids:?}\n");
+    for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(fds) = std::fs::read_dir(pid.path().join("fdinfo")) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(pid.path().join("comm")).unwrap_or_default();
+        for fd in fds.flatten() {
+            let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+            let holds = info.lines().any(|l| {
+                l.strip_prefix("prog_id:")
+                    .and_then(|id| id.trim().parse::<u32>().ok())
+                    .is_some_and(|id| ids.contains(&id))
+            });
+            if holds {
+                let kind = if info.contains("link_id:") {
+                    "link"
+                } else {
+                    "program"
+                };
+                found += &format!(
+                    "pid {} ({}) holds a {kind} as fd {}\n",
+                    pid.file_name().to_string_lossy(),
+                    comm.trim(),
+                    fd.file_name().to_string_lossy()
+                );
+            }
+        }
+    }
+    let all: Vec<String> = loaded_programs()
+        .filter_map(Result::ok)
+        .map(|info| format!("{}={}", info.id(), info.name_as_str().unwrap_or("?")))
+        .collect();
+    found += &format!("every program: {all:?}\n");
+    found += &format!(
+        "cgroup.stat: {}\n",
+        std::fs::read_to_string("/sys/fs/cgroup/cgroup.stat").unwrap_or_default()
+    );
+    let pins: Vec<String> = std::fs::read_dir(PIN_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    found += &format!("instances pinned in {PIN_ROOT}, of every view: {pins:?}\n");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for mount in mounts.lines().filter(|l| l.contains(" - bpf ")) {
+        found += &format!("bpffs: {mount}\n");
+    }
+    found
+}
+
+/// Retires every instance of the host's cgroup tree by hand, as a start does
+/// an idle one: unpins it (its programs detach once nothing holds them) and
 /// removes its cgroup. Asserts that no build is left beneath any.
 pub fn retire_instances() {
-    let dirs = match instance_dirs() {
+    retire_instances_of(Path::new(HOST_CGROOT));
+}
+
+/// Retires, as [`retire_instances`] does, every instance that serves the
+/// cgroup2 root `cgroot`, as the host sees it: a container's instance
+/// serves its cgroup namespace's root, and is pinned beside the host's in the
+/// one bpffs, so it outlives the container's processes.
+pub fn retire_instances_of(cgroot: &Path) {
+    let dirs = match instance_dirs(cgroot) {
         Ok(dirs) => dirs,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => panic!("{PIN_ROOT}: {e}"),
     };
     for dir in dirs {
         let tag = tag_of(&dir).to_owned();
-        assert_eq!(build_cgroups(&tag), 0, "instance {tag} serves no build");
+        let cgroup = cgroot.join("buildcage").join(&tag);
+        assert_eq!(subcgroups(&cgroup), 0, "instance {tag} serves no build");
         let pins = Path::new(PIN_ROOT).join(&dir);
         for pin in std::fs::read_dir(&pins).unwrap_or_else(|e| panic!("{}: {e}", pins.display())) {
             let pin = pin
@@ -269,7 +345,6 @@ pub fn retire_instances() {
             std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
         }
         std::fs::remove_dir(&pins).unwrap_or_else(|e| panic!("{}: {e}", pins.display()));
-        let cgroup = Path::new(CGROUP_ROOT).join(&tag);
         std::fs::remove_dir(&cgroup).unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()));
     }
 }

@@ -30,7 +30,11 @@ const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 fn wait_gone(name: &str) {
     let until = Instant::now() + Duration::from_secs(60);
     while kernel::program_named(name) {
-        assert!(Instant::now() < until, "{name} was not freed");
+        assert!(
+            Instant::now() < until,
+            "{name} was not freed\n{}",
+            kernel::holders(name)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

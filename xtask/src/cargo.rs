@@ -105,5 +105,11 @@ pub(crate) fn build_tests(manifest: Option<&Path>, package: &str) -> Result<Vec<
         cmd.arg("--manifest-path").arg(manifest);
     }
     cmd.args(["-p", package, "--no-run"]);
-    executables(cmd, |msg| msg["profile"]["test"] == true)
+    let mut tests = executables(cmd, |msg| msg["profile"]["test"] == true)?;
+    // The VM runs them one after another, so a test that leaves kernel state
+    // behind is felt by a later one. Cargo reports them in the order their
+    // builds ended, which differs from machine to machine; by name, such a
+    // failure is the same on every machine, CI's too.
+    tests.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(tests)
 }
