@@ -1,15 +1,21 @@
 //! `cargo xtask vm-check`: the VM harness's own test, on real guests. A guest
 //! made to panic before it is up is booted three times and then reported; a
-//! guest whose command panics the kernel after it is up fails at once.
+//! guest whose command panics the kernel after it is up fails at once. A
+//! test binary that leaves a cgroup behind fails, and the next one, which
+//! leaves nothing, does not.
 
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use crate::cargo::Executable;
 use crate::kernels::KernelSel;
 use crate::util::workspace_root;
 use crate::vm;
+use crate::vm_test::{Tally, guest_script};
 
 pub(crate) fn run() -> Result<ExitCode> {
     let mut passed = 0;
@@ -69,10 +75,64 @@ pub(crate) fn run() -> Result<ExitCode> {
             Err(e) => Err(format!("{ups} boots came up; error: {e:#}")),
         },
     );
+
+    let (status, tally, lines) = leaky_binaries()?;
+    let reported = "xtask: FAILED leaky (left behind: /sys/fs/cgroup/vm-check-leak)";
+    check(
+        "vm-test fails a test binary that leaves a cgroup behind, and only that one",
+        match status {
+            Ok(0) => Err("the guest script succeeded".to_owned()),
+            Ok(_) if tally.binaries_failed == 1 && lines.iter().any(|l| l.trim() == reported) => {
+                Ok(())
+            }
+            Ok(status) => Err(format!(
+                "status {status}, {} binaries failed; the console:\n{}",
+                tally.binaries_failed,
+                lines.join("\n")
+            )),
+            Err(e) => Err(format!("the guest died: {e:#}")),
+        },
+    );
     println!("vm-check: {passed} passed, {failed} failed");
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// vm-test's guest script, run over three stand-in test binaries: one that
+/// passes, one that passes but leaves a cgroup behind, and one more that
+/// passes. Returns the guest's status, the tally and the console's lines.
+fn leaky_binaries() -> Result<(Result<i32>, Tally, Vec<String>)> {
+    let dir = workspace_root().join("target/vm-check");
+    std::fs::create_dir_all(&dir)?;
+    let leaky = dir.join("leaky");
+    std::fs::write(&leaky, "#!/bin/sh\nmkdir /sys/fs/cgroup/vm-check-leak\n")?;
+    std::fs::set_permissions(&leaky, std::fs::Permissions::from_mode(0o755))?;
+    let stand_in = |name: &str, path: PathBuf| Executable {
+        path,
+        name: name.to_owned(),
+        package_dir: dir.clone(),
+    };
+    let tests = [
+        stand_in("clean", PathBuf::from("/bin/true")),
+        stand_in("leaky", leaky.clone()),
+        stand_in("after", PathBuf::from("/bin/true")),
+    ];
+    let script = guest_script(&tests, false)?;
+    let mut tally = Tally::default();
+    let mut lines = Vec::new();
+    let status = vm::run_in_vm_observed(
+        KernelSel::V6_12,
+        &dir,
+        &["sh".to_owned(), "-c".to_owned(), script],
+        &[],
+        Duration::from_secs(120),
+        &mut |line| {
+            tally.observe(line);
+            lines.push(line.to_owned());
+        },
+    );
+    Ok((status, tally, lines))
 }

@@ -79,15 +79,15 @@ impl KernelChoice {
 
 /// What the console showed of the test binaries' libtest summaries.
 #[derive(Debug, Default)]
-struct Tally {
+pub(crate) struct Tally {
     passed: u64,
     failed: u64,
     ignored: u64,
-    binaries_failed: u64,
+    pub(crate) binaries_failed: u64,
 }
 
 impl Tally {
-    fn observe(&mut self, line: &str) {
+    pub(crate) fn observe(&mut self, line: &str) {
         if let Some(rest) = line.trim().strip_prefix("test result: ") {
             // "ok. 3 passed; 0 failed; 1 ignored; 0 measured; 2 filtered out; finished in 0.01s"
             for part in rest.split(';') {
@@ -208,7 +208,7 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
 
 /// The guest runs every test binary in turn, from its package's directory like `cargo test`,
 /// and fails if any of them did.
-fn guest_script(tests: &[Executable], real: bool) -> Result<String> {
+pub(crate) fn guest_script(tests: &[Executable], real: bool) -> Result<String> {
     let filter = if real {
         // --show-output: the real builds print how long they took.
         format!("{} --show-output", shell_quote(REAL_PREFIX))
@@ -221,7 +221,19 @@ fn guest_script(tests: &[Executable], real: bool) -> Result<String> {
     } else {
         "never"
     };
-    let mut s = String::from("failed=0\n");
+    // What a test binary must not leave behind, since the next one runs in
+    // the same kernel: cgroups of its own beside buildcage's, builds beneath
+    // buildcage's instances, and instances of another cgroup view (a
+    // container's), whose programs hold cgroup LSM slots.
+    let mut s = String::from(
+        "failed=0\n\
+         left() {\n\
+         find /sys/fs/cgroup -mindepth 1 -maxdepth 1 -type d ! -name buildcage\n\
+         find /sys/fs/cgroup/buildcage -mindepth 2 -maxdepth 2 -type d 2>/dev/null\n\
+         ls /sys/fs/bpf/buildcage 2>/dev/null | grep -v -- \"-$(stat -c %i /sys/fs/cgroup)\\$\" | sed 's|^|/sys/fs/bpf/buildcage/|'\n\
+         }\n\
+         before=$(left | sort)\n",
+    );
     for test in tests {
         let running = shell_quote(&format!(
             "xtask: running {} ({})",
@@ -234,7 +246,11 @@ fn guest_script(tests: &[Executable], real: bool) -> Result<String> {
             "echo {running}\n\
              cd {} && {} {filter} --test-threads=1 --color={color}\n\
              rc=$?\n\
-             if [ \"$rc\" -ne 0 ]; then echo {failed}\" (exit status $rc)\"; failed=$((failed + 1)); fi",
+             why=''\n\
+             if [ \"$rc\" -ne 0 ]; then why=\"exit status $rc\"; fi\n\
+             now=$(left | sort)\n\
+             if [ \"$now\" != \"$before\" ]; then why=\"${{why:+$why; }}left behind: $(echo $now)\"; before=$now; fi\n\
+             if [ -n \"$why\" ]; then echo {failed}\" ($why)\"; failed=$((failed + 1)); fi",
             shell_quote_path(&test.package_dir)?,
             shell_quote_path(&test.path)?,
         )?;
@@ -246,6 +262,25 @@ fn guest_script(tests: &[Executable], real: bool) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_script_is_valid_sh() {
+        let tests = [Executable {
+            path: PathBuf::from("/t/deps/policy-0123"),
+            name: "policy".to_owned(),
+            package_dir: PathBuf::from("/t"),
+        }];
+        let script = guest_script(&tests, false).unwrap();
+        let out = std::process::Command::new("sh")
+            .args(["-n", "-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     #[test]
     fn tally_sums_libtest_summaries() {
