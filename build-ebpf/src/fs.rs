@@ -4,8 +4,9 @@
 //! walk `d_parent` from the target and look for a tag in the `ROOTS` inode
 //! storage, which user space put on each allowed root (keyed by an open fd, so it
 //! is the kernel's own identity of the directory). A tag names a root; whether
-//! that root is this build's, and of which kind, is in `ROOT_KINDS`. Another
-//! build's root is walked past, so nested and sibling trees stay apart. Symlinks, `..`, renamed
+//! that root is this build's, and of which kind, is in `ROOT_KINDS`; the tag
+//! also carries its last grant (build and kind), so a walk of that build reads
+//! it without a lookup. Another build's root is walked past, so nested and sibling trees stay apart. Symlinks, `..`, renamed
 //! parents, bind mounts and chroots cannot fool it. The walk is bounded by
 //! `MAX_DEPTH`; running out of budget denies.
 //!

@@ -130,7 +130,9 @@ impl Maps {
     /// [`ring`]). Call only once its cgroup is empty: from then on its
     /// tasks, if any were left, would be judged as no build's. The roots'
     /// ids stay on their inodes, which hold one slot each and free it with
-    /// the inode; without a `ROOT_KINDS` entry an id grants nothing.
+    /// the inode; without a `ROOT_KINDS` entry an id grants nothing, and a
+    /// tag's copy of its last grant names this build, whose cgroup id no
+    /// later cgroup of this boot has.
     pub fn forget(&mut self, build: u64) -> Result<(), KernelError> {
         // With no key left (a release that failed half-way), the ring is
         // the build's own, or a daemon's that `sweep` finds.
